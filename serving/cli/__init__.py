@@ -1,0 +1,36 @@
+"""The ``mmrag`` command line. Each sub-command is a module imported only when it runs.
+
+A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module; kept in one place so `mmrag --help` lists everything without importing heavy code.
+COMMANDS: dict[str, str] = {
+    "serve": "mmrag.serving.cli.serve",
+    "make-tiny-model": "mmrag.serving.cli.make_tiny_model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmrag", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_path in COMMANDS.items():
+        module = importlib.import_module(module_path)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The one configuration of an mmrag server: a root model of typed sub-configs, validated at the edge.
+
+Every field has a default, so an empty file (or none) is a working server on the embedded tiny model.
+YAML files are read with :meth:`MmragConfig.from_file`; command-line overrides use dotted paths
+(``--set engine.max_model_len=4096``) and go through the same validation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(
+        default=None,
+        description="Local checkpoint directory (HF layout). None: the tiny LLaVA, generated on first use.",
+    )
+    served_name: str = Field(default="mmrag-tiny-llava", description="The name clients put in `model`.")
+    tiny_seed: int = Field(default=0, description="Seed of the generated tiny model (when `path` is None).")
+
+
+class EngineConfig(_Strict):
+    max_model_len: int = Field(default=2048, gt=0, description="Context length (prompt + completion).")
+    dtype: str = Field(default="auto", description="vLLM dtype: auto, bfloat16, float16, float32.")
+    enforce_eager: bool = Field(default=True, description="Skip graph capture/compilation (fast start).")
+    seed: int = Field(default=0, description="Engine seed for sampling without a request seed.")
+    kv_cache_space_gib: float = Field(
+        default=2.0, gt=0, description="CPU backend only: KV cache size (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM AsyncEngineArgs field, passed through; unknown names are errors.",
+    )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_clash(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        owned = {"model", "served_model_name", "max_model_len", "dtype", "enforce_eager", "seed"}
+        clash = sorted(owned & kwargs.keys())
+        if clash:
+            raise ValueError(f"set {clash} through their own engine fields, not engine_kwargs")
+        return kwargs
+
+
+class LimitsConfig(_Strict):
+    max_images_per_request: int = Field(default=8, ge=0, description="Images across all messages.")
+    max_image_bytes: int = Field(default=10 * 2**20, gt=0, description="Encoded size cap per image.")
+    max_image_pixels: int = Field(
+        default=25_000_000, gt=0, description="Declared width x height cap (decompression bombs)."
+    )
+    max_messages: int = Field(default=256, gt=0, description="Messages per request.")
+    max_request_bytes: int = Field(default=64 * 2**20, gt=0, description="HTTP body size cap.")
+    max_n: int = Field(default=8, gt=0, description="Largest `n` (choices per request).")
+    max_completion_tokens: int | None = Field(
+        default=None, description="Cap on max_tokens; None: whatever fits in max_model_len."
+    )
+    image_fetch_timeout_s: float = Field(default=5.0, gt=0, description="Per-URL fetch timeout.")
+    image_max_redirects: int = Field(default=3, ge=0, description="Redirects followed per image URL.")
+    allow_private_image_urls: bool = Field(
+        default=False,
+        description="Allow image URLs that resolve to loopback/private/link-local addresses.",
+    )
+    image_url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts always allowed for image URLs (exact host names, or IPs), private or not.",
+    )
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling, the fields users tune most (the rest keep Serve's defaults)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """One Ray Serve deployment's scale and resources."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (ignored if autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(default=None, description="Serve autoscaling; None: fixed.")
+    max_ongoing_requests: int = Field(default=64, gt=0, description="Concurrent requests per replica.")
+    max_queued_requests: int = Field(
+        default=256, description="Caller-side queue cap; past it 503 + Retry-After. -1: unbounded."
+    )
+    num_cpus: float = Field(default=0.0, ge=0, description="Logical CPUs reserved per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica.")
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        scale: dict[str, Any] = (
+            {"autoscaling_config": self.autoscaling.model_dump()}
+            if self.autoscaling
+            else {"num_replicas": self.num_replicas}
+        )
+        return {
+            **scale,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+
+
+class DeploymentsConfig(_Strict):
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(max_ongoing_requests=256))
+    llm: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+
+class ServerConfig(_Strict):
+    host: str = Field(default="127.0.0.1", description="HTTP bind address.")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
+    ray_address: str | None = Field(
+        default=None, description="Existing Ray cluster to join; None starts a local one."
+    )
+    ray_num_cpus: int | None = Field(
+        default=None, description="Logical CPUs of a local Ray (None: the machine's count)."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="End-to-end limit per request.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+    engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING", description="vLLM's own log level (it is chatty at INFO)."
+    )
+
+
+class MmragConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, overrides: list[str] | None = None) -> MmragConfig:
+        """Load YAML (or nothing: the defaults) and apply ``key.path=value`` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if not isinstance(loaded, dict | None):
+                raise ValueError(f"{path}: the top level must be a mapping")
+            data = loaded or {}
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.model_validate(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``8``, ``true``, ``[1, 2]``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not of the form key.path=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def cache_dir() -> Path:
+    """Where generated artefacts live (the tiny model): ``$MMRAG_CACHE_DIR`` or ``~/.cache/mmrag``."""
+    return Path(os.environ.get("MMRAG_CACHE_DIR", Path.home() / ".cache" / "mmrag"))

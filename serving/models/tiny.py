@@ -1,0 +1,176 @@
+"""A tiny random-weight LLaVA checkpoint, generated deterministically, in the layout vLLM loads.
+
+The checkpoint is a CLIP vision tower + a 2-layer MLP projector + a Llama text model, with a byte-level
+tokenizer, a chat template and an ``<image>`` placeholder. It exists for plumbing: tests and the default
+server run it, and every file is a pure function of the seed (the same seed gives identical bytes).
+
+Sizes are the smallest vLLM's CPU backend accepts: attention head size 64 (16 is rejected), one KV head.
+A 56x56 image gives 16 visual tokens (4x4 patches of 14 pixels, CLS dropped).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}SYSTEM: "
+    "{%- elif message['role'] == 'user' -%}USER: "
+    "{%- else -%}ASSISTANT: {%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- elif part['type'] in ('image', 'image_url') -%}<image>\n{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}</s>{%- endif -%}\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Shape of the generated model. Defaults are the fixture the tests and the default server use."""
+
+    seed: int = 0
+    image_size: int = 56
+    patch_size: int = 14
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    head_dim: int = 64
+    # Room above the 260 real tokens: spare ids for placeholders added later (xRAG, prompt embeds).
+    vocab_size: int = 320
+    max_position_embeddings: int = 4096
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> Path:
+    """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
+    spec = spec or TinyLlavaSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(spec)
+    _build_processor(tokenizer, spec).save_pretrained(out)
+    _save_weights(_build_model(spec, tokenizer), out)
+    (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _build_tokenizer(spec: TinyLlavaSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte-level BPE without merges: every byte is a token, so any text round-trips with no training.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=spec.max_position_embeddings,
+    )
+
+
+def _build_processor(tokenizer, spec: TinyLlavaSpec):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _build_model(spec: TinyLlavaSpec, tokenizer):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_hidden // spec.head_dim,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=2 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_hidden // spec.head_dim,
+        num_key_value_heads=1,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=spec.visual_tokens_per_image,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# transformers 5 names the sub-modules differently from the hub checkpoints; vLLM's loader expects the
+# hub layout, so weights are written under those names (the layout of e.g. llava-hf/llava-1.5-7b-hf).
+_HUB_PREFIXES = (
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def to_hub_name(name: str) -> str:
+    for ours, hub in _HUB_PREFIXES:
+        if name.startswith(ours):
+            return hub + name[len(ours) :]
+    raise ValueError(f"unexpected LLaVA weight name {name!r}")
+
+
+def _save_weights(model, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    state = {to_hub_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
