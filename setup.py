@@ -6,7 +6,7 @@ import time, so ``kernels/`` is installed as ``mmrag.kernels`` (and likewise the
 
 from setuptools import find_packages, setup
 
-ROOTS = ("serving", "kernels", "deployments")
+ROOTS = ("serving", "kernels", "deployments", "benchmarks")
 
 setup(
     packages=[f"mmrag.{name}" for name in find_packages(include=[f"{r}*" for r in ROOTS])],

@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "serve": "mmrag.serving.cli.serve",
     "make-tiny-model": "mmrag.serving.cli.make_tiny_model",
+    "bench": "mmrag.serving.cli.bench",
 }
 
 

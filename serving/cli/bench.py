@@ -1,0 +1,30 @@
+"""``mmrag bench NAME [--quick] [--out FILE]``: run one benchmark from ``benchmarks/``.
+
+A benchmark module defines ``HELP``, ``add_arguments(parser)`` (optional) and ``run(args) -> int``; it
+writes ``benchmarks/results/NAME.json`` (or ``--out``) and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+HELP = "Run a benchmark (JSON + plot in benchmarks/results/)."
+
+BENCHMARKS: dict[str, str] = {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
+    for name, module_path in BENCHMARKS.items():
+        module = importlib.import_module(module_path)
+        bench = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        bench.add_argument("--quick", action="store_true", help="Small sizes; finishes in minutes.")
+        bench.add_argument("--out", default=None, help="Result JSON path (default benchmarks/results/).")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(bench)
+        bench.set_defaults(_bench=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._bench(args) or 0)
