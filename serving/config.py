@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mmrag.serving.retrieval.config import RetrievalConfig
+
 
 class _Strict(BaseModel):
     """Unknown keys are errors: a typo in a config file must not be silently ignored."""
@@ -35,8 +37,8 @@ class EngineConfig(_Strict):
     dtype: str = Field(default="auto", description="vLLM dtype: auto, bfloat16, float16, float32.")
     enforce_eager: bool = Field(default=True, description="Skip graph capture/compilation (fast start).")
     seed: int = Field(default=0, description="Engine seed for sampling without a request seed.")
-    kv_cache_space_gib: float = Field(
-        default=2.0, gt=0, description="CPU backend only: KV cache size (VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_space_gib: int = Field(
+        default=2, ge=1, description="CPU backend only: KV cache GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -127,14 +129,16 @@ class DeploymentConfig(_Strict):
 class DeploymentsConfig(_Strict):
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(max_ongoing_requests=256))
     llm: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    retriever: DeploymentConfig = Field(
+        default_factory=DeploymentConfig,
+        description="The retriever (encoder + Milvus client). With Milvus Lite it must stay at one replica.",
+    )
 
 
 class ServerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="HTTP bind address.")
     port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
-    ray_address: str | None = Field(
-        default=None, description="Existing Ray cluster to join; None starts a local one."
-    )
+    ray_address: str | None = Field(default=None, description="Existing Ray cluster to join; None starts a local one.")
     ray_num_cpus: int | None = Field(
         default=None, description="Logical CPUs of a local Ray (None: the machine's count)."
     )
@@ -151,6 +155,7 @@ class MmragConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     @classmethod
     def from_file(cls, path: str | Path | None, overrides: list[str] | None = None) -> MmragConfig:

@@ -167,10 +167,12 @@ def to_hub_name(name: str) -> str:
 
 
 def _save_weights(model, out: Path) -> None:
+    import torch
     from safetensors.torch import save_file
 
     model.config.architectures = [type(model).__name__]
+    model.config.dtype = "bfloat16"  # what vLLM's CPU backend runs; saves a cast (and a warning) per weight
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    state = {to_hub_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {to_hub_name(k): v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,26 @@
+"""The Serve application builder: what ``mmrag serve`` and a RayService's ``serveConfigV2`` import.
+
+``import_path: mmrag.deployments.app:build_app`` with ``args`` holding an mmrag config (the YAML schema of
+``MmragConfig``); each stage gets its replicas, autoscaling and resources from ``deployments.<stage>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from mmrag.deployments.ingress import OpenAIIngress
+from mmrag.deployments.llm import DEFAULT_ENGINE, LLMServer
+from mmrag.serving.config import MmragConfig
+
+# Overload at the HTTP proxy (the ingress queue is full) answers 503 with a retry hint, never a hang.
+_BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
+
+
+def build_app(args: dict[str, Any] | MmragConfig | None = None, *, engine_cls: str = DEFAULT_ENGINE) -> Application:
+    config = args if isinstance(args, MmragConfig) else MmragConfig.model_validate(args or {})
+    payload = config.model_dump()
+    llm = LLMServer.options(**config.deployments.llm.serve_options()).bind(payload, engine_cls)
+    ingress_options = {**config.deployments.ingress.serve_options(), "backpressure_config": _BACKPRESSURE}
+    return OpenAIIngress.options(**ingress_options).bind(payload, llm)

@@ -1,0 +1,98 @@
+"""``mmrag serve``: start the Serve application in the foreground; Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+
+HELP = "Start the OpenAI-compatible server (Ray Serve + vLLM) in the foreground."
+
+logger = logging.getLogger("mmrag.serve")
+
+# Serve's own logs stay at WARNING and per-call access lines off; mmrag's loggers have their own level.
+SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config (default: the embedded defaults).")
+    parser.add_argument("--host", default=None, help="Bind address (server.host).")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (server.port).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override one config field by dotted path, e.g. --set engine.max_model_len=4096 (repeatable).",
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    from mmrag.serving.config import MmragConfig
+
+    overrides = list(args.overrides)
+    if args.host is not None:
+        overrides.append(f"server.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"server.port={args.port}")
+    return MmragConfig.from_file(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmrag.serving.logs import configure_logging
+
+    config = config_from_args(args)
+    configure_logging(config.server)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = time.perf_counter()
+    start_serving(config)
+    url = f"http://{config.server.host}:{config.server.port}"
+    logger.info("ready url=%s model=%s seconds=%.1f", url, config.model.served_name, time.perf_counter() - started)
+    stop.wait()
+    logger.info("stopping")
+    stop_serving()
+    return 0
+
+
+def start_serving(config) -> None:
+    """Start (or join) Ray, then deploy the app and wait until every replica is up."""
+    import ray
+    from ray import serve
+
+    from mmrag.deployments.app import build_app
+
+    ray.init(
+        address=config.server.ray_address,
+        num_cpus=config.server.ray_num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        ignore_reinit_error=True,
+    )
+    serve.start(
+        http_options={
+            "host": config.server.host,
+            "port": config.server.port,
+            "request_timeout_s": config.server.request_timeout_s,
+        },
+        logging_config=SERVE_LOGGING,
+    )
+    serve.run(
+        build_app(config),
+        name="mmrag",
+        route_prefix="/",
+        logging_config={"log_level": config.server.log_level},
+    )
+
+
+def stop_serving() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

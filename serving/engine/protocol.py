@@ -1,0 +1,86 @@
+"""The contract between the serving chain and a text generator, so deployments are testable without vLLM.
+
+An :class:`Engine` takes a fully prepared chat (messages in chat-template form, decoded images, sampling
+options) and yields :class:`GenerationDelta` objects: the new text of one choice, and once per choice a
+finish reason. Invalid input is raised as :class:`~mmrag.serving.openai.errors.OpenAIError` *before* the
+first delta, so callers can answer it with a clean 4xx even when streaming.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One chat, ready for the model.
+
+    ``messages`` are in the form chat templates take: ``content`` is a string or a list of
+    ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` parts; ``images`` holds the decoded images
+    in the order their parts appear.
+    """
+
+    request_id: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """New output of one choice. Token counts are cumulative for the request so far."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(abc.ABC):
+    """A chat generator hosted in one process (a Serve replica, a batch worker, a test)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model; returns when the engine can serve."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas of every choice; cancelling the iteration aborts the request in the engine."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Context length (prompt + completion tokens)."""
+
+    def num_running_requests(self) -> int:
+        """Requests accepted and not finished (for tests of abort-on-disconnect, and metrics)."""
+        return 0
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition of the engine's own metrics ('' if it has none)."""
+        return ""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing
+        """Release the model; the default has nothing to release."""

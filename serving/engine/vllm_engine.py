@@ -1,0 +1,222 @@
+"""The :class:`Engine` backed by vLLM's ``AsyncLLM`` (V1), owned by this process.
+
+We own the engine rather than sit behind vLLM's OpenAI server because the chain renders the chat
+itself: images are fetched by our guarded loader (never by vLLM), and later stages insert retrieved
+documents and per-request compression settings as multimodal data, which vLLM's chat endpoint cannot
+carry. Pinned to vLLM 0.32: ``AsyncLLM.renderer`` is how 0.32 turns a prompt into engine input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest, SamplingOptions
+from mmrag.serving.openai.errors import EngineUnavailableError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from vllm import AsyncEngineArgs, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine_args(config: MmragConfig, model_path: str) -> AsyncEngineArgs:
+    """vLLM engine arguments from our config; unknown ``engine_kwargs`` names fail here, at start."""
+    from vllm import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(config.engine.engine_kwargs) - known)
+    if unknown:
+        raise ValueError(f"engine.engine_kwargs: unknown vLLM engine arguments {unknown}")
+    kwargs: dict[str, Any] = {
+        "limit_mm_per_prompt": {"image": config.limits.max_images_per_request},
+        "disable_log_stats": False,  # keeps vLLM's Prometheus metrics on
+        **config.engine.engine_kwargs,
+    }
+    return AsyncEngineArgs(
+        model=model_path,
+        served_model_name=[config.model.served_name],
+        max_model_len=config.engine.max_model_len,
+        dtype=config.engine.dtype,
+        enforce_eager=config.engine.enforce_eager,
+        seed=config.engine.seed,
+        **kwargs,
+    )
+
+
+def load_chat_template(model_path: str) -> str:
+    """The checkpoint's chat template: the processor's (LLaVA-style checkpoints) or the tokenizer's."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        template = getattr(AutoProcessor.from_pretrained(model_path), "chat_template", None)
+    except (OSError, ValueError):
+        template = None
+    template = template or AutoTokenizer.from_pretrained(model_path).chat_template
+    if not template:
+        raise ValueError(f"{model_path}: the checkpoint has no chat template")
+    return template
+
+
+class VllmEngine(Engine):
+    def __init__(self, config: MmragConfig, model_path: str):
+        self._config = config
+        self._model_path = model_path
+        self._llm: Any = None
+        self._chat_template = ""
+        self._placeholders: list[str] = []
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # The CPU backend sizes its KV cache from this variable; unset, it may not fit one NUMA node.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._config.engine.kv_cache_space_gib))
+        self._chat_template = load_chat_template(self._model_path)
+        self._llm = AsyncLLM.from_engine_args(build_engine_args(self._config, self._model_path))
+        self._placeholders = placeholder_tokens(self._llm.get_tokenizer())
+        logger.info("vLLM engine started", extra={"model": self._model_path})
+
+    @property
+    def max_model_len(self) -> int:
+        return self._config.engine.max_model_len
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        engine_input = await self._render(request)
+        prompt_tokens = len(engine_input["prompt_token_ids"])
+        params = self._sampling_params(request.sampling, prompt_tokens)
+        completion_tokens = 0
+        try:
+            async for output in self._llm.generate(engine_input, params, request.request_id):
+                for choice in output.outputs:
+                    completion_tokens += len(choice.token_ids)
+                    yield GenerationDelta(
+                        index=choice.index,
+                        text=choice.text,
+                        finish_reason=choice.finish_reason,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                    )
+        except Exception as exc:
+            raise _as_openai_error(exc) from exc
+
+    async def _render(self, request: GenerationRequest) -> dict[str, Any]:
+        tokenizer = self._llm.get_tokenizer()
+        try:
+            text = tokenizer.apply_chat_template(
+                request.messages,
+                chat_template=self._chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as exc:  # jinja errors: a message shape the template does not accept
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        self._reject_placeholder_text(request)
+        prompt: dict[str, Any] = {"prompt": text}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images}
+        try:
+            (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
+        except AssertionError as exc:  # vLLM asserts placeholder/item agreement while processing input
+            raise InvalidRequestError(f"the images do not match their placeholders: {exc}", param="messages") from exc
+        except Exception as exc:
+            raise _as_openai_error(exc) from exc
+        return engine_input
+
+    def _reject_placeholder_text(self, request: GenerationRequest) -> None:
+        """A literal ``<image>`` in user text would become an image slot with no image behind it."""
+        for i, message in enumerate(request.messages):
+            content = message["content"]
+            texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+            for text in texts:
+                for token in self._placeholders:
+                    if token in text:
+                        raise InvalidRequestError(
+                            f"messages[{i}] contains the reserved placeholder {token!r}",
+                            param=f"messages[{i}].content",
+                        )
+
+    def _sampling_params(self, options: SamplingOptions, prompt_tokens: int) -> SamplingParams:
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_tokens} tokens, which leaves no room in the model's context of "
+                f"{self.max_model_len} tokens; shorten the messages",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = options.max_tokens if options.max_tokens is not None else room
+        if max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the model's "
+                f"context of {self.max_model_len} tokens (at most {room} completion tokens fit)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        try:
+            return self._build_sampling_params(options, max_tokens)
+        except Exception as exc:
+            raise _as_openai_error(exc) from exc
+
+    @staticmethod
+    def _build_sampling_params(options: SamplingOptions, max_tokens: int) -> SamplingParams:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=options.n,
+            max_tokens=max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineUnavailableError("the engine has not started")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineUnavailableError(f"the engine is not healthy: {exc}") from exc
+
+    def num_running_requests(self) -> int:
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
+    def metrics_text(self) -> str:
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(REGISTRY).decode()
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def placeholder_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens that stand for another modality (``<image>``), as opposed to BOS/EOS/pad/unk."""
+    markers = {getattr(tokenizer, n, None) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return [t for t in tokenizer.all_special_tokens if t not in markers]
+
+
+def _as_openai_error(exc: Exception) -> Exception:
+    """vLLM's validation errors become 400s naming the field; a dead engine becomes a 503."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, InvalidRequestError | EngineUnavailableError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return EngineUnavailableError(f"the engine died: {exc}")
+    if isinstance(exc, VLLMValidationError):
+        return InvalidRequestError(str(exc), param=getattr(exc, "parameter", None) or "messages")
+    if isinstance(exc, ValueError | TypeError):
+        return InvalidRequestError(str(exc), param="messages")
+    return exc

@@ -1,0 +1,153 @@
+"""Loading images from untrusted URLs: ``data:`` URLs and http(s), with every limit enforced.
+
+- Only ``data:``, ``http`` and ``https``. A host that resolves to a loopback, private, link-local,
+  multicast, reserved or unspecified address is refused unless allowed by configuration; the check runs
+  after DNS resolution and again on every redirect (capped), so a public name cannot redirect inward.
+- Encoded size is capped while reading, and the declared width x height is checked *before* decoding,
+  so a small file that declares a huge canvas (a decompression bomb) never allocates it.
+
+NOTE: the connection is made by name after the address check, so a DNS answer that changes between
+the check and the connect (rebinding) is not covered; pin resolution in the transport if that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from mmrag.serving.config import LimitsConfig
+from mmrag.serving.openai.errors import InvalidRequestError, PayloadTooLargeError
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    max_bytes: int
+    max_pixels: int
+    timeout_s: float
+    max_redirects: int
+    allow_private: bool
+    allowlist: frozenset[str]
+
+    @classmethod
+    def from_limits(cls, limits: LimitsConfig) -> ImagePolicy:
+        return cls(
+            max_bytes=limits.max_image_bytes,
+            max_pixels=limits.max_image_pixels,
+            timeout_s=limits.image_fetch_timeout_s,
+            max_redirects=limits.image_max_redirects,
+            allow_private=limits.allow_private_image_urls,
+            allowlist=frozenset(h.lower() for h in limits.image_url_allowlist),
+        )
+
+
+async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
+    """Fetch and decode one image; every failure is a 4xx naming ``param``."""
+    if url.startswith("data:"):
+        data = decode_data_url(url, policy, param=param)
+    else:
+        data = await fetch_http(url, policy, param=param)
+    return decode_image(data, policy, param=param)
+
+
+def decode_data_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise InvalidRequestError("a data: URL must be of the form data:<mime>;base64,<data>", param=param)
+    if len(payload) * 3 // 4 > policy.max_bytes:
+        raise PayloadTooLargeError(f"image larger than {policy.max_bytes} bytes", param=param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequestError(f"invalid base64 in data: URL: {exc}", param=param) from exc
+
+
+def decode_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidRequestError("the bytes are not a decodable image (PNG, JPEG, GIF, WebP...)", param=param) from exc
+    width, height = image.size
+    if width * height > policy.max_pixels:
+        raise PayloadTooLargeError(
+            f"image declares {width}x{height} pixels, more than the limit of {policy.max_pixels}",
+            param=param,
+        )
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidRequestError(f"the image could not be decoded: {exc}", param=param) from exc
+
+
+async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:
+    async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False) as client:
+        for _ in range(policy.max_redirects + 1):
+            await check_url_allowed(url, policy, param=param)
+            try:
+                data, location = await _get_once(client, url, policy, param=param)
+            except httpx.HTTPError as exc:
+                raise InvalidRequestError(f"could not fetch the image: {type(exc).__name__}", param=param) from exc
+            if location is None:
+                return data
+            url = urljoin(url, location)
+    raise InvalidRequestError(f"more than {policy.max_redirects} redirects", param=param)
+
+
+async def _get_once(
+    client: httpx.AsyncClient, url: str, policy: ImagePolicy, *, param: str
+) -> tuple[bytes, str | None]:
+    """One GET: (body, None), or (b"", Location) for a redirect."""
+    async with client.stream("GET", url) as response:
+        if response.is_redirect:
+            return b"", response.headers.get("location", "")
+        if response.status_code != 200:
+            raise InvalidRequestError(f"fetching the image returned HTTP {response.status_code}", param=param)
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+            raise PayloadTooLargeError(f"image larger than {policy.max_bytes} bytes", param=param)
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise PayloadTooLargeError(f"image larger than {policy.max_bytes} bytes", param=param)
+        return bytes(body), None
+
+
+async def check_url_allowed(url: str, policy: ImagePolicy, *, param: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise InvalidRequestError(
+            f"image URL scheme {parts.scheme!r} is not allowed (use http, https or data:)", param=param
+        )
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise InvalidRequestError("image URL has no host", param=param)
+    if host in policy.allowlist or policy.allow_private:
+        return
+    for address in await _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), param):
+        if not is_public_address(address):
+            raise InvalidRequestError(f"image URL host {host!r} resolves to a non-public address; refused", param=param)
+
+
+async def _resolve(host: str, port: int, param: str) -> list[str]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidRequestError(f"image URL host {host!r} does not resolve", param=param) from exc
+    return sorted({info[4][0] for info in infos})
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast

@@ -1,0 +1,37 @@
+"""The ingress's Prometheus metrics, in a registry of their own (a Serve replica's process also holds
+Ray's and, in the LLM replica, vLLM's collectors; a private registry keeps the exposition unambiguous).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmrag_requests", "Chat requests by HTTP status.", ["status"], registry=self.registry)
+        self.latency = Histogram(
+            "mmrag_request_latency_seconds",
+            "Time from request to last byte.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "mmrag_time_to_first_token_seconds",
+            "Time from request to the first generated text.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter("mmrag_prompt_tokens", "Prompt tokens.", registry=self.registry)
+        self.completion_tokens = Counter("mmrag_completion_tokens", "Generated tokens.", registry=self.registry)
+        self.in_flight = Gauge("mmrag_requests_in_flight", "Requests being served.", registry=self.registry)
+
+    def observe_tokens(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(completion)
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
