@@ -73,6 +73,8 @@ def decode_data_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
 def decode_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:  # PIL's own guard fires first for extreme sizes
+        raise PayloadTooLargeError(f"image declares too many pixels: {exc}", param=param) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidRequestError("the bytes are not a decodable image (PNG, JPEG, GIF, WebP...)", param=param) from exc
     width, height = image.size

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # name -> module; kept in one place so `mmrag --help` lists everything without importing heavy code.
 COMMANDS: dict[str, str] = {
     "serve": "mmrag.serving.cli.serve",
     "make-tiny-model": "mmrag.serving.cli.make_tiny_model",
     "bench": "mmrag.serving.cli.bench",
+    "ingest": "mmrag.serving.cli.ingest",
+    "collections": "mmrag.serving.cli.collections",
 }
 
 
@@ -32,6 +33,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -206,6 +206,10 @@ def placeholder_tokens(tokenizer: Any) -> list[str]:
     return [t for t in tokenizer.all_special_tokens if t not in markers]
 
 
+# vLLM's names for what it validates -> the chat request field a client must change.
+_REQUEST_FIELD = {"input_tokens": "messages", "max_output_tokens": "max_tokens", "prompt": "messages"}
+
+
 def _as_openai_error(exc: Exception) -> Exception:
     """vLLM's validation errors become 400s naming the field; a dead engine becomes a 503."""
     from vllm.exceptions import VLLMValidationError
@@ -216,7 +220,8 @@ def _as_openai_error(exc: Exception) -> Exception:
     if isinstance(exc, EngineDeadError):
         return EngineUnavailableError(f"the engine died: {exc}")
     if isinstance(exc, VLLMValidationError):
-        return InvalidRequestError(str(exc), param=getattr(exc, "parameter", None) or "messages")
+        parameter = getattr(exc, "parameter", None) or "input_tokens"
+        return InvalidRequestError(str(exc), param=_REQUEST_FIELD.get(parameter, parameter))
     if isinstance(exc, ValueError | TypeError):
         return InvalidRequestError(str(exc), param="messages")
     return exc

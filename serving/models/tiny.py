@@ -14,19 +14,20 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# Literal text is emitted through {{ '...' }} so that the whitespace-trimming tags keep it intact.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}SYSTEM: "
-    "{%- elif message['role'] == 'user' -%}USER: "
-    "{%- else -%}ASSISTANT: {%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ 'SYSTEM: ' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'USER: ' }}"
+    "{%- else -%}{{ 'ASSISTANT: ' }}{%- endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- elif part['type'] in ('image', 'image_url') -%}<image>\n{%- endif -%}"
+    "{%- elif part['type'] in ('image', 'image_url') -%}{{ '<image>\\n' }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}</s>{%- endif -%}\n"
+    "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}{{ '\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")

@@ -1,0 +1,82 @@
+"""A deterministic in-process engine for fast tests of everything above the engine.
+
+It answers with the words of the last user text, one delta per word, and honours ``n``,
+``max_tokens`` and the image count; a user text of ``"slow"`` streams forever (until aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest
+from mmrag.serving.openai.errors import InvalidRequestError
+
+
+class FakeEngine(Engine):
+    def __init__(self, config: MmragConfig, model_path: str = "fake"):
+        self.config = config
+        self.running = 0
+        self.aborted = 0
+        self.seen: list[GenerationRequest] = []
+
+    async def start(self) -> None:
+        pass
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.engine.max_model_len
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        self.seen.append(request)
+        words = last_user_text(request).split() or ["ok"]
+        prompt_tokens = sum(len(str(m["content"]).split()) for m in request.messages) + 16 * len(request.images)
+        if prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError("prompt too long", param="messages")
+        self.running += 1
+        try:
+            if words == ["slow"]:
+                async for delta in self._forever(prompt_tokens):
+                    yield delta
+                return
+            limit = request.sampling.max_tokens or len(words)
+            produced = 0
+            for step in range(min(limit, len(words))):
+                for index in range(request.sampling.n):
+                    produced += 1
+                    done = step == min(limit, len(words)) - 1
+                    reason = ("length" if limit < len(words) else "stop") if done else None
+                    yield GenerationDelta(index, words[step] + " ", reason, prompt_tokens, produced)
+                await asyncio.sleep(0)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted += 1
+            raise
+        finally:
+            self.running -= 1
+
+    async def _forever(self, prompt_tokens: int) -> AsyncIterator[GenerationDelta]:
+        produced = 0
+        while True:
+            produced += 1
+            yield GenerationDelta(0, "tick ", None, prompt_tokens, produced)
+            await asyncio.sleep(0.01)
+
+    async def check_health(self) -> None:
+        pass
+
+    def num_running_requests(self) -> int:
+        return self.running
+
+    def metrics_text(self) -> str:
+        return f"fake_engine_running {self.running}\n"
+
+
+def last_user_text(request: GenerationRequest) -> str:
+    for message in reversed(request.messages):
+        if message["role"] == "user":
+            content = message["content"]
+            if isinstance(content, str):
+                return content
+            return " ".join(p["text"] for p in content if p["type"] == "text")
+    return ""

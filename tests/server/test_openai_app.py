@@ -1,0 +1,160 @@
+"""The OpenAI surface over a fake engine, driven by the real `openai` client (in-process transport)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.openai.server import LocalBackend, create_app
+from tests.fake_engine import FakeEngine
+
+MODEL = "mmrag-tiny-llava"
+
+
+def png_url(size=(8, 8)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine(MmragConfig.model_validate({"limits": {"max_images_per_request": 2, "max_n": 3}}))
+
+
+@pytest.fixture
+def http(engine):
+    with TestClient(create_app(engine.config, LocalBackend(engine))) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def image_message(text="one two three", images=1):
+    parts = [{"type": "image_url", "image_url": {"url": png_url()}} for _ in range(images)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def test_chat_with_image(client, engine):
+    response = client.chat.completions.create(model=MODEL, messages=image_message(), max_tokens=10)
+    assert response.choices[0].message.content == "one two three "
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.completion_tokens == 3
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 3
+    (request,) = engine.seen
+    assert len(request.images) == 1 and request.images[0].size == (8, 8)
+    assert request.messages[0]["content"][0] == {"type": "image"}
+
+
+def test_n_and_max_completion_tokens(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=image_message("a b c d"), n=2, temperature=0.5, max_completion_tokens=2
+    )
+    assert [c.message.content for c in response.choices] == ["a b ", "a b "]
+    assert {c.finish_reason for c in response.choices} == {"length"}
+    assert response.usage.completion_tokens == 4
+
+
+def test_streaming_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=image_message(), stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three "
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+
+
+def test_stream_ends_with_done(http):
+    body = {"model": MODEL, "messages": image_message(), "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"model": "other"}, 404, "model"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": image_message(images=3)}, 400, "messages"),
+        ({"n": 4, "temperature": 1}, 400, "n"),
+        ({"n": 2, "temperature": 0}, 400, "n"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x;base64,@@"}}]}
+                ]
+            },
+            400,
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+            400,
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),
+        ({"max_tokens": "many"}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
+    ],
+)
+def test_errors_are_openai_shaped(client, kwargs, status, param):
+    body = {"model": MODEL, "messages": image_message(), **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**body)
+    assert info.value.status_code == status
+    error = info.value.body
+    assert error["param"] == param
+    assert error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_engine_errors_before_output_are_clean_4xx(client, stream):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "word " * 3000}], stream=stream
+        )
+    assert info.value.body["param"] == "messages"
+
+
+def test_malformed_and_oversized_bodies(http, engine):
+    response = http.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    engine.config.limits.max_request_bytes = 100
+    response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": image_message()})
+    assert response.status_code == 413
+
+
+def test_models_health_metrics(client, http):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert http.get("/health").status_code == 200
+    client.chat.completions.create(model=MODEL, messages=image_message())
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=image_message())
+    text = http.get("/metrics").text
+    assert 'mmrag_requests_total{status="200"} 1.0' in text
+    assert 'mmrag_requests_total{status="404"} 1.0' in text
+    assert "mmrag_completion_tokens_total 3.0" in text
+    assert "mmrag_time_to_first_token_seconds_count 1.0" in text
+    assert "fake_engine_running 0" in text
+
+
+def test_health_is_503_when_engine_fails(http, engine):
+    async def broken():
+        raise RuntimeError("engine core died")
+
+    engine.check_health = broken
+    response = http.get("/health")
+    assert response.status_code == 503
+    assert "engine core died" in response.json()["error"]["message"]

@@ -1,0 +1,158 @@
+"""Image loading under hostile input: bombs, bad bytes, bad schemes, inward URLs, redirects."""
+
+import asyncio
+import base64
+import io
+import struct
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from mmrag.serving.config import LimitsConfig
+from mmrag.serving.media import ImagePolicy, is_public_address, load_image
+from mmrag.serving.openai.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
+
+
+def png_bytes(size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    """A valid PNG header declaring a huge canvas, with almost no data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def policy(**limits) -> ImagePolicy:
+    return ImagePolicy.from_limits(LimitsConfig(**limits))
+
+
+def load(url: str, p: ImagePolicy | None = None):
+    return asyncio.run(load_image(url, p or policy(), param="messages[0].content[0].image_url.url"))
+
+
+def test_data_url_decodes_to_rgb():
+    image = load(data_url(png_bytes((5, 7))))
+    assert image.size == (5, 7) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "fragment"),
+    [
+        ("data:image/png;base64,%%%", InvalidRequestError, "invalid base64"),
+        ("data:image/png,rawdata", InvalidRequestError, "data:<mime>;base64"),
+        (data_url(b"hello, not an image"), InvalidRequestError, "not a decodable image"),
+        (data_url(bomb_png()), PayloadTooLargeError, "pixels"),
+        ("file:///etc/passwd", InvalidRequestError, "scheme 'file'"),
+        ("ftp://example.com/a.png", InvalidRequestError, "scheme 'ftp'"),
+        ("http://127.0.0.1:1/a.png", InvalidRequestError, "non-public"),
+        ("http://169.254.169.254/latest/meta-data", InvalidRequestError, "non-public"),
+        ("http://[::1]/a.png", InvalidRequestError, "non-public"),
+        ("http://10.0.0.1/a.png", InvalidRequestError, "non-public"),
+        ("http://localhost/a.png", InvalidRequestError, "non-public"),
+    ],
+)
+def test_hostile_urls_are_4xx_naming_the_field(url, error, fragment):
+    with pytest.raises(error, match=fragment) as info:
+        load(url)
+    assert info.value.param == "messages[0].content[0].image_url.url"
+    assert 400 <= info.value.status_code < 500
+
+
+def test_data_url_size_cap():
+    with pytest.raises(PayloadTooLargeError):
+        load(data_url(png_bytes((64, 64))), policy(max_image_bytes=50))
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("fe80::1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_public_address_classification(address, public):
+    assert is_public_address(address) is public
+
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        status, headers, body = self.routes[self.path]
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = server.server_address[1]
+    _Handler.routes = {
+        "/ok.png": (200, {"Content-Type": "image/png"}, png_bytes((9, 9))),
+        "/missing.png": (404, {}, b""),
+        "/hop": (302, {"Location": "/ok.png"}, b""),
+        "/loop": (302, {"Location": "/loop"}, b""),
+        "/to-metadata": (302, {"Location": "http://169.254.169.254/x"}, b""),
+        "/big.png": (200, {}, b"\0" * 5000),
+    }
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+def test_allowlisted_host_fetches_and_follows_redirects(image_server):
+    allowed = policy(image_url_allowlist=["127.0.0.1"])
+    assert load(f"{image_server}/ok.png", allowed).size == (9, 9)
+    assert load(f"{image_server}/hop", allowed).size == (9, 9)
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "fragment"),
+    [
+        ("/missing.png", InvalidRequestError, "HTTP 404"),
+        ("/loop", InvalidRequestError, "redirects"),
+        ("/to-metadata", InvalidRequestError, "non-public"),
+        ("/big.png", PayloadTooLargeError, "larger than"),
+    ],
+)
+def test_fetch_failures(image_server, path, error, fragment):
+    allowed = policy(image_url_allowlist=["127.0.0.1"], max_image_bytes=4096)
+    with pytest.raises(error, match=fragment):
+        load(f"{image_server}{path}", allowed)
+
+
+def test_loopback_refused_without_allowlist(image_server):
+    with pytest.raises(OpenAIError, match="non-public"):
+        load(f"{image_server}/ok.png")

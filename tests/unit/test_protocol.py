@@ -1,0 +1,72 @@
+import pytest
+
+from mmrag.serving.openai.errors import InvalidRequestError, OverloadedError
+from mmrag.serving.openai.protocol import ChatCompletionRequest
+from mmrag.serving.openai.server import parse_chat_request
+
+
+def parse(payload) -> ChatCompletionRequest:
+    import json
+
+    return parse_chat_request(json.dumps(payload).encode())
+
+
+def user(content):
+    return {"model": "m", "messages": [{"role": "user", "content": content}]}
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m"}, "messages"),
+        ({**user("hi"), "max_tokens": -1}, "max_tokens"),
+        ({**user("hi"), "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({**user("hi"), "temperature": 3}, "temperature"),
+        ({**user("hi"), "top_p": 0}, "top_p"),
+        ({**user("hi"), "n": 0}, "n"),
+        ({**user("hi"), "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({**user("hi"), "logprobs": True}, "logprobs"),
+        ({**user("hi"), "stream": "yes please"}, "stream"),
+        (user(5), "messages[0].content"),
+        (user([{"type": "audio_url", "audio_url": {"url": "x"}}]), "messages[0].content[0]"),
+        (user([{"type": "image_url", "image_url": {"url": ""}}]), "messages[0].content[0].image_url.url"),
+        (user([{"type": "text"}]), "messages[0].content[0].text"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ],
+)
+def test_invalid_fields_are_named(payload, param):
+    with pytest.raises(InvalidRequestError) as info:
+        parse(payload)
+    assert info.value.param == param
+    assert info.value.status_code == 400
+
+
+def test_malformed_json_and_non_object():
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        parse_chat_request(b"{not json")
+    with pytest.raises(InvalidRequestError, match="JSON object"):
+        parse_chat_request(b"[1, 2]")
+
+
+def test_images_only_in_user_messages():
+    payload = {
+        "model": "m",
+        "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}],
+    }
+    with pytest.raises(InvalidRequestError, match="only accepted in user messages"):
+        parse(payload)
+
+
+def test_completion_limit_prefers_max_completion_tokens():
+    request = parse({**user("hi"), "max_tokens": 5, "max_completion_tokens": 7, "stop": "x"})
+    assert request.completion_limit == 7
+    assert request.stop == ["x"]
+
+
+def test_errors_survive_pickling_with_their_fields():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(OverloadedError("busy", retry_after_s=3)))
+    assert error.to_dict()["error"]["type"] == "server_overloaded"
+    assert error.headers == {"Retry-After": "3"}
