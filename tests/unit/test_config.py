@@ -32,7 +32,7 @@ def test_engine_kwargs_cannot_shadow_owned_fields():
 
 
 def test_override_syntax_errors():
-    with pytest.raises(ValueError, match="key.path=value"):
+    with pytest.raises(ValueError, match=r"key\.path=value"):
         apply_override({}, "server.port")
     with pytest.raises(ValueError, match="not a mapping"):
         apply_override({"server": 3}, "server.port=1")

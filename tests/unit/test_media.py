@@ -5,6 +5,7 @@ import base64
 import io
 import struct
 import threading
+import typing
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -99,9 +100,9 @@ def test_public_address_classification(address, public):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    routes: dict = {}
+    routes: typing.ClassVar[dict] = {}
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         status, headers, body = self.routes[self.path]
         self.send_response(status)
         for key, value in headers.items():
