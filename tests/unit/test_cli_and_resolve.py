@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmrag.serving.cli import COMMANDS, build_parser
+from mmrag.serving.config import ModelConfig
+from mmrag.serving.models.resolve import resolve_model_path
+
+
+def test_every_command_is_registered_and_parses():
+    parser = build_parser()
+    args = parser.parse_args(["make-tiny-model", "/tmp/x", "--seed", "2"])
+    assert args.seed == 2 and args.out_dir == "/tmp/x"
+    assert {"serve", "make-tiny-model", "bench"} <= set(COMMANDS)
+
+
+def test_make_tiny_model_command(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "mmrag.serving.cli", "make-tiny-model", str(tmp_path / "m"), "--seed", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "seed 1" in out.stdout
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_resolve_generates_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMRAG_CACHE_DIR", str(tmp_path))
+    path = resolve_model_path(ModelConfig(tiny_seed=5))
+    assert path.endswith("tiny-llava-seed5")
+    stamp = (tmp_path / "models" / "tiny-llava-seed5" / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path(ModelConfig(tiny_seed=5)) == path
+    assert (tmp_path / "models" / "tiny-llava-seed5" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_resolve_takes_a_checkpoint_path_and_rejects_a_non_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMRAG_CACHE_DIR", str(tmp_path / "cache"))
+    generated = resolve_model_path(ModelConfig())
+    assert resolve_model_path(ModelConfig(path=generated)) == generated
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_path(ModelConfig(path=str(tmp_path)))
