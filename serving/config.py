@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from mmrag.serving.retrieval.config import RetrievalConfig
 
@@ -143,10 +143,23 @@ class ServerConfig(_Strict):
         default=None, description="Logical CPUs of a local Ray (None: the machine's count)."
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="End-to-end limit per request.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Bearer keys accepted on /v1/*; empty with no key file: open."
+    )
+    api_key_file: str | None = Field(
+        default=None, description="File with one accepted key per line (e.g. a mounted Kubernetes Secret)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
     engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="vLLM's own log level (it is chatty at INFO)."
     )
+
+    def accepted_api_keys(self) -> list[str]:
+        """Keys from the config and the key file (read when a replica starts)."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_key_file:
+            keys += [line.strip() for line in Path(self.api_key_file).read_text().splitlines() if line.strip()]
+        return keys
 
 
 class MmragConfig(_Strict):

@@ -8,6 +8,7 @@ started is sent as a final SSE event, then ``[DONE]``.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationReq
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai.errors import (
+    AuthenticationError,
     EngineUnavailableError,
     InvalidRequestError,
     OpenAIError,
@@ -74,6 +76,14 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     app = FastAPI(title="mmrag", version="0.1.0")
     metrics = IngressMetrics()
     started = now()
+    api_keys = [key.encode() for key in config.server.accepted_api_keys()]
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        # /health and /metrics stay open for probes and scrapers; the API needs a key when keys are set.
+        if api_keys and request.url.path.startswith("/v1/") and not _has_valid_key(request, api_keys):
+            return error_response(AuthenticationError("invalid or missing API key", code="invalid_api_key"))
+        return await call_next(request)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -144,6 +154,14 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             yield delta
 
     return app
+
+
+def _has_valid_key(request: Request, api_keys: list[bytes]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    # Compare against every key in constant time: no early exit that leaks which prefix matched.
+    return any([hmac.compare_digest(token.encode(), key) for key in api_keys])
 
 
 async def read_body(http_request: Request, max_bytes: int) -> bytes:

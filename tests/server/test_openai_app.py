@@ -158,3 +158,19 @@ def test_health_is_503_when_engine_fails(http, engine):
     response = http.get("/health")
     assert response.status_code == 503
     assert "engine core died" in response.json()["error"]["message"]
+
+
+def test_api_keys(tmp_path, engine):
+    key_file = tmp_path / "keys"
+    key_file.write_text("from-file\n")
+    config = MmragConfig.model_validate({"server": {"api_keys": ["k1"], "api_key_file": str(key_file)}})
+    with TestClient(create_app(config, LocalBackend(engine))) as http:
+        for key in ("k1", "from-file"):
+            client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+            assert client.models.list().data[0].id == MODEL
+        bad = openai.OpenAI(base_url="http://testserver/v1", api_key="k2", http_client=http, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.chat.completions.create(model=MODEL, messages=image_message())
+        assert info.value.body["code"] == "invalid_api_key"
+        assert http.get("/health").status_code == 200  # probes need no key
+    assert "k1" not in repr(config) and "k1" not in str(config.model_dump_json())
