@@ -12,15 +12,22 @@ from ray.serve import Application
 
 from mmrag.deployments.ingress import OpenAIIngress
 from mmrag.deployments.llm import DEFAULT_ENGINE, LLMServer
+from mmrag.deployments.retriever import RetrieverServer, retriever_options
 from mmrag.serving.config import MmragConfig
 
 # Overload at the HTTP proxy (the ingress queue is full) answers 503 with a retry hint, never a hang.
 _BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
 
 
-def build_app(args: dict[str, Any] | MmragConfig | None = None, *, engine_cls: str = DEFAULT_ENGINE) -> Application:
-    config = args if isinstance(args, MmragConfig) else MmragConfig.model_validate(args or {})
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The import-path builder (Serve requires exactly one parameter: the ``args`` mapping)."""
+    return build_application(MmragConfig.model_validate(args or {}))
+
+
+def build_application(config: MmragConfig, engine_cls: str = DEFAULT_ENGINE) -> Application:
+    """The chain for ``config``; ``engine_cls`` (an import path) swaps the engine, e.g. for tests."""
     payload = config.model_dump()
     llm = LLMServer.options(**config.deployments.llm.serve_options()).bind(payload, engine_cls)
+    retriever = RetrieverServer.options(**retriever_options(config)).bind(payload)
     ingress_options = {**config.deployments.ingress.serve_options(), "backpressure_config": _BACKPRESSURE}
-    return OpenAIIngress.options(**ingress_options).bind(payload, llm)
+    return OpenAIIngress.options(**ingress_options).bind(payload, llm, retriever)

@@ -155,8 +155,10 @@ class ServerConfig(_Strict):
     )
 
     def accepted_api_keys(self) -> list[str]:
-        """Keys from the config and the key file (read when a replica starts)."""
+        """Keys from the config, the key file and ``$MMRAG_API_KEYS`` (comma-separated), read when a
+        replica starts (on Kubernetes, a Secret arrives as that variable or as the file)."""
         keys = [key.get_secret_value() for key in self.api_keys]
+        keys += [key.strip() for key in os.environ.get("MMRAG_API_KEYS", "").split(",") if key.strip()]
         if self.api_key_file:
             keys += [line.strip() for line in Path(self.api_key_file).read_text().splitlines() if line.strip()]
         return keys

@@ -11,7 +11,10 @@ import importlib
 
 HELP = "Run a benchmark (JSON + plot in benchmarks/results/)."
 
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "retrieval": "mmrag.benchmarks.retrieval",
+    "lookm-scores": "mmrag.benchmarks.lookm_scores",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

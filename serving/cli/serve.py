@@ -64,7 +64,7 @@ def start_serving(config) -> None:
     import ray
     from ray import serve
 
-    from mmrag.deployments.app import build_app
+    from mmrag.deployments.app import build_application
 
     ray.init(
         address=config.server.ray_address,
@@ -83,7 +83,7 @@ def start_serving(config) -> None:
         logging_config=SERVE_LOGGING,
     )
     serve.run(
-        build_app(config),
+        build_application(config),
         name="mmrag",
         route_prefix="/",
         logging_config={"log_level": config.server.log_level},

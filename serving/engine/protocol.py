@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -41,6 +43,8 @@ class GenerationRequest:
     messages: list[dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # Text RAG: the engine inserts these chunks into the prompt, within what its context leaves free.
+    retrieval: RetrievalResult | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,18 @@ class GenerationDelta:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    # Set on the first delta of a request that retrieved: what was found and what entered the prompt.
+    retrieval: RetrievalInfo | None = None
+
+
+# With no max_tokens in the request, text RAG leaves at least this many tokens for the answer.
+COMPLETION_RESERVE_TOKENS = 256
+
+
+def text_rag_budget(max_context_tokens: int, max_model_len: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Tokens the retrieved context may take: the configured cap, or what the context window leaves."""
+    reserve = max_tokens if max_tokens is not None else COMPLETION_RESERVE_TOKENS
+    return max(0, min(max_context_tokens, max_model_len - prompt_tokens - reserve))
 
 
 class Engine(abc.ABC):

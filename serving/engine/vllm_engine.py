@@ -15,8 +15,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest, SamplingOptions
+from mmrag.serving.engine.protocol import (
+    Engine,
+    GenerationDelta,
+    GenerationRequest,
+    SamplingOptions,
+    text_rag_budget,
+)
 from mmrag.serving.openai.errors import EngineUnavailableError, InvalidRequestError
+from mmrag.serving.retrieval.protocol import build_text_rag_messages
 
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs, SamplingParams
@@ -85,10 +92,13 @@ class VllmEngine(Engine):
         return self._config.engine.max_model_len
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        engine_input = await self._render(request)
+        self._reject_placeholder_text(request.messages)
+        messages = await self._with_retrieved_context(request)
+        engine_input = await self._render(messages, request.images)
         prompt_tokens = len(engine_input["prompt_token_ids"])
         params = self._sampling_params(request.sampling, prompt_tokens)
         completion_tokens = 0
+        retrieval = request.retrieval.info if request.retrieval else None
         try:
             async for output in self._llm.generate(engine_input, params, request.request_id):
                 for choice in output.outputs:
@@ -99,25 +109,44 @@ class VllmEngine(Engine):
                         finish_reason=choice.finish_reason,
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
+                        retrieval=retrieval,
                     )
+                    retrieval = None
         except Exception as exc:
             raise _as_openai_error(exc) from exc
 
-    async def _render(self, request: GenerationRequest) -> dict[str, Any]:
+    async def _with_retrieved_context(self, request: GenerationRequest) -> list[dict[str, Any]]:
+        """The messages with retrieved chunks inserted, sized to what the context window leaves."""
+        retrieval = request.retrieval
+        if retrieval is None or not retrieval.chunks:
+            return request.messages
+        for chunk in retrieval.chunks:  # a document must not smuggle an image slot into the prompt
+            for token in self._placeholders:
+                chunk.text = chunk.text.replace(token, "")
+        bare = await self._render(request.messages, request.images)
+        text_rag = self._config.retrieval.text_rag
+        budget = text_rag_budget(
+            text_rag.max_context_tokens,
+            self.max_model_len,
+            len(bare["prompt_token_ids"]),
+            request.sampling.max_tokens,
+        )
+        return build_text_rag_messages(request.messages, retrieval, self._llm.get_tokenizer(), budget, text_rag)
+
+    async def _render(self, messages: list[dict[str, Any]], images: list[Any]) -> dict[str, Any]:
         tokenizer = self._llm.get_tokenizer()
         try:
             text = tokenizer.apply_chat_template(
-                request.messages,
+                messages,
                 chat_template=self._chat_template,
                 tokenize=False,
                 add_generation_prompt=True,
             )
         except Exception as exc:  # jinja errors: a message shape the template does not accept
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
-        self._reject_placeholder_text(request)
         prompt: dict[str, Any] = {"prompt": text}
-        if request.images:
-            prompt["multi_modal_data"] = {"image": request.images}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
         except AssertionError as exc:  # vLLM asserts placeholder/item agreement while processing input
@@ -126,9 +155,9 @@ class VllmEngine(Engine):
             raise _as_openai_error(exc) from exc
         return engine_input
 
-    def _reject_placeholder_text(self, request: GenerationRequest) -> None:
+    def _reject_placeholder_text(self, messages: list[dict[str, Any]]) -> None:
         """A literal ``<image>`` in user text would become an image slot with no image behind it."""
-        for i, message in enumerate(request.messages):
+        for i, message in enumerate(messages):
             content = message["content"]
             texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
             for text in texts:

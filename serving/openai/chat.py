@@ -104,12 +104,16 @@ async def collect_completion(
     texts = [""] * n
     finish: list[str | None] = [None] * n
     last: GenerationDelta | None = None
+    retrieval = None
     async for delta in deltas:
+        retrieval = retrieval or delta.retrieval
         texts[delta.index] += delta.text
         finish[delta.index] = delta.finish_reason or finish[delta.index]
         last = delta
     choices = [Choice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=finish[i]) for i in range(n)]
-    return ChatCompletion(id=completion_id, created=created, model=model, choices=choices, usage=usage_of(last))
+    return ChatCompletion(
+        id=completion_id, created=created, model=model, choices=choices, usage=usage_of(last), retrieval=retrieval
+    )
 
 
 def chunk_of(
@@ -120,7 +124,9 @@ def chunk_of(
         delta=Delta(role="assistant" if first else None, content=delta.text),
         finish_reason=delta.finish_reason,
     )
-    return ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice])
+    return ChatCompletionChunk(
+        id=completion_id, created=created, model=model, choices=[choice], retrieval=delta.retrieval
+    )
 
 
 def usage_chunk(last: GenerationDelta | None, *, completion_id: str, created: int, model: str):

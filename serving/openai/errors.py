@@ -72,6 +72,10 @@ class OverloadedError(OpenAIError):
         super().__init__(message, **kwargs)
 
 
-class EngineUnavailableError(OpenAIError):
+class ServiceUnavailableError(OpenAIError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class EngineUnavailableError(ServiceUnavailableError):
+    """The LLM stage cannot serve (loading, dead, restarting)."""

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalOptions
+
 
 class _Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -76,6 +78,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
+    # mmrag extension (the openai client sends it in extra_body): retrieval from Milvus for this chat.
+    retrieval: RetrievalOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -129,6 +133,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    retrieval: RetrievalInfo | None = Field(default=None, description="mmrag: what retrieval found and used.")
 
 
 class Delta(BaseModel):
@@ -150,6 +155,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    retrieval: RetrievalInfo | None = Field(default=None, description="mmrag: on the first chunk only.")
 
 
 class ModelCard(BaseModel):

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -29,6 +29,7 @@ from mmrag.serving.openai.errors import (
     InvalidRequestError,
     OpenAIError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
 )
 from mmrag.serving.openai.protocol import (
     ChatCompletionRequest,
@@ -38,12 +39,21 @@ from mmrag.serving.openai.protocol import (
     new_completion_id,
     now,
 )
+from mmrag.serving.retrieval.errors import RetrievalError
+from mmrag.serving.retrieval.protocol import (
+    RetrievalOptions,
+    RetrievalResult,
+    query_text_from_messages,
+    resolve_options,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class ChatBackend(Protocol):
     """What the HTTP layer needs from the rest of the chain."""
+
+    async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
 
@@ -55,8 +65,14 @@ class ChatBackend(Protocol):
 class LocalBackend:
     """A backend over an engine in this process (tests, single-process tools)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, retriever: Any = None):
         self.engine = engine
+        self.retriever = retriever  # anything with ``async retrieve(options, query_text)``
+
+    async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult:
+        if self.retriever is None:
+            raise ServiceUnavailableError("retrieval is not configured on this server", param="retrieval")
+        return await self.retriever.retrieve(options, query_text)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         return self.engine.generate(request)
@@ -133,6 +149,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
         request = parse_chat_request(await read_body(http_request, config.limits.max_request_bytes))
         completion_id = new_completion_id()
         generation = await chat.prepare_generation(request, config, request_id=completion_id)
+        generation.retrieval = await retrieve_for(request, generation, config, backend)
         deltas = backend.generate(generation)
         ids = {"completion_id": completion_id, "created": now(), "model": request.model}
         if request.stream:
@@ -154,6 +171,24 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             yield delta
 
     return app
+
+
+async def retrieve_for(
+    request: ChatCompletionRequest, generation: GenerationRequest, config: MmragConfig, backend: ChatBackend
+) -> RetrievalResult | None:
+    """Run the retrieval stage when the request (or the server default) asks for it."""
+    try:
+        if resolve_options(request.retrieval, config.retrieval).mode == "none":
+            return None
+        return await backend.retrieve(request.retrieval, query_text_from_messages(generation.messages))
+    except RetrievalError as exc:
+        raise as_openai_error(exc) from exc
+
+
+def as_openai_error(exc: RetrievalError) -> OpenAIError:
+    if exc.status_code < 500:
+        return InvalidRequestError(exc.message, param=exc.field or "retrieval")
+    return ServiceUnavailableError(f"retrieval unavailable: {exc.message}", param=exc.field or "retrieval")
 
 
 def _has_valid_key(request: Request, api_keys: list[bytes]) -> bool:

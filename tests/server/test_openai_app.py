@@ -160,12 +160,13 @@ def test_health_is_503_when_engine_fails(http, engine):
     assert "engine core died" in response.json()["error"]["message"]
 
 
-def test_api_keys(tmp_path, engine):
+def test_api_keys(tmp_path, engine, monkeypatch):
+    monkeypatch.setenv("MMRAG_API_KEYS", "from-env-1, from-env-2")
     key_file = tmp_path / "keys"
     key_file.write_text("from-file\n")
     config = MmragConfig.model_validate({"server": {"api_keys": ["k1"], "api_key_file": str(key_file)}})
     with TestClient(create_app(config, LocalBackend(engine))) as http:
-        for key in ("k1", "from-file"):
+        for key in ("k1", "from-file", "from-env-2"):
             client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
             assert client.models.list().data[0].id == MODEL
         bad = openai.OpenAI(base_url="http://testserver/v1", api_key="k2", http_client=http, max_retries=0)

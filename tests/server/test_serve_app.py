@@ -21,7 +21,7 @@ def app_url():
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from mmrag.deployments.app import build_app
+    from mmrag.deployments.app import build_application
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -30,7 +30,7 @@ def app_url():
     config = MmragConfig.model_validate({"deployments": {"llm": {"max_ongoing_requests": 1, "max_queued_requests": 1}}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config, engine_cls="tests.fake_engine:FakeEngine"), name="test", route_prefix="/")
+        serve.run(build_application(config, engine_cls="tests.fake_engine:FakeEngine"), name="test", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -1,0 +1,247 @@
+"""The chat-completions extension for retrieval, and how retrieved chunks enter the prompt.
+
+Request: the ``openai`` client sends ``extra_body={"retrieval": {...}}``, parsed as
+:class:`RetrievalOptions`; absent fields take the server's ``retrieval`` configuration.
+
+Response: a top-level ``retrieval`` field holding :class:`RetrievalInfo` (in streaming, on the first
+chunk): which documents were retrieved (id, score, source), how many entered the prompt, and whether
+retrieval was degraded and why.
+
+Text RAG template (``mode: "text"``), built by :func:`build_text_rag_messages`::
+
+    <instruction>
+
+    [1] (source: <source>)
+    <chunk text>
+
+    [2] (source: <source>)
+    <chunk text>
+
+placed, per ``retrieval.text_rag.placement``, into the system message (appended to a leading system
+message, else a new first message) or before the text of the last user message.
+
+Truncation policy (all counted in the LLM's tokens, within ``budget_tokens``): chunks go in rank order
+and whole; the first chunk that does not fit is cut to the remaining budget if at least
+``min_partial_tokens`` of its text fit, otherwise dropped; every lower-ranked chunk is dropped. If not
+even the instruction fits, no context is inserted. The caller sets the budget to
+``min(text_rag.max_context_tokens, max_model_len - prompt_tokens - completion_tokens)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmrag.serving.retrieval.config import RetrievalConfig, RetrievalMode, TextRagConfig
+from mmrag.serving.retrieval.errors import RetrievalRequestError, UnsupportedModeError
+
+
+class RetrievalOptions(BaseModel):
+    """The request extension ``"retrieval"``; every field defaults to the server's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: RetrievalMode | None = Field(
+        default=None, description="'none': no retrieval; 'text': chunks in the prompt; 'xrag': not yet."
+    )
+    top_k: int | None = Field(default=None, gt=0, description="Chunks to retrieve (<= retrieval.max_top_k).")
+    filter: str | None = Field(
+        default=None,
+        max_length=4096,
+        description='A Milvus boolean expression over source/metadata, e.g. source like "docs/%".',
+    )
+    collection: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Collection to search."
+    )
+    hybrid: bool | None = Field(default=None, description="Dense + BM25 full-text, fused with RRF.")
+
+
+class ResolvedOptions(BaseModel):
+    """Options with every default filled in from the configuration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: RetrievalMode
+    top_k: int
+    filter: str | None
+    collection: str
+    hybrid: bool
+
+
+def resolve_options(options: RetrievalOptions | dict | None, config: RetrievalConfig) -> ResolvedOptions:
+    """Fill defaults and check the request against the server's limits (raises 400-type errors)."""
+    if not isinstance(options, RetrievalOptions):
+        options = RetrievalOptions.model_validate(options or {})
+    resolved = ResolvedOptions(
+        mode=options.mode or config.default_mode,
+        top_k=options.top_k or config.top_k,
+        filter=options.filter.strip() if options.filter and options.filter.strip() else None,
+        collection=options.collection or config.collection,
+        hybrid=config.hybrid if options.hybrid is None else options.hybrid,
+    )
+    if resolved.mode == "xrag":
+        raise UnsupportedModeError("retrieval mode 'xrag' is not available yet on this server; use 'text'")
+    if resolved.top_k > config.max_top_k:
+        raise RetrievalRequestError(
+            f"top_k={resolved.top_k} exceeds this server's limit {config.max_top_k}", field="retrieval.top_k"
+        )
+    return resolved
+
+
+class RetrievedChunk(BaseModel):
+    """One search hit, with its text (server side: what the prompt is built from)."""
+
+    id: str
+    score: float = Field(description="Similarity (COSINE/IP: higher is closer; L2: lower) or RRF score.")
+    text: str
+    source: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RetrievedDocument(BaseModel):
+    """One hit as the response shows it."""
+
+    id: str
+    score: float
+    source: str
+
+
+class RetrievalInfo(BaseModel):
+    """The response extension ``"retrieval"``."""
+
+    mode: RetrievalMode
+    collection: str | None = None
+    hybrid: bool = False
+    documents: list[RetrievedDocument] = Field(default_factory=list, description="Best first.")
+    context_documents: int = Field(
+        default=0, description="How many of `documents` entered the prompt (the rest did not fit)."
+    )
+    context_truncated: bool = Field(default=False, description="A document was cut or dropped to fit.")
+    degraded: bool = Field(default=False, description="Retrieval failed and the answer was made without it.")
+    degraded_reason: str | None = None
+
+
+class RetrievalResult(BaseModel):
+    """What :meth:`Retriever.retrieve` returns: the chunks (for the prompt) and the response info."""
+
+    chunks: list[RetrievedChunk] = Field(default_factory=list)
+    info: RetrievalInfo
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer used for budgets (vLLM's ``get_tokenizer()`` has it)."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def query_text_from_messages(messages: Sequence[dict[str, Any]]) -> str:
+    """The retrieval query: the text of the last user message (image parts ignored)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text_of(message.get("content"))
+    return ""
+
+
+def build_text_rag_messages(
+    messages: Sequence[dict[str, Any]],
+    result: RetrievalResult,
+    tokenizer: Tokenizer,
+    budget_tokens: int,
+    config: TextRagConfig,
+) -> list[dict[str, Any]]:
+    """A copy of ``messages`` with the retrieved chunks inserted (see the module doc for the policy).
+
+    Also sets ``result.info.context_documents`` and ``result.info.context_truncated``.
+    """
+    context, used, cut = render_context(result.chunks, tokenizer, budget_tokens, config)
+    result.info.context_documents = used
+    result.info.context_truncated = cut or used < len(result.chunks)
+    if not context:
+        return list(messages)
+    return _insert(copy.deepcopy(list(messages)), context, config.placement)
+
+
+def render_context(
+    chunks: Sequence[RetrievedChunk], tokenizer: Tokenizer, budget: int, config: TextRagConfig
+) -> tuple[str, int, bool]:
+    """(context text, chunks used, whether the last used chunk was cut) within ``budget`` tokens."""
+    if not chunks or _count(tokenizer, config.instruction) > budget:
+        return "", 0, False
+    parts = [config.instruction]
+    cut = False
+    for number, chunk in enumerate(chunks, start=1):
+        whole = _render_chunk(config, number, chunk, chunk.text)
+        if _count(tokenizer, "\n\n".join([*parts, whole])) <= budget:
+            parts.append(whole)
+            continue
+        partial = _cut_chunk(parts, number, chunk, tokenizer, budget, config)
+        if partial is not None:
+            parts.append(partial)
+            cut = True
+        break
+    return "\n\n".join(parts), len(parts) - 1, cut
+
+
+def _cut_chunk(
+    parts: list[str], number: int, chunk: RetrievedChunk, tokenizer: Tokenizer, budget: int, config: TextRagConfig
+) -> str | None:
+    """The chunk's head that fits the rest of the budget, or None if under ``min_partial_tokens``."""
+    frame = _count(tokenizer, "\n\n".join([*parts, _render_chunk(config, number, chunk, "")]))
+    room = budget - frame
+    ids = tokenizer.encode(chunk.text, add_special_tokens=False)
+    # Token counts are not additive across a join, so shrink until the whole context really fits.
+    while room >= max(config.min_partial_tokens, 1):
+        candidate = _render_chunk(config, number, chunk, tokenizer.decode(ids[:room]).rstrip())
+        if _count(tokenizer, "\n\n".join([*parts, candidate])) <= budget:
+            return candidate
+        room -= max(1, room // 16)
+    return None
+
+
+def _render_chunk(config: TextRagConfig, number: int, chunk: RetrievedChunk, text: str) -> str:
+    return config.document_template.format(
+        number=number, source=chunk.source, text=text, id=chunk.id, score=chunk.score
+    )
+
+
+def _count(tokenizer: Tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _insert(messages: list[dict[str, Any]], context: str, placement: str) -> list[dict[str, Any]]:
+    if placement == "system":
+        if messages and messages[0].get("role") in ("system", "developer"):
+            messages[0]["content"] = _join_content(messages[0].get("content"), context, context_first=False)
+        else:
+            messages.insert(0, {"role": "system", "content": context})
+        return messages
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            message["content"] = _join_content(message.get("content"), context, context_first=True)
+            return messages
+    messages.append({"role": "user", "content": context})
+    return messages
+
+
+def _join_content(content: Any, context: str, context_first: bool) -> Any:
+    """Add ``context`` to a message content that is a string or a list of parts (images kept)."""
+    if isinstance(content, list):
+        part = {"type": "text", "text": context + "\n\n" if context_first else "\n\n" + context}
+        return [part, *content] if context_first else [*content, part]
+    text = content or ""
+    if not text:
+        return context
+    return f"{context}\n\n{text}" if context_first else f"{text}\n\n{context}"

@@ -1,0 +1,136 @@
+"""The retrieval entry point of a chat request: options + query text -> chunks and response info.
+
+Faults (store unreachable, collection missing, timeout) either raise their 503-type error or, with
+``retrieval.on_failure: degrade``, return an empty result marked ``degraded`` with the reason. Request
+errors (bad filter, too large ``top_k``, ``xrag``, encoder mismatch) always raise their 400-type error.
+Nothing waits longer than ``search_timeout_s``: a lost connection is re-opened by a later request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from mmrag.serving.retrieval.config import RetrievalConfig
+from mmrag.serving.retrieval.encoders import Encoder, load_encoder
+from mmrag.serving.retrieval.errors import (
+    CollectionNotFoundError,
+    RetrievalError,
+    RetrievalTimeoutError,
+    StoreUnreachableError,
+)
+from mmrag.serving.retrieval.protocol import (
+    ResolvedOptions,
+    RetrievalInfo,
+    RetrievalOptions,
+    RetrievalResult,
+    RetrievedChunk,
+    RetrievedDocument,
+    resolve_options,
+)
+from mmrag.serving.retrieval.store import MilvusStore
+
+logger = logging.getLogger(__name__)
+
+
+class Retriever:
+    """Owns the encoder and a (re)connecting Milvus store. Thread-safe; one per replica."""
+
+    def __init__(self, config: RetrievalConfig, encoder: Encoder | None = None) -> None:
+        self.config = config
+        self.encoder = encoder or load_encoder(config.encoder)
+        self._store: MilvusStore | None = None
+        self._checked: set[str] = set()  # collections whose recorded encoder matched ours
+        self._lock = threading.Lock()
+
+    # -- the request path --------------------------------------------------------------------
+
+    async def retrieve(self, options: RetrievalOptions | dict | None, query_text: str) -> RetrievalResult:
+        """Retrieve for one chat request. Raises a ``RetrievalError`` (see ``errors.py``) or degrades."""
+        resolved = resolve_options(options, self.config)
+        info = RetrievalInfo(mode=resolved.mode, collection=resolved.collection, hybrid=resolved.hybrid)
+        if resolved.mode == "none" or not query_text.strip():
+            return RetrievalResult(info=info)
+        try:
+            chunks = await asyncio.wait_for(
+                asyncio.to_thread(self.search, resolved, query_text), timeout=self.config.search_timeout_s
+            )
+        except asyncio.TimeoutError:
+            error: RetrievalError = RetrievalTimeoutError(
+                f"retrieval took longer than {self.config.search_timeout_s} s"
+            )
+            return self._degrade_or_raise(error, info)
+        except RetrievalError as error:
+            return self._degrade_or_raise(error, info)
+        info.documents = [RetrievedDocument(id=c.id, score=c.score, source=c.source) for c in chunks]
+        return RetrievalResult(chunks=chunks, info=info)
+
+    def search(self, options: ResolvedOptions, query_text: str) -> list[RetrievedChunk]:
+        """Blocking search (runs in a worker thread on the request path)."""
+        vector = self.encoder.encode([query_text], is_query=True)[0].tolist()
+        store = self._connected()
+        try:
+            self._check_collection(store, options.collection)
+            hits = store.search(options.collection, vector, query_text, options.top_k, options.filter, options.hybrid)
+        except StoreUnreachableError:
+            self._disconnect(store)
+            raise
+        except CollectionNotFoundError:
+            self._checked.discard(options.collection)
+            raise
+        return [RetrievedChunk(id=h.id, score=h.score, text=h.text, source=h.source, metadata=h.metadata) for h in hits]
+
+    def _degrade_or_raise(self, error: RetrievalError, info: RetrievalInfo) -> RetrievalResult:
+        if not (error.degradable and self.config.on_failure == "degrade"):
+            raise error
+        logger.warning("retrieval degraded: %s", error)
+        info.degraded = True
+        info.degraded_reason = f"{type(error).__name__}: {error}"
+        return RetrievalResult(info=info)
+
+    # -- the store -------------------------------------------------------------------------------
+
+    def store(self) -> MilvusStore:
+        """The connected store (connecting if needed); raises ``StoreUnreachableError``."""
+        return self._connected()
+
+    def _connected(self) -> MilvusStore:
+        with self._lock:
+            if self._store is None:
+                self._store = MilvusStore(self.config)
+            return self._store
+
+    def _disconnect(self, store: MilvusStore) -> None:
+        with self._lock:
+            if self._store is not store:
+                return
+            self._store = None
+        self._checked.clear()
+        try:
+            store.close()
+        except Exception:  # already broken: closing is best effort
+            logger.debug("closing a broken Milvus connection failed", exc_info=True)
+
+    def check_collection(self, collection: str) -> None:
+        """Raise ``EncoderMismatchError`` if ``collection`` was filled by another encoder (or a 503-type
+        error if it cannot be read); the deployment calls it on the default collection at start-up."""
+        self._check_collection(self._connected(), collection)
+
+    def _check_collection(self, store: MilvusStore, collection: str) -> None:
+        if collection not in self._checked:
+            store.check_encoder(collection, self.encoder)
+            self._checked.add(collection)
+
+    def check_health(self) -> None:
+        """Raise if the store cannot answer (a cheap list-collections call)."""
+        try:
+            self._connected().list_collections()
+        except StoreUnreachableError:
+            if self._store is not None:
+                self._disconnect(self._store)
+            raise
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._disconnect(self._store)

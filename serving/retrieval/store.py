@@ -1,0 +1,392 @@
+"""The Milvus side: one collection schema, written and searched through ``pymilvus.MilvusClient`` only.
+
+Schema (one row per chunk):
+
+=============== ========================= ==========================================================
+field           type                      what
+=============== ========================= ==========================================================
+id              VARCHAR(64), primary      content hash of (source, text, metadata): re-ingesting the
+                                          same content writes nothing new
+text            VARCHAR, analyzer on      the chunk; input of the BM25 function
+source          VARCHAR                   the file (relative path); filters and delete-by-source use it
+metadata        JSON                      ``chunk_index`` + user metadata; ``metadata["k"] == v``
+dense           FLOAT_VECTOR(dim)         the encoder's vector, index per ``retrieval.index``
+sparse          SPARSE_FLOAT_VECTOR       BM25 of ``text``, computed by Milvus (function output)
+xrag_vector     FLOAT_VECTOR(xdim), opt.  xRAG's retrieval-space vector; only with ``xrag_encoder``
+=============== ========================= ==========================================================
+
+NOTE: the xRAG field is a separate, non-nullable vector present only when an xRAG encoder is configured:
+Milvus Lite 3.2.2 accepts a nullable vector field in the schema but rejects a batch where it is all null
+and reads nulls back as zero vectors, so "always there, mostly null" is not an option on Lite.
+
+The encoder that filled a collection is recorded in its properties (``mmrag.encoder``,
+``mmrag.encoder_dim``, and the same for xRAG); :meth:`MilvusStore.check_encoder` refuses any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mmrag.serving.retrieval.config import RetrievalConfig
+from mmrag.serving.retrieval.errors import (
+    CollectionNotFoundError,
+    EncoderMismatchError,
+    InvalidFilterError,
+    RetrievalTimeoutError,
+    RetrievalUnavailableError,
+    StoreUnreachableError,
+)
+
+if TYPE_CHECKING:
+    from mmrag.serving.retrieval.encoders import Encoder
+
+SCHEMA_VERSION = "1"
+OUTPUT_FIELDS = ["text", "source", "metadata"]
+_SPARSE_INDEX = {"index_type": "SPARSE_INVERTED_INDEX", "metric_type": "BM25"}
+# Milvus answers a bad expression with IllegalArgument (6, Lite) or ParameterInvalid (1100, server).
+_ARGUMENT_ERROR_CODES = {6, 1100}
+_NOT_FOUND_CODES = {4, 100}
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    text: str
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    xrag_vector: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    text: str
+    source: str
+    metadata: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        canonical = json.dumps([self.source, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class MilvusStore:
+    """A connection to Milvus (Lite file or server) with mmrag's collection operations."""
+
+    def __init__(self, config: RetrievalConfig) -> None:
+        from pymilvus import MilvusClient
+
+        # NOTE: pymilvus logs every failed RPC with a traceback at ERROR; our typed errors carry the
+        # message, and a rejected user filter is not a server error.
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+        self.config = config
+        self.uri = config.resolved_uri()
+        self._loaded: set[str] = set()
+        self._lite_path = config.lite_path()
+        if self._lite_path is not None:
+            self._lite_path.parent.mkdir(parents=True, exist_ok=True)
+            _lite_acquire(self._lite_path)
+        try:
+            with self._translate("connect"):
+                self.client = MilvusClient(
+                    uri=self.uri,
+                    token=config.token or "",
+                    db_name=config.db_name,
+                    timeout=config.connect_timeout_s,
+                )
+        except Exception:
+            self._release_lite()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self._release_lite()
+
+    def _release_lite(self) -> None:
+        if self._lite_path is not None:
+            _lite_release(self._lite_path)
+            self._lite_path = None
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def list_collections(self) -> list[str]:
+        with self._translate("list collections"):
+            return sorted(self.client.list_collections(timeout=self.config.write_timeout_s))
+
+    def has_collection(self, name: str) -> bool:
+        with self._translate("has_collection"):
+            return bool(self.client.has_collection(name, timeout=self.config.write_timeout_s))
+
+    def properties(self, name: str) -> dict[str, str]:
+        with self._translate("describe", collection=name):
+            described = self.client.describe_collection(name, timeout=self.config.write_timeout_s)
+        return {str(k): str(v) for k, v in (described.get("properties") or {}).items()}
+
+    def create_collection(self, name: str, encoder: Encoder, xrag_encoder: Encoder | None = None) -> None:
+        from pymilvus import DataType, Function, FunctionType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
+        schema.add_field("source", DataType.VARCHAR, max_length=4096)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("dense", DataType.FLOAT_VECTOR, dim=encoder.dim)
+        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_function(
+            Function(
+                name="text_bm25",
+                function_type=FunctionType.BM25,
+                input_field_names=["text"],
+                output_field_names=["sparse"],
+            )
+        )
+        index = self.config.index
+        params = self.client.prepare_index_params()
+        params.add_index("dense", index_type=index.type, metric_type=index.metric, params=index.build_params())
+        params.add_index("sparse", **_SPARSE_INDEX)
+        properties = {
+            "mmrag.schema_version": SCHEMA_VERSION,
+            "mmrag.encoder": encoder.name,
+            "mmrag.encoder_dim": str(encoder.dim),
+        }
+        if xrag_encoder is not None:
+            schema.add_field("xrag_vector", DataType.FLOAT_VECTOR, dim=xrag_encoder.dim)
+            # xRAG's projector was trained on raw inner products (research/xrag_milvus.md): exact IP.
+            params.add_index("xrag_vector", index_type="FLAT", metric_type="IP")
+            properties |= {"mmrag.xrag_encoder": xrag_encoder.name, "mmrag.xrag_dim": str(xrag_encoder.dim)}
+        with self._translate("create collection", collection=name):
+            self.client.create_collection(
+                name,
+                schema=schema,
+                index_params=params,
+                properties=properties,
+                description=f"mmrag chunks embedded by {encoder.name} ({encoder.dim}-d)",
+                timeout=self.config.write_timeout_s,
+            )
+
+    def check_encoder(self, name: str, encoder: Encoder, xrag_encoder: Encoder | None = None) -> None:
+        """Refuse a collection that another encoder filled (or that mmrag did not create)."""
+        props = self.properties(name)
+        recorded = (props.get("mmrag.encoder"), props.get("mmrag.encoder_dim"))
+        if recorded[0] is None:
+            raise EncoderMismatchError(
+                f"collection {name!r} records no encoder (not created by mmrag); refusing to mix vectors"
+            )
+        if recorded != (encoder.name, str(encoder.dim)):
+            raise EncoderMismatchError(
+                f"collection {name!r} was filled by encoder {recorded[0]} ({recorded[1]}-d), but this "
+                f"server encodes with {encoder.name} ({encoder.dim}-d): use the same encoder, or ingest "
+                "into another collection"
+            )
+        if xrag_encoder is not None:
+            xrecorded = (props.get("mmrag.xrag_encoder"), props.get("mmrag.xrag_dim"))
+            if xrecorded != (xrag_encoder.name, str(xrag_encoder.dim)):
+                raise EncoderMismatchError(
+                    f"collection {name!r} has xRAG vectors from {xrecorded[0]} ({xrecorded[1]}-d), not "
+                    f"{xrag_encoder.name} ({xrag_encoder.dim}-d)"
+                )
+
+    def drop(self, name: str) -> None:
+        with self._translate("drop", collection=name):
+            if not self.client.has_collection(name, timeout=self.config.write_timeout_s):
+                raise CollectionNotFoundError(f"collection {name!r} does not exist")
+            self.client.drop_collection(name, timeout=self.config.write_timeout_s)
+        self._loaded.discard(name)
+
+    def count(self, name: str) -> int:
+        with self._translate("count", collection=name):
+            self._ensure_loaded(name)
+            rows = self.client.query(name, filter="", output_fields=["count(*)"], timeout=self.config.write_timeout_s)
+        return int(rows[0]["count(*)"])
+
+    def source_counts(self, name: str, batch_size: int = 1000) -> Counter[str]:
+        """Chunks per source (reads every row's source: fine for a CLI, not for a request path)."""
+        counts: Counter[str] = Counter()
+        with self._translate("query sources", collection=name):
+            self._ensure_loaded(name)
+            iterator = self.client.query_iterator(name, batch_size=batch_size, filter="", output_fields=["source"])
+            try:
+                while batch := iterator.next():
+                    counts.update(row["source"] for row in batch)
+            finally:
+                iterator.close()
+        return counts
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def existing_ids(self, name: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        with self._translate("get", collection=name):
+            self._ensure_loaded(name)
+            rows = self.client.get(name, ids=list(ids), output_fields=["id"], timeout=self.config.write_timeout_s)
+        return {row["id"] for row in rows}
+
+    def upsert(self, name: str, rows: list[dict[str, Any]]) -> int:
+        with self._translate("upsert", collection=name):
+            result = self.client.upsert(name, rows, timeout=self.config.write_timeout_s)
+        return int(result["upsert_count"])
+
+    def flush(self, name: str) -> None:
+        """Persist and seal what was written, so searches use the built index (not a scan of new rows)."""
+        with self._translate("flush", collection=name):
+            self.client.flush(name, timeout=self.config.write_timeout_s)
+
+    def delete_source(self, name: str, source: str) -> int:
+        with self._translate("delete", collection=name):
+            result = self.client.delete(
+                name, filter=f"source == {quote_string(source)}", timeout=self.config.write_timeout_s
+            )
+        return int(result["delete_count"]) if isinstance(result, dict) else len(result)
+
+    # -- search ----------------------------------------------------------------------------------
+
+    def search(
+        self,
+        name: str,
+        vector: Sequence[float],
+        query_text: str,
+        top_k: int,
+        filter: str | None = None,
+        hybrid: bool = False,
+        with_xrag: bool = False,
+    ) -> list[Hit]:
+        """Dense search, or dense + BM25 fused with RRF when ``hybrid``; best first."""
+        from pymilvus import AnnSearchRequest, RRFRanker
+
+        index = self.config.index
+        dense_params = {"metric_type": index.metric, "params": index.search_params(top_k)}
+        output = OUTPUT_FIELDS + (["xrag_vector"] if with_xrag else [])
+        timeout = self.config.search_timeout_s
+        with self._translate("search", collection=name, filter=filter):
+            self._ensure_loaded(name)
+            if hybrid:
+                requests = [
+                    AnnSearchRequest([list(vector)], "dense", dense_params, top_k, expr=filter or None),
+                    AnnSearchRequest([query_text], "sparse", {}, top_k, expr=filter or None),
+                ]
+                result = self.client.hybrid_search(
+                    name,
+                    requests,
+                    RRFRanker(self.config.rrf_k),
+                    limit=top_k,
+                    output_fields=output,
+                    timeout=timeout,
+                )
+            else:
+                result = self.client.search(
+                    name,
+                    data=[list(vector)],
+                    anns_field="dense",
+                    filter=filter or "",
+                    limit=top_k,
+                    search_params=dense_params,
+                    output_fields=output,
+                    timeout=timeout,
+                )
+        return [_hit(raw) for raw in result[0]]
+
+    def _ensure_loaded(self, name: str) -> None:
+        """Load a collection into memory once per connection (a reopened Lite file starts released)."""
+        if name not in self._loaded:
+            self.client.load_collection(name, timeout=self.config.write_timeout_s)
+            self._loaded.add(name)
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _translate(self, op: str, collection: str | None = None, filter: str | None = None) -> Iterator[None]:
+        """Turn pymilvus/gRPC exceptions into the typed errors of ``errors.py``."""
+        import grpc
+        from pymilvus.exceptions import ConnectionConfigException, MilvusException
+
+        where = f"Milvus at {_redact(self.uri)}"
+        try:
+            yield
+        except grpc.RpcError as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RetrievalTimeoutError(f"{op} on {where} timed out") from exc
+            raise StoreUnreachableError(f"{op}: {where} is unreachable ({code})") from exc
+        except ConnectionConfigException as exc:
+            hint = ""
+            if self._lite_path is not None:
+                hint = (
+                    f" (is another process, e.g. a running `mmrag serve`, holding the Lite file "
+                    f"{self._lite_path}? Milvus Lite allows one process per file; use a Milvus server URI "
+                    "for shared access)"
+                )
+            raise StoreUnreachableError(f"{op}: cannot open {where}: {exc.message}{hint}") from exc
+        except MilvusException as exc:
+            message = str(exc.message)
+            missing = exc.code in _NOT_FOUND_CODES or "not exist" in message or "not found" in message
+            if missing and collection is not None and "collection" in message.lower():
+                raise CollectionNotFoundError(f"collection {collection!r} does not exist") from exc
+            if filter and exc.code in _ARGUMENT_ERROR_CODES:
+                raise InvalidFilterError(f"Milvus rejected the filter {filter!r}: {message}") from exc
+            if "deadline" in message.lower() or "timeout" in message.lower():
+                raise RetrievalTimeoutError(f"{op} on {where} timed out: {message}") from exc
+            if exc.code == 2 or "unavailable" in message.lower() or "connect" in message.lower():
+                raise StoreUnreachableError(f"{op}: {where} is unreachable: {message}") from exc
+            raise RetrievalUnavailableError(f"{op} failed on {where}: {message}") from exc
+
+
+def _redact(uri: str) -> str:
+    """The URI without credentials (error messages reach HTTP clients)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def quote_string(value: str) -> str:
+    """A Milvus expression string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _hit(raw: dict[str, Any]) -> Hit:
+    entity = raw.get("entity", {})
+    return Hit(
+        id=str(raw["id"]),
+        score=float(raw["distance"]),
+        text=entity.get("text", ""),
+        source=entity.get("source", ""),
+        metadata=entity.get("metadata") or {},
+        xrag_vector=[float(x) for x in entity["xrag_vector"]] if "xrag_vector" in entity else None,
+    )
+
+
+# Milvus Lite runs in this process, one embedded server per file, shared by every client on that file;
+# it is stopped (releasing the file lock for other processes) when the last store on it closes.
+_lite_lock = threading.Lock()
+_lite_users: Counter[Path] = Counter()
+
+
+def _lite_acquire(path: Path) -> None:
+    with _lite_lock:
+        _lite_users[path.resolve()] += 1
+
+
+def _lite_release(path: Path) -> None:
+    from milvus_lite.server_manager import server_manager_instance
+
+    key = path.resolve()
+    with _lite_lock:
+        _lite_users[key] -= 1
+        if _lite_users[key] > 0:
+            return
+        del _lite_users[key]
+    server_manager_instance.release_server(str(path))

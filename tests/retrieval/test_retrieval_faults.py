@@ -1,0 +1,160 @@
+"""Every fault ends fast in a typed error, or in a degraded answer when configured: never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mmrag.serving.retrieval.errors import (
+    CollectionNotFoundError,
+    RetrievalRequestError,
+    RetrievalTimeoutError,
+    StoreUnreachableError,
+    UnsupportedModeError,
+)
+from mmrag.serving.retrieval.ingest import Document, ingest_documents
+from mmrag.serving.retrieval.retriever import Retriever
+from mmrag.serving.retrieval.store import MilvusStore
+
+TEXT = {"mode": "text"}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def filled(rconfig, encoder):
+    """The default collection with three documents; the store is closed again (Lite file released)."""
+    store = MilvusStore(rconfig)
+    docs = [Document(t, f"doc{i}.md", {}) for i, t in enumerate(["herons fish", "funicular 1898", "cheese caves"])]
+    ingest_documents(docs, store, encoder, rconfig, progress=False)
+    store.close()
+    return rconfig
+
+
+def test_healthy_retrieval(filled, encoder):
+    retriever = Retriever(filled, encoder)
+    result = run(retriever.retrieve(TEXT, "when did the funicular open"))
+    assert result.info.documents[0].source == "doc1.md" and not result.info.degraded
+    assert [c.id for c in result.chunks] == [d.id for d in result.info.documents]
+    retriever.close()
+
+
+def test_unreachable_server_errors_or_degrades(rconfig, encoder, unreachable_uri):
+    rconfig.uri = unreachable_uri
+    retriever = Retriever(rconfig, encoder)
+    with pytest.raises(StoreUnreachableError) as caught:
+        run(retriever.retrieve(TEXT, "anything"))
+    assert caught.value.status_code == 503
+    rconfig.on_failure = "degrade"
+    result = run(retriever.retrieve(TEXT, "anything"))
+    assert result.info.degraded and "StoreUnreachableError" in result.info.degraded_reason
+    assert result.chunks == [] and result.info.documents == []
+    # mode none never touches the store
+    assert not run(retriever.retrieve({"mode": "none"}, "anything")).info.degraded
+
+
+def test_missing_collection_errors_or_degrades(filled, encoder):
+    retriever = Retriever(filled, encoder)
+    with pytest.raises(CollectionNotFoundError, match="nope") as caught:
+        run(retriever.retrieve({"mode": "text", "collection": "nope"}, "q"))
+    assert caught.value.status_code == 503 and caught.value.field == "retrieval.collection"
+    filled.on_failure = "degrade"
+    result = run(retriever.retrieve({"mode": "text", "collection": "nope"}, "q"))
+    assert result.info.degraded and "does not exist" in result.info.degraded_reason
+    assert result.info.collection == "nope"
+    retriever.close()
+
+
+def test_collection_dropped_while_serving(filled, encoder):
+    retriever = Retriever(filled, encoder)
+    assert run(retriever.retrieve(TEXT, "herons")).info.documents
+    retriever.store().client.drop_collection(filled.collection)
+    with pytest.raises(CollectionNotFoundError):
+        run(retriever.retrieve(TEXT, "herons"))
+    retriever.close()
+
+
+def test_search_timeout_end_to_end(filled, encoder):
+    filled.search_timeout_s = 1e-6  # encoding alone takes longer
+    retriever = Retriever(filled, encoder)
+    with pytest.raises(RetrievalTimeoutError) as caught:
+        run(retriever.retrieve(TEXT, "herons"))
+    assert caught.value.status_code == 503
+    filled.on_failure = "degrade"
+    assert "RetrievalTimeoutError" in run(retriever.retrieve(TEXT, "herons")).info.degraded_reason
+    retriever.close()
+
+
+def test_milvus_deadline_is_a_timeout(filled, encoder):
+    filled.search_timeout_s = 1e-5  # gRPC deadline on the Milvus call itself
+    store = MilvusStore(filled)
+    store.count(filled.collection)  # loaded with the generous write timeout
+    with pytest.raises(RetrievalTimeoutError, match="timed out"):
+        store.search(filled.collection, encoder.encode(["x"])[0], "x", 3)
+    store.close()
+
+
+def test_embedded_server_gone_then_reconnect(filled, encoder):
+    from milvus_lite.server_manager import server_manager_instance
+
+    retriever = Retriever(filled, encoder)
+    assert run(retriever.retrieve(TEXT, "herons")).info.documents
+    server_manager_instance.release_server(filled.resolved_uri())  # the embedded Milvus stops
+    with pytest.raises(StoreUnreachableError):
+        run(retriever.retrieve(TEXT, "herons"))
+    # the broken connection was dropped: the next request reconnects (restarting embedded Lite)
+    assert run(retriever.retrieve(TEXT, "herons")).info.documents[0].source == "doc0.md"
+    retriever.close()
+
+
+def test_lite_file_held_by_another_process(filled):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import sys
+            from pymilvus import MilvusClient
+            MilvusClient({filled.resolved_uri()!r})
+            print("ready", flush=True)
+            sys.stdin.read()
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreUnreachableError, match="one process per file"):
+            MilvusStore(filled)
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_request_errors_are_400(filled, encoder):
+    retriever = Retriever(filled, encoder)
+    with pytest.raises(UnsupportedModeError) as caught:
+        run(retriever.retrieve({"mode": "xrag"}, "q"))
+    assert (caught.value.status_code, caught.value.field) == (400, "retrieval.mode")
+    with pytest.raises(RetrievalRequestError, match="top_k") as caught:
+        run(retriever.retrieve({"mode": "text", "top_k": filled.max_top_k + 1}, "q"))
+    assert caught.value.field == "retrieval.top_k"
+    filled.on_failure = "degrade"  # request errors are never degraded away
+    with pytest.raises(RetrievalRequestError) as caught:
+        run(retriever.retrieve({"mode": "text", "filter": "nosuch == 1"}, "q"))
+    assert caught.value.field == "retrieval.filter"
+    retriever.close()
+
+
+def test_error_messages_do_not_leak_credentials(rconfig, encoder, unreachable_uri):
+    rconfig.uri = unreachable_uri.replace("http://", "http://root:s3cret@")
+    with pytest.raises(StoreUnreachableError) as caught:
+        run(Retriever(rconfig, encoder).retrieve(TEXT, "anything"))
+    assert "s3cret" not in str(caught.value) and unreachable_uri in str(caught.value)

@@ -1,0 +1,168 @@
+"""Ingestion into real Milvus Lite: idempotency, replace, filters, hybrid search, encoder records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmrag.serving.retrieval.errors import EncoderMismatchError, InvalidFilterError
+from mmrag.serving.retrieval.ingest import Document, find_files, ingest_documents, ingest_paths
+
+
+def ingest(corpus_dir, store, encoder, rconfig, **kwargs):
+    return ingest_paths([corpus_dir], store, encoder, rconfig, source_root=corpus_dir.parent, progress=False, **kwargs)
+
+
+def sources(hits):
+    return [h.source for h in hits]
+
+
+def test_find_files_skips_hidden_and_unsupported(corpus_dir):
+    names = [p.relative_to(corpus_dir).as_posix() for p in find_files([corpus_dir])]
+    assert names == ["herons.md", "sub/facts.jsonl", "trains.txt"]
+    with pytest.raises(ValueError, match="unsupported"):
+        find_files([corpus_dir / "image.png"])
+    with pytest.raises(FileNotFoundError):
+        find_files([corpus_dir / "missing"])
+
+
+def test_ingestion_is_idempotent(corpus_dir, store, encoder, rconfig):
+    first = ingest(corpus_dir, store, encoder, rconfig)
+    assert (first.files, first.documents, first.chunks, first.new_chunks) == (3, 5, 5, 5)
+    assert store.count(rconfig.collection) == 5
+    again = ingest(corpus_dir, store, encoder, rconfig)
+    assert (again.chunks, again.new_chunks) == (5, 0)
+    assert store.count(rconfig.collection) == 5
+    assert store.source_counts(rconfig.collection) == {
+        "docs/herons.md": 1,
+        "docs/trains.txt": 1,
+        "docs/sub/facts.jsonl": 3,
+    }
+
+
+def test_changed_file_adds_chunks_and_replace_removes_stale_ones(corpus_dir, store, encoder, rconfig):
+    ingest(corpus_dir, store, encoder, rconfig)
+    (corpus_dir / "trains.txt").write_text("The funicular was rebuilt in 1990.\n")
+    assert ingest(corpus_dir, store, encoder, rconfig).new_chunks == 1
+    assert store.source_counts(rconfig.collection)["docs/trains.txt"] == 2  # old + new version
+    replaced = ingest(corpus_dir, store, encoder, rconfig, replace=True)
+    assert replaced.deleted_chunks == 6 and replaced.new_chunks == 5
+    assert store.source_counts(rconfig.collection)["docs/trains.txt"] == 1
+    (hit,) = store.search(
+        rconfig.collection, encoder.encode(["funicular"])[0], "funicular", 1, 'source == "docs/trains.txt"'
+    )
+    assert "1990" in hit.text
+
+
+def test_long_document_is_chunked_with_overlap(tmp_path, store, encoder, rconfig):
+    rconfig.chunking = rconfig.chunking.model_validate({"chunk_tokens": 24, "overlap_tokens": 6})
+    text = " ".join(f"Sentence number {i} talks about lighthouse keepers." for i in range(30))
+    summary = ingest_documents([Document(text, "long.md", {})], store, encoder, rconfig, progress=False)
+    assert summary.chunks > 10
+    rows = store.client.query(rconfig.collection, filter="", output_fields=["text", "metadata"], limit=100)
+    indexes = sorted(r["metadata"]["chunk_index"] for r in rows)
+    assert indexes == list(range(summary.chunks))
+    first = next(r["text"] for r in rows if r["metadata"]["chunk_index"] == 0)
+    second = next(r["text"] for r in rows if r["metadata"]["chunk_index"] == 1)
+    assert text.startswith(first) and first[-10:] in second  # overlap carried into the next chunk
+
+
+def test_chunk_size_beyond_the_encoder_is_refused(store, encoder, rconfig):
+    rconfig.chunking = rconfig.chunking.model_validate({"chunk_tokens": 300, "overlap_tokens": 0})
+    with pytest.raises(ValueError, match="exceeds"):
+        ingest_documents([Document("x", "x", {})], store, encoder, rconfig, progress=False)
+
+
+def test_filters_on_metadata_and_source(corpus_dir, store, encoder, rconfig):
+    ingest(corpus_dir, store, encoder, rconfig)
+    query = "cheese aged in caves"
+    vector = encoder.encode([query], is_query=True)[0]
+    french = store.search(rconfig.collection, vector, query, 5, 'metadata["lang"] == "fr"')
+    assert [h.metadata for h in french] == [{"lang": "fr", "line": 3, "chunk_index": 0}]
+    assert set(sources(store.search(rconfig.collection, vector, query, 5, 'source like "docs/sub/%"'))) == {
+        "docs/sub/facts.jsonl"
+    }
+    unfiltered = store.search(rconfig.collection, vector, query, 5)
+    assert len(unfiltered) == 5 and "Blue Gorse" in unfiltered[0].text
+    assert unfiltered[0].score > unfiltered[-1].score  # COSINE: best first
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_rejected_filter_is_a_400_naming_the_field(corpus_dir, store, encoder, rconfig, hybrid):
+    ingest(corpus_dir, store, encoder, rconfig)
+    vector = encoder.encode(["x"])[0]
+    for bad in ("nosuchfield == 1", 'source = "x"', 'metadata["lang"] =='):
+        with pytest.raises(InvalidFilterError) as caught:
+            store.search(rconfig.collection, vector, "x", 3, bad, hybrid=hybrid)
+        assert caught.value.status_code == 400 and caught.value.field == "retrieval.filter"
+        assert bad in str(caught.value)
+
+
+def test_hybrid_search_finds_exact_terms_with_rrf(corpus_dir, store, encoder, rconfig):
+    ingest(corpus_dir, store, encoder, rconfig)
+    query = "ZQX-4471"
+    vector = encoder.encode([query], is_query=True)[0]
+    hybrid = store.search(rconfig.collection, vector, query, 3, hybrid=True)
+    assert "ZQX-4471" in hybrid[0].text
+    # RRF scores: sum over the two lists of 1/(k + rank), rank from 1; the top one is in both lists.
+    k = rconfig.rrf_k
+    assert hybrid[0].score >= 1 / (k + 1) - 1e-9  # at least BM25's first place
+    assert all(h.score <= 2 / (k + 1) + 1e-9 for h in hybrid)
+    filtered = store.search(rconfig.collection, vector, query, 3, 'metadata["lang"] == "fr"', hybrid=True)
+    assert [h.metadata["lang"] for h in filtered] == ["fr"]
+
+
+class _OtherEncoder:
+    """Same dimension, different identity: its vectors must not be mixed with MiniLM's."""
+
+    def __init__(self, inner, name="other-encoder"):
+        self.inner, self.name, self.dim = inner, name, inner.dim
+        self.max_tokens, self.special_tokens, self.token_spans = (
+            inner.max_tokens,
+            inner.special_tokens,
+            inner.token_spans,
+        )
+
+    def encode(self, texts, *, is_query=False):
+        return -self.inner.encode(texts, is_query=is_query)
+
+
+def test_encoder_mismatch_is_refused(corpus_dir, store, encoder, rconfig):
+    ingest(corpus_dir, store, encoder, rconfig)
+    with pytest.raises(EncoderMismatchError, match="all-MiniLM-L6-v2") as caught:
+        ingest(corpus_dir, store, _OtherEncoder(encoder), rconfig)
+    assert caught.value.status_code == 400 and caught.value.field == "retrieval.collection"
+    props = store.properties(rconfig.collection)
+    assert props["mmrag.encoder"] == encoder.name and props["mmrag.encoder_dim"] == "384"
+
+
+def test_collection_not_created_by_mmrag_is_refused(store, encoder, rconfig):
+    store.client.create_collection("foreign", dimension=384)
+    with pytest.raises(EncoderMismatchError, match="not created by mmrag"):
+        store.check_encoder("foreign", encoder)
+
+
+def test_xrag_vector_field_is_filled_when_configured(corpus_dir, store, encoder, rconfig):
+    xrag = _OtherEncoder(encoder, name="xrag-space")
+    ingest(corpus_dir, store, encoder, rconfig, xrag_encoder=xrag)
+    props = store.properties(rconfig.collection)
+    assert props["mmrag.xrag_encoder"] == "xrag-space" and props["mmrag.xrag_dim"] == "384"
+    query = "grey heron"
+    (hit,) = store.search(rconfig.collection, encoder.encode([query])[0], query, 1, with_xrag=True)
+    np.testing.assert_allclose(hit.xrag_vector, xrag.encode([hit.text])[0], atol=1e-5)
+    with pytest.raises(EncoderMismatchError, match="xRAG"):
+        store.check_encoder(rconfig.collection, encoder, _OtherEncoder(encoder, name="another"))
+
+
+def test_reopened_lite_file_serves_the_same_data(corpus_dir, encoder, rconfig):
+    from mmrag.serving.retrieval.store import MilvusStore
+
+    first = MilvusStore(rconfig)
+    ingest(corpus_dir, first, encoder, rconfig)
+    first.close()
+    second = MilvusStore(rconfig)
+    try:
+        assert second.count(rconfig.collection) == 5
+        assert ingest(corpus_dir, second, encoder, rconfig).new_chunks == 0
+    finally:
+        second.close()
