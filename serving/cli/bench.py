@@ -14,6 +14,7 @@ HELP = "Run a benchmark (JSON + plot in benchmarks/results/)."
 BENCHMARKS: dict[str, str] = {
     "retrieval": "mmrag.benchmarks.retrieval",
     "lookm-scores": "mmrag.benchmarks.lookm_scores",
+    "fidelity": "mmrag.benchmarks.fidelity",
 }
 
 

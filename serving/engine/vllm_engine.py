@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import (
+    COMPLETION_RESERVE_TOKENS,
     Engine,
     GenerationDelta,
     GenerationRequest,
@@ -93,8 +94,7 @@ class VllmEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self._reject_placeholder_text(request.messages)
-        messages = await self._with_retrieved_context(request)
-        engine_input = await self._render(messages, request.images)
+        engine_input = await self._render_with_context(request)
         prompt_tokens = len(engine_input["prompt_token_ids"])
         params = self._sampling_params(request.sampling, prompt_tokens)
         completion_tokens = 0
@@ -115,35 +115,50 @@ class VllmEngine(Engine):
         except Exception as exc:
             raise _as_openai_error(exc) from exc
 
-    async def _with_retrieved_context(self, request: GenerationRequest) -> list[dict[str, Any]]:
-        """The messages with retrieved chunks inserted, sized to what the context window leaves."""
+    async def _render_with_context(self, request: GenerationRequest) -> dict[str, Any]:
+        """Engine input for the chat, with any retrieved chunks inserted within what the context leaves.
+
+        The budget counts the context text; the chat template adds framing around it, so while the
+        prompt would still overflow, the budget shrinks by the overflow and the messages are rebuilt.
+        Counting uses the tokenizer on the rendered text plus the image tokens measured on the bare
+        prompt, so vLLM processes the images of a request once per rendering that it keeps.
+        """
+        bare_text = self._chat_text(request.messages)
         retrieval = request.retrieval
         if retrieval is None or not retrieval.chunks:
-            return request.messages
+            return await self._render(bare_text, request.images)
         for chunk in retrieval.chunks:  # a document must not smuggle an image slot into the prompt
             for token in self._placeholders:
                 chunk.text = chunk.text.replace(token, "")
-        bare = await self._render(request.messages, request.images)
+        bare = await self._render(bare_text, request.images)
+        image_tokens = len(bare["prompt_token_ids"]) - self._count(bare_text)
+        max_tokens = request.sampling.max_tokens
+        reserve = max_tokens if max_tokens is not None else COMPLETION_RESERVE_TOKENS
         text_rag = self._config.retrieval.text_rag
         budget = text_rag_budget(
-            text_rag.max_context_tokens,
-            self.max_model_len,
-            len(bare["prompt_token_ids"]),
-            request.sampling.max_tokens,
+            text_rag.max_context_tokens, self.max_model_len, len(bare["prompt_token_ids"]), max_tokens
         )
-        return build_text_rag_messages(request.messages, retrieval, self._llm.get_tokenizer(), budget, text_rag)
-
-    async def _render(self, messages: list[dict[str, Any]], images: list[Any]) -> dict[str, Any]:
         tokenizer = self._llm.get_tokenizer()
+        for _ in range(_MAX_FIT_ATTEMPTS):
+            text = self._chat_text(build_text_rag_messages(request.messages, retrieval, tokenizer, budget, text_rag))
+            overflow = self._count(text) + image_tokens + reserve - self.max_model_len
+            if overflow <= 0 or budget == 0:
+                break
+            budget = max(0, budget - overflow)
+        return await self._render(text, request.images)
+
+    def _chat_text(self, messages: list[dict[str, Any]]) -> str:
         try:
-            text = tokenizer.apply_chat_template(
-                messages,
-                chat_template=self._chat_template,
-                tokenize=False,
-                add_generation_prompt=True,
+            return self._llm.get_tokenizer().apply_chat_template(
+                messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
             )
         except Exception as exc:  # jinja errors: a message shape the template does not accept
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+
+    def _count(self, text: str) -> int:
+        return len(self._llm.get_tokenizer()(text)["input_ids"])
+
+    async def _render(self, text: str, images: list[Any]) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt": text}
         if images:
             prompt["multi_modal_data"] = {"image": images}
@@ -234,6 +249,9 @@ def placeholder_tokens(tokenizer: Any) -> list[str]:
     markers = {getattr(tokenizer, n, None) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return [t for t in tokenizer.all_special_tokens if t not in markers]
 
+
+# Rebuilding a text-RAG prompt converges in one retry in practice; more would mean a template bug.
+_MAX_FIT_ATTEMPTS = 3
 
 # vLLM's names for what it validates -> the chat request field a client must change.
 _REQUEST_FIELD = {"input_tokens": "messages", "max_output_tokens": "max_tokens", "prompt": "messages"}

@@ -163,3 +163,39 @@ def test_client_disconnect_aborts_generation(client, server_url):
     assert engine("vllm:num_requests_running") == 0
     generated = settled("vllm:generation_tokens_total") - before
     assert 3 <= generated < 300, f"generated {generated} of 600 tokens after the client left"
+
+
+def test_text_rag_grounds_on_the_demo_corpus(client):
+    """The default server ingests its demo corpus; text mode retrieves the matching document."""
+    question = "How long is the main span of the Kessel Span suspension bridge over the river Ambrel?"
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=2, temperature=0
+    )
+    grounded = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=2,
+        temperature=0,
+        extra_body={"retrieval": {"mode": "text", "top_k": 3}},
+    )
+    info = grounded.model_extra["retrieval"]
+    assert info["mode"] == "text" and not info["degraded"]
+    assert info["documents"][0]["source"].endswith("kessel-bridge.md")
+    assert info["context_documents"] >= 1
+    # the retrieved text really entered the prompt
+    assert grounded.usage.prompt_tokens > plain.usage.prompt_tokens + 100
+    assert plain.model_extra.get("retrieval") is None
+
+
+def test_retrieval_errors_name_the_field(client):
+    messages = [{"role": "user", "content": "anything"}]
+    for retrieval, param in [
+        ({"mode": "xrag"}, "retrieval.mode"),
+        ({"mode": "text", "filter": "source like"}, "retrieval.filter"),
+        ({"mode": "text", "top_k": 10_000}, "retrieval.top_k"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=2, extra_body={"retrieval": retrieval}
+            )
+        assert info.value.body["param"] == param, info.value.body
