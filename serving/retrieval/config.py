@@ -7,6 +7,7 @@ under the mmrag cache directory, the bundled all-MiniLM-L6-v2 encoder, an HNSW i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -133,7 +134,11 @@ class RetrievalConfig(_Strict):
         description="Milvus: a Lite file ending in .db, or a server URI (http://host:19530). "
         "None: a Lite file `milvus.db` under the mmrag cache directory.",
     )
-    token: str | None = Field(default=None, description="Milvus server credentials ('user:password' or an API key).")
+    token: str | None = Field(
+        default=None,
+        description="Milvus server credentials ('user:password' or an API key). None: $MMRAG_MILVUS_TOKEN "
+        "if set (how a Kubernetes Secret reaches the pods), else none.",
+    )
     db_name: str = Field(default="", description="Milvus database ('' : the server's default).")
     collection: str = Field(
         default="mmrag_docs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Default collection."
@@ -180,6 +185,9 @@ class RetrievalConfig(_Strict):
         from mmrag.serving.config import cache_dir
 
         return str(cache_dir() / "milvus.db")
+
+    def resolved_token(self) -> str | None:
+        return self.token if self.token is not None else os.environ.get("MMRAG_MILVUS_TOKEN") or None
 
     def is_lite(self) -> bool:
         return self.resolved_uri().endswith(".db")

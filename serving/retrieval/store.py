@@ -99,7 +99,7 @@ class MilvusStore:
             with self._translate("connect"):
                 self.client = MilvusClient(
                     uri=self.uri,
-                    token=config.token or "",
+                    token=config.resolved_token() or "",
                     db_name=config.db_name,
                     timeout=config.connect_timeout_s,
                 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-import pytest
 import yaml
 
 from mmrag.serving.config import MmragConfig
@@ -48,11 +47,6 @@ def test_serve_configs_hold_no_milvus_credentials():
         assert args.get("retrieval", {}).get("token") is None, overlay
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RetrievalConfig has no env indirection yet: the prod pods get MMRAG_MILVUS_TOKEN from Secret "
-    "mmrag-milvus, and retrieval.token must fall back to it when null (k8s/README.md, 'Milvus').",
-)
 def test_milvus_token_comes_from_the_secret_env(monkeypatch):
     monkeypatch.setenv("MMRAG_MILVUS_TOKEN", "mmrag:from-secret")
     retrieval = prod_retrieval()
