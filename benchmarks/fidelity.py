@@ -22,16 +22,16 @@ Peak memory: the torch profiler's memory events (every CPU tensor allocation and
 one ``generate`` of the method on each prompt; the figure is the highest sum of live tensor bytes above
 what was live at the start (weights and inputs excluded), the maximum over prompts. Why not the others:
 ``tracemalloc`` sees only Python's allocator, not torch's tensors; a fresh process per method read through
-``VmHWM`` (as ``lookm-scores`` does) costs an interpreter and a torch import per method and cannot resolve
-allocations of tens of KiB, which glibc serves from heap pages already resident. The profiler count is
-exact and deterministic, but it counts tensor storage only (no allocator slack, no Python objects).
+``VmHWM`` (as ``lookm-scores`` does; not tried here) costs an interpreter and a torch import per method, and
+these prompts' tensors (tens to hundreds of KiB) would mostly come from heap pages already resident, so the
+high-water mark would barely move. The profiler count is exact and deterministic, but it counts tensor
+storage only (no allocator slack, no Python objects).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 import tempfile
@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="Greedy tokens per prompt (default 32).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny model and the images (default 0).")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="random, peaky or both (default both).")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1).")
 
 
 def _image(seed: int, blocks: int):
@@ -100,7 +101,6 @@ def load_model(model_dir: Path, variant: str) -> Any:
         model_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     if variant == "peaky":
-        model = copy.deepcopy(model)
         with torch.no_grad():
             for layer in model.model.language_model.layers:
                 layer.self_attn.q_proj.weight.mul_(PEAKY_QK_SCALE)
@@ -143,14 +143,40 @@ def _methods_config(grid: dict[str, Any]) -> dict[str, str]:
     return {name: repr(methods) for name, methods in grid.items()}
 
 
+def _measure(
+    model_dir: Path, prompts: list[dict[str, Any]], variants: list[str], new_tokens: int
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
+    """Per variant, the :func:`evaluate` table of ``full`` + the default grid, with peak memory added."""
+    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
+    from mmrag.serving.reference.fidelity import default_grid, evaluate
+
+    pairs = [(p["input_ids"], p["pixel_values"]) for p in prompts]
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    grid: dict[str, Any] = {}
+    for variant in variants:
+        model = load_model(model_dir, variant)
+        grid = {"full": ReferenceMethods(), **default_grid(model.config.text_config.num_hidden_layers)}
+        variant_start = time.perf_counter()
+        table = evaluate(model, pairs, grid, max_new_tokens=new_tokens)
+        for name, methods in grid.items():
+            engine = ReferenceEngine(model, methods)
+            peaks = [peak_bytes(lambda e=engine, p=pair: e.generate(*p, new_tokens)) for pair in pairs]
+            table[name]["peak_mib"] = max(peaks) / 2**20
+        full_peak = table["full"]["peak_mib"]
+        for row in table.values():
+            row["peak_ratio"] = row["peak_mib"] / full_peak
+        tables[variant] = table
+        print(f"-- {variant} ({time.perf_counter() - variant_start:.1f} s)", flush=True)
+        _print_table(table)
+    return tables, grid
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoProcessor
 
     from mmrag.benchmarks.common import write_result
     from mmrag.serving.models.tiny import TinyLlavaSpec, make_tiny_llava
-    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
-    from mmrag.serving.reference.fidelity import default_grid, evaluate
 
     if args.images:
         image_counts = [int(x) for x in args.images.split(",")]
@@ -161,31 +187,20 @@ def run(args: argparse.Namespace) -> int:
     spec = TinyLlavaSpec(seed=args.seed)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
+    # The tensors are tiny: intra-op threads only add synchronisation, and on a shared machine their
+    # spin-waits made the run several times slower. Restored afterwards (the test runs in-process).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmrag-fidelity-") as tmp:
+            model_dir = make_tiny_llava(Path(tmp) / "tiny-llava", spec)
+            processor = AutoProcessor.from_pretrained(model_dir)
+            prompts = build_prompts(processor, image_counts, args.seed)
+            tables, grid = _measure(model_dir, prompts, variants, new_tokens)
+    finally:
+        torch.set_num_threads(threads)
 
-    figures: dict[str, Any] = {"variants": {}}
-    with tempfile.TemporaryDirectory(prefix="mmrag-fidelity-") as tmp:
-        model_dir = make_tiny_llava(Path(tmp) / "tiny-llava", spec)
-        processor = AutoProcessor.from_pretrained(model_dir)
-        prompts = build_prompts(processor, image_counts, args.seed)
-        pairs = [(p["input_ids"], p["pixel_values"]) for p in prompts]
-        for variant in variants:
-            model = load_model(model_dir, variant)
-            grid = {"full": ReferenceMethods(), **default_grid(model.config.text_config.num_hidden_layers)}
-            variant_start = time.perf_counter()
-            table = evaluate(model, pairs, grid, max_new_tokens=new_tokens)
-            for name, methods in grid.items():
-                engine = ReferenceEngine(model, methods)
-                peaks = [peak_bytes(lambda e=engine, p=pair: e.generate(*p, new_tokens)) for pair in pairs]
-                table[name]["peak_mib"] = max(peaks) / 2**20
-            full_peak = table["full"]["peak_mib"]
-            for row in table.values():
-                row["peak_ratio"] = row["peak_mib"] / full_peak
-            figures["variants"][variant] = table
-            print(f"-- {variant} ({time.perf_counter() - variant_start:.1f} s)", flush=True)
-            _print_table(table)
-        methods_run = list(grid)
-
-    figures["methods"] = methods_run
+    figures: dict[str, Any] = {"variants": tables, "methods": list(grid)}
     figures["prompts"] = [{"images": p["images"], "prompt_len": int(p["input_ids"].shape[1])} for p in prompts]
     config = {
         "model": (
@@ -216,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             "max_new_tokens) of the method: highest live tensor bytes above the start (weights and inputs "
             "excluded); tensor storage only, no allocator slack"
         ),
+        "torch_threads": args.threads,
         "quick": bool(args.quick),
         "seconds": round(time.perf_counter() - started, 1),
     }
