@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "retrieval": "mmrag.benchmarks.retrieval",
     "lookm-scores": "mmrag.benchmarks.lookm_scores",
     "fidelity": "mmrag.benchmarks.fidelity",
+    "autoscaling": "mmrag.benchmarks.autoscaling",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmrag.serving.cli.ingest import add_config_arguments, load_config
+from mmrag.serving.cli.common import add_config_arguments, load_config
 
 HELP = "List, inspect and manage Milvus collections (stats, delete a source, drop)."
 

@@ -9,25 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmrag.serving.cli.common import add_config_arguments, load_config
+
 HELP = "Ingest .txt/.md/.jsonl files or folders into a Milvus collection."
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded defaults).")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config field by dotted path, e.g. --set retrieval.uri=./rag.db (repeatable).",
-    )
-
-
-def load_config(args: argparse.Namespace):
-    from mmrag.serving.config import MmragConfig
-
-    return MmragConfig.from_file(args.config, args.overrides)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

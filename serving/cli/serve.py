@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 
+from mmrag.serving.cli.common import add_config_arguments, load_config
+
 HELP = "Start the OpenAI-compatible server (Ray Serve + vLLM) in the foreground."
 
 logger = logging.getLogger("mmrag.serve")
@@ -17,28 +19,14 @@ SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded defaults).")
+    add_config_arguments(parser)
     parser.add_argument("--host", default=None, help="Bind address (server.host).")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (server.port).")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override one config field by dotted path, e.g. --set engine.max_model_len=4096 (repeatable).",
-    )
 
 
 def config_from_args(args: argparse.Namespace):
-    from mmrag.serving.config import MmragConfig
-
-    overrides = list(args.overrides)
-    if args.host is not None:
-        overrides.append(f"server.host={args.host}")
-    if args.port is not None:
-        overrides.append(f"server.port={args.port}")
-    return MmragConfig.from_file(args.config, overrides)
+    shortcuts = [f"server.{name}={value}" for name in ("host", "port") if (value := getattr(args, name)) is not None]
+    return load_config(args, shortcuts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,5 +39,5 @@ def test_resolve_takes_a_checkpoint_path_and_rejects_a_non_checkpoint(tmp_path, 
     monkeypatch.setenv("MMRAG_CACHE_DIR", str(tmp_path / "cache"))
     generated = resolve_model_path(ModelConfig())
     assert resolve_model_path(ModelConfig(path=generated)) == generated
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         resolve_model_path(ModelConfig(path=str(tmp_path)))
