@@ -87,6 +87,18 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(default=2.0, gt=0)
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
+    metrics_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often replicas and handles report ongoing requests to the controller (Serve's "
+        "default 10 s; shorter reacts faster, e.g. in tests).",
+    )
+    look_back_period_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Window over which the reported ongoing requests are averaged (Serve's default 30 s); "
+        "keep it above metrics_interval_s.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:

@@ -1,7 +1,9 @@
 """A deterministic in-process engine for fast tests of everything above the engine.
 
 It answers with the words of the last user text, one delta per word, and honours ``n``,
-``max_tokens`` and the image count; a user text of ``"slow"`` streams forever (until aborted).
+``max_tokens`` and the image count; a user text of ``"slow"`` streams forever (until aborted), and one of
+``"sleep SECONDS"`` (e.g. ``"sleep 0.5"``) waits that long, then answers ``"slept "`` (a request of known
+duration, for load tests).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class FakeEngine(Engine):
                 async for delta in self._forever(prompt_tokens):
                     yield delta
                 return
+            seconds = sleep_seconds(words)
+            if seconds is not None:
+                await asyncio.sleep(seconds)
+                yield GenerationDelta(0, "slept ", "stop", prompt_tokens, 1)
+                return
             limit = request.sampling.max_tokens or len(words)
             produced = 0
             for step in range(min(limit, len(words))):
@@ -70,6 +77,17 @@ class FakeEngine(Engine):
 
     def metrics_text(self) -> str:
         return f"fake_engine_running {self.running}\n"
+
+
+def sleep_seconds(words: list[str]) -> float | None:
+    """``["sleep", "0.5"]`` -> 0.5; anything else -> None (answered as plain words)."""
+    if len(words) != 2 or words[0] != "sleep":
+        return None
+    try:
+        seconds = float(words[1])
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
 def last_user_text(request: GenerationRequest) -> str:
