@@ -9,8 +9,10 @@ On a generated corpus (seeded sentences, one chunk each; 100k chunks, or 5k with
   (dense + BM25 + RRF), ``retrieve_ms_p50/p99`` (query encoding + HNSW search: a request's cost).
 - ``recall_at_10``: overlap of HNSW's top 10 with exact FLAT search on the same vectors (target >= 0.95),
   at the configured ef; ``recall_at_10_by_ef``: the same for ef 10, 16, 32, 64.
-- ``text_mode_latency_ratio``: chat latency with ``retrieval.mode=text`` over ``none``, measured only
-  when ``--chat-url`` points at a running server (else null).
+- ``text_mode_latency_ratio``: median chat latency with ``retrieval.mode=text`` over ``none`` (16 new
+  tokens, modes alternating), on the server at ``--chat-url`` or on a default ``mmrag serve`` that the
+  benchmark starts and stops (the demo corpus is the collection; text mode inserts up to
+  ``text_rag.max_context_tokens`` of context, so the ratio includes the longer prefill).
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=None, help="Queries (default 500; 100 quick).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="Where the Lite file goes (default: a temp dir).")
-    parser.add_argument("--chat-url", default=None, help="A running mmrag server for the text/none ratio.")
+    parser.add_argument(
+        "--chat-url", default=None, help="A running mmrag server (…/v1) for the text/none ratio; default: start one."
+    )
+    parser.add_argument("--chat-requests", type=int, default=10, help="Questions per mode (measured pass).")
     parser.add_argument("--chat-model", default="mmrag-tiny-llava", help="Model name for --chat-url.")
 
 
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("search", "flat_search", "hybrid", "retrieve"):
         figures[f"{key}_ms_p50"], figures[f"{key}_ms_p99"] = percentiles(samples[key])
     figures["recall_at_10"] = sum(samples["recall"]) / len(samples["recall"])
-    figures["text_mode_latency_ratio"] = _chat_ratio(args, queries[:20]) if args.chat_url else None
+    figures.update(_chat_latency(args))
     config = {
         "quick": args.quick,
         "seed": args.seed,
@@ -195,28 +200,55 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - started
 
 
-def _chat_ratio(args: argparse.Namespace, questions: list[str]) -> float:
-    """Median chat latency with text retrieval over without, against a running server."""
+def _chat_latency(args: argparse.Namespace) -> dict[str, float]:
+    """Chat latency with text retrieval over without, on the server at ``--chat-url`` or, by default,
+    on a default ``mmrag serve`` started for the measurement (its demo corpus is the collection)."""
+    if args.chat_url:
+        return _chat_ratio(args.chat_url, args.chat_model, args.chat_requests)
+    from mmrag.serving.server_process import running_server
+
+    with running_server() as url:
+        return _chat_ratio(f"{url}/v1", args.chat_model, args.chat_requests)
+
+
+def _chat_ratio(base_url: str, model: str, requests: int) -> dict[str, float]:
+    """Median latency per mode; the modes alternate request by request so drift hits both alike."""
     import statistics
 
     from openai import OpenAI
 
-    client = OpenAI(base_url=args.chat_url, api_key="unused")
-    medians = {}
-    for mode in ("none", "text"):
-        times = []
-        for question in questions:
+    client = OpenAI(base_url=base_url, api_key="unused")
+    questions = [f"{topic}?" for topic in _DEMO_QUESTIONS][: max(1, requests)]
+    times: dict[str, list[float]] = {"none": [], "text": []}
+    for question in [*questions, *questions]:  # the first pass also warms caches for both modes
+        for mode in ("none", "text"):
             started = time.perf_counter()
             client.chat.completions.create(
-                model=args.chat_model,
+                model=model,
                 messages=[{"role": "user", "content": question}],
                 max_tokens=16,
                 temperature=0,
                 extra_body={"retrieval": {"mode": mode}},
             )
-            times.append(time.perf_counter() - started)
-        medians[mode] = statistics.median(times)
-    return medians["text"] / medians["none"]
+            times[mode].append(time.perf_counter() - started)
+    half = len(questions)
+    none_ms = statistics.median(times["none"][half:]) * 1000
+    text_ms = statistics.median(times["text"][half:]) * 1000
+    return {"chat_none_ms_p50": none_ms, "chat_text_ms_p50": text_ms, "text_mode_latency_ratio": text_ms / none_ms}
+
+
+_DEMO_QUESTIONS = (
+    "How long is the main span of the Kessel Span",
+    "What does the Marlow courier robot whistle",
+    "How deep is the chapel of the Aurel salt mine",
+    "Which piece is added in Copperfield chess",
+    "Where do lamplight glass frogs live",
+    "How does mmrag handle Milvus failures",
+    "What does AIM do to visual tokens",
+    "How does LOOK-M compress the KV cache",
+    "Which encoder does mmrag use by default",
+    "How do I delete the chunks of one file",
+)
 
 
 def _plot(samples: dict[str, list[float]], figures: dict[str, Any], path: Path) -> None:

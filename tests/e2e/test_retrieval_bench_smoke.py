@@ -1,0 +1,42 @@
+"""Smoke test of `mmrag bench retrieval` at toy sizes, with its chat ratio against the session server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from mmrag.benchmarks import retrieval
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_retrieval_benchmark_small(server_url, tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out")
+    retrieval.add_arguments(parser)
+    out = tmp_path / "retrieval.json"
+    args = parser.parse_args(
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--chunks",
+            "300",
+            "--queries",
+            "10",
+            "--chat-url",
+            f"{server_url}/v1",
+            "--chat-requests",
+            "2",
+        ]
+    )
+    assert retrieval.run(args) == 0
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["chunks"] == 300 and figures["queries"] == 10
+    assert 0.0 <= figures["recall_at_10"] <= 1.0
+    assert figures["search_ms_p50"] > 0 and figures["ingest_chunks_per_s"] > 0
+    assert figures["text_mode_latency_ratio"] > 0
+    assert out.with_suffix(".png").is_file()
