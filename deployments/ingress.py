@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -33,38 +33,41 @@ class ServeBackend:
     async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult:
         try:
             return await self._retriever.retrieve.remote(options, query_text)
-        except BackPressureError as exc:
-            raise OverloadedError(f"the retrieval stage is at capacity: {exc}") from exc
-        except RayTaskError as exc:
-            raise unwrap(exc) from exc
+        except (BackPressureError, RayError) as exc:
+            raise client_error(exc, "retrieval") from exc
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         try:
             async for delta in self._llm_stream.generate.remote(request):
                 yield delta
-        except BackPressureError as exc:
-            raise OverloadedError(f"the LLM stage is at capacity: {exc}") from exc
-        except RayTaskError as exc:
-            raise unwrap(exc) from exc
+        except (BackPressureError, RayError) as exc:
+            raise client_error(exc, "LLM") from exc
 
     async def check_health(self) -> None:
         try:
             await asyncio.wait_for(self._llm.check_health.remote(), HEALTH_TIMEOUT_S)
         except TimeoutError as exc:
-            raise EngineUnavailableError("the LLM stage did not answer in time (still loading?)") from exc
-        except RayTaskError as exc:
-            raise unwrap(exc) from exc
+            raise EngineUnavailableError("the LLM stage did not answer in time (loading or restarting?)") from exc
+        except (BackPressureError, RayError) as exc:
+            raise client_error(exc, "LLM") from exc
 
     async def engine_metrics(self) -> str:
         return await asyncio.wait_for(self._llm.metrics_text.remote(), HEALTH_TIMEOUT_S)
 
 
-def unwrap(exc: RayTaskError) -> Exception:
-    """The client-facing error a replica raised, or a 503 for a replica that died under the request."""
-    cause = exc.cause
-    if isinstance(cause, OpenAIError | RetrievalError):
-        return cause
-    return EngineUnavailableError(f"a stage failed: {type(cause).__name__}: {cause}")
+def client_error(exc: Exception, stage: str) -> Exception:
+    """What a client sees when a call to a stage fails.
+
+    A replica's own client-facing error (a 400 naming a field, a retrieval 503) passes through as it was
+    raised; a full queue is a 503 with ``Retry-After``; a replica that died under the request (Serve
+    restarts it) or any other Ray failure is a 503, never a 500 or a hang.
+    """
+    if isinstance(exc, BackPressureError):
+        return OverloadedError(f"the {stage} stage is at capacity: {exc}")
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, OpenAIError | RetrievalError):
+        return exc.cause
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    return EngineUnavailableError(f"the {stage} stage failed: {type(cause).__name__}: {cause}")
 
 
 @serve.deployment(name="OpenAIIngress")

@@ -1,14 +1,17 @@
 """A deterministic in-process engine for fast tests of everything above the engine.
 
 It answers with the words of the last user text, one delta per word, and honours ``n``,
-``max_tokens`` and the image count; a user text of ``"slow"`` streams forever (until aborted), and one of
-``"sleep SECONDS"`` (e.g. ``"sleep 0.5"``) waits that long, then answers ``"slept "`` (a request of known
-duration, for load tests).
+``max_tokens`` and the image count. Special user texts:
+
+- ``"slow"`` streams forever (until aborted);
+- ``"die"`` ends the replica's process after one delta (a crashed engine);
+- ``"sleep SECONDS"`` (e.g. ``"sleep 0.5"``) waits that long, then answers ``"slept "`` (load tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from mmrag.serving.config import MmragConfig
@@ -24,7 +27,8 @@ class FakeEngine(Engine):
         self.seen: list[GenerationRequest] = []
 
     async def start(self) -> None:
-        pass
+        # A slow start (set through the replica's environment) makes a restart window observable.
+        await asyncio.sleep(float(os.environ.get("MMRAG_FAKE_ENGINE_START_S", "0")))
 
     @property
     def max_model_len(self) -> int:
@@ -42,6 +46,9 @@ class FakeEngine(Engine):
                 async for delta in self._forever(prompt_tokens):
                     yield delta
                 return
+            if words == ["die"]:  # the replica process dies mid-request, as a crashed engine would
+                yield GenerationDelta(0, "dying ", None, prompt_tokens, 1)
+                os._exit(1)
             seconds = sleep_seconds(words)
             if seconds is not None:
                 await asyncio.sleep(seconds)

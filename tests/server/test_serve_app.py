@@ -26,7 +26,8 @@ def app_url():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    env = {"PYTHONPATH": str(REPO), "MMRAG_FAKE_ENGINE_START_S": "3"}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     config = MmragConfig.model_validate({"deployments": {"llm": {"max_ongoing_requests": 1, "max_queued_requests": 1}}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -90,3 +91,20 @@ def test_overload_is_503_with_retry_after(app_url):
     while (status := chat(app_url, "after").status_code) != 200 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert status == 200
+
+
+def test_dead_replica_is_a_503_and_serve_restarts_it(app_url):
+    """Runs last: the LLM replica's process dies under a request. The request ends with a 503 (not a
+    500, not a hang), /health reports the outage while Serve starts a replacement, then serving resumes."""
+    response = chat(app_url, "die")
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "service_unavailable"
+    statuses = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        statuses.append(httpx.get(f"{app_url}/health", timeout=30).status_code)
+        if statuses[-1] == 200 and 503 in statuses:
+            break
+        time.sleep(0.2)
+    assert 503 in statuses and statuses[-1] == 200, statuses
+    assert chat(app_url, "alive again").json()["choices"][0]["message"]["content"] == "alive again "
