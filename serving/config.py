@@ -69,6 +69,10 @@ class LimitsConfig(_Strict):
     )
     image_fetch_timeout_s: float = Field(default=5.0, gt=0, description="Per-URL fetch timeout.")
     image_max_redirects: int = Field(default=3, ge=0, description="Redirects followed per image URL.")
+    image_url_schemes: list[Literal["http", "https", "data"]] = Field(
+        default_factory=lambda: ["http", "https", "data"],
+        description="Accepted image URL schemes; ['data'] makes the server fetch nothing remote.",
+    )
     allow_private_image_urls: bool = Field(
         default=False,
         description="Allow image URLs that resolve to loopback/private/link-local addresses.",

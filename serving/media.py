@@ -36,6 +36,7 @@ class ImagePolicy:
     max_redirects: int
     allow_private: bool
     allowlist: frozenset[str]
+    schemes: frozenset[str] = frozenset({"http", "https", "data"})
 
     @classmethod
     def from_limits(cls, limits: LimitsConfig) -> ImagePolicy:
@@ -46,12 +47,17 @@ class ImagePolicy:
             max_redirects=limits.image_max_redirects,
             allow_private=limits.allow_private_image_urls,
             allowlist=frozenset(h.lower() for h in limits.image_url_allowlist),
+            schemes=frozenset(limits.image_url_schemes),
         )
 
 
 async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
     """Fetch and decode one image; every failure is a 4xx naming ``param``."""
-    if url.startswith("data:"):
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in policy.schemes:
+        allowed = ", ".join(sorted(policy.schemes))
+        raise InvalidRequestError(f"image URL scheme {scheme!r} is not allowed (accepted: {allowed})", param=param)
+    if scheme == "data":
         data = decode_data_url(url, policy, param=param)
     else:
         data = await fetch_http(url, policy, param=param)
@@ -126,10 +132,8 @@ async def _get_once(
 
 async def check_url_allowed(url: str, policy: ImagePolicy, *, param: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise InvalidRequestError(
-            f"image URL scheme {parts.scheme!r} is not allowed (use http, https or data:)", param=param
-        )
+    if parts.scheme not in ("http", "https") or parts.scheme not in policy.schemes:
+        raise InvalidRequestError(f"image URL scheme {parts.scheme!r} is not allowed (redirect?)", param=param)
     host = (parts.hostname or "").lower()
     if not host:
         raise InvalidRequestError("image URL has no host", param=param)

@@ -20,8 +20,9 @@ from mmrag.serving.openai.errors import InvalidRequestError
 
 
 class FakeEngine(Engine):
-    def __init__(self, config: MmragConfig, model_path: str = "fake"):
+    def __init__(self, config: MmragConfig, model_path: str = "fake", *, special_texts: bool = True):
         self.config = config
+        self.special_texts = special_texts  # off for fuzzing: no endless streams, no process exits
         self.running = 0
         self.aborted = 0
         self.seen: list[GenerationRequest] = []
@@ -37,6 +38,8 @@ class FakeEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.seen.append(request)
         words = last_user_text(request).split() or ["ok"]
+        if not self.special_texts:
+            words = [w for w in words if w not in ("slow", "die", "sleep")] or ["ok"]
         prompt_tokens = sum(len(str(m["content"]).split()) for m in request.messages) + 16 * len(request.images)
         if prompt_tokens >= self.max_model_len:
             raise InvalidRequestError("prompt too long", param="messages")

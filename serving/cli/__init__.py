@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "bench": "mmrag.serving.cli.bench",
     "ingest": "mmrag.serving.cli.ingest",
     "collections": "mmrag.serving.cli.collections",
+    "batch": "mmrag.serving.cli.batch",
 }
 
 

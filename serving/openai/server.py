@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest
@@ -105,6 +106,12 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and wrong methods answer in the same shape as every other error.
+        error = {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}
+        return JSONResponse({"error": error}, status_code=exc.status_code, headers=exc.headers)
+
     @app.get("/health")
     async def health() -> Response:
         try:
@@ -170,7 +177,27 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
                 first = False
             yield delta
 
+    app.openapi = lambda: openapi_with_chat_body(app)
     return app
+
+
+def openapi_with_chat_body(app: FastAPI) -> dict[str, Any]:
+    """The generated OpenAPI document plus the chat request body, which the route parses itself (to
+    answer bad bodies in the OpenAI error shape) and FastAPI therefore cannot see."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ChatCompletionRequest"] = body
+        schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+        }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def retrieve_for(

@@ -175,3 +175,9 @@ def test_api_keys(tmp_path, engine, monkeypatch):
         assert info.value.body["code"] == "invalid_api_key"
         assert http.get("/health").status_code == 200  # probes need no key
     assert "k1" not in repr(config) and "k1" not in str(config.model_dump_json())
+
+
+def test_unknown_routes_and_methods_are_openai_shaped(http):
+    assert http.get("/v1/nothing").json()["error"]["message"] == "Not Found"
+    response = http.get("/v1/chat/completions")
+    assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"

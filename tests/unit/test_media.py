@@ -157,3 +157,10 @@ def test_fetch_failures(image_server, path, error, fragment):
 def test_loopback_refused_without_allowlist(image_server):
     with pytest.raises(OpenAIError, match="non-public"):
         load(f"{image_server}/ok.png")
+
+
+def test_scheme_allowlist_can_forbid_remote_fetches():
+    data_only = policy(image_url_schemes=["data"])
+    assert load(data_url(png_bytes()), data_only).size == (8, 8)
+    with pytest.raises(InvalidRequestError, match="scheme 'https' is not allowed"):
+        load("https://example.com/a.png", data_only)

@@ -1,0 +1,31 @@
+"""mmrag's vLLM plugin: model classes registered through the ``vllm.general_plugins`` entry point.
+
+vLLM calls :func:`register` in every process it starts (frontend, engine core, workers), so it must be
+idempotent and cheap: it registers class *paths*, imported only when a checkpoint asks for them. A
+deployment selects a class with ``hf_overrides={"architectures": [...]}``
+(:func:`mmrag.serving.engine.vllm_engine.build_engine_args` does this from ``compression``); stock
+architectures stay untouched, so stock vLLM remains available in the same environment.
+
+Registered (pinned to vLLM 0.32):
+
+- ``AimLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.model.AimLlava`: LLaVA
+  (CLIP/SigLIP towers) with AIM stage (a), the bipartite visual-token merge, at a keep ratio set per
+  deployment (``hf_overrides["aim_keep_ratio"]``) and per request (``mm_processor_kwargs``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["MODELS", "register"]
+
+# Architecture name -> "module:Class", imported lazily by vLLM's model registry.
+MODELS = {"AimLlavaForConditionalGeneration": "mmrag.serving.vllm_plugin.model:AimLlava"}
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins``; safe to call any number of times in any process."""
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for architecture, path in MODELS.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, path)
