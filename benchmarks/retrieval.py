@@ -207,8 +207,8 @@ def _chat_latency(args: argparse.Namespace) -> dict[str, float]:
         return _chat_ratio(args.chat_url, args.chat_model, args.chat_requests)
     from mmrag.serving.server_process import running_server
 
-    with running_server() as url:
-        return _chat_ratio(f"{url}/v1", args.chat_model, args.chat_requests)
+    with running_server() as server:
+        return _chat_ratio(f"{server.url}/v1", args.chat_model, args.chat_requests)
 
 
 def _chat_ratio(base_url: str, model: str, requests: int) -> dict[str, float]:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # of `mmrag serve`; Ray and vLLM processes are its descendants
+
+
 @contextlib.contextmanager
 def running_server(
     config: str | Path | None = None,
@@ -30,8 +37,8 @@ def running_server(
     cache_dir: str | Path | None = None,
     log_path: str | Path | None = None,
     start_timeout_s: float = 600,
-) -> Iterator[str]:
-    """Start ``mmrag serve`` on a free loopback port, yield its base URL once ``/health`` is 200, and
+) -> Iterator[RunningServer]:
+    """Start ``mmrag serve`` on a free loopback port, yield it once ``/health`` is 200, and
     stop it with SIGINT (the Ctrl-C path users take) on exit. The server's output goes to ``log_path``."""
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mmrag-server-"))
@@ -47,7 +54,7 @@ def running_server(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log_path, start_timeout_s)
-        yield url
+        yield RunningServer(url=url, pid=process.pid)
     finally:
         _stop(process)
 

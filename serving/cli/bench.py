@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "lookm-scores": "mmrag.benchmarks.lookm_scores",
     "fidelity": "mmrag.benchmarks.fidelity",
     "autoscaling": "mmrag.benchmarks.autoscaling",
+    "load": "mmrag.benchmarks.load",
 }
 
 

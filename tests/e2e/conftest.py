@@ -15,8 +15,8 @@ CONFIG = Path(__file__).with_name("config.yaml")
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory) -> str:
     logs = tmp_path_factory.mktemp("server")
-    with running_server(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"), log_path=logs / "serve.log") as url:
-        yield url
+    with running_server(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"), log_path=logs / "serve.log") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")
