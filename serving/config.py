@@ -180,6 +180,23 @@ class ServerConfig(_Strict):
         return keys
 
 
+class CompressionConfig(_Strict):
+    """Visual-token and KV compression in the served model (vLLM plugin, :mod:`mmrag.serving.vllm_plugin`)."""
+
+    aim_plugin: bool = Field(
+        default=True,
+        description="Serve LLaVA checkpoints with mmrag's AimLlava (AIM stage (a)); at keep ratio 1 its outputs "
+        "are stock vLLM's. False: vLLM's own class, and requests may not ask for compression.",
+    )
+    aim_keep_ratio: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="AIM stage (a): share of each image's visual tokens kept after bipartite merging "
+        "(ceil(T * ratio) per image; 1 = no merge). Requests override it with compression.aim_keep_ratio.",
+    )
+
+
 class MmragConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -187,6 +204,7 @@ class MmragConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     @classmethod
     def from_file(cls, path: str | Path | None, overrides: list[str] | None = None) -> MmragConfig:

@@ -16,7 +16,9 @@ BENCHMARKS: dict[str, str] = {
     "lookm-scores": "mmrag.benchmarks.lookm_scores",
     "fidelity": "mmrag.benchmarks.fidelity",
     "autoscaling": "mmrag.benchmarks.autoscaling",
+    "batch": "mmrag.benchmarks.batch",
     "load": "mmrag.benchmarks.load",
+    "aim-vllm": "mmrag.benchmarks.aim_vllm",
 }
 
 
@@ -24,12 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
     for name, module_path in BENCHMARKS.items():
         module = importlib.import_module(module_path)
-        bench = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        bench.add_argument("--quick", action="store_true", help="Small sizes; finishes in minutes.")
-        bench.add_argument("--out", default=None, help="Result JSON path (default benchmarks/results/).")
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(bench)
-        bench.set_defaults(_bench=module.run)
+        add_benchmark_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP), module)
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser, module) -> None:
+    parser.add_argument("--quick", action="store_true", help="Small sizes; finishes in minutes.")
+    parser.add_argument("--out", default=None, help="Result JSON path (default benchmarks/results/).")
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(parser)
+    parser.set_defaults(_bench=module.run)
+
+
+def parse_benchmark_args(name: str, argv: list[str]) -> argparse.Namespace:
+    """The arguments ``mmrag bench NAME ARGV...`` would get (smoke tests call a benchmark this way)."""
+    parser = argparse.ArgumentParser(prog=f"mmrag bench {name}")
+    add_benchmark_arguments(parser, importlib.import_module(BENCHMARKS[name]))
+    return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:

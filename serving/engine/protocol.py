@@ -45,6 +45,16 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Text RAG: the engine inserts these chunks into the prompt, within what its context leaves free.
     retrieval: RetrievalResult | None = None
+    # AIM stage (a): share of each image's visual tokens kept; None: the deployment's default.
+    aim_keep_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """The prompt's image placeholder tokens: unmerged (``before``) and as the model read them (``after``)."""
+
+    before: int
+    after: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class GenerationDelta:
     completion_tokens: int
     # Set on the first delta of a request that retrieved: what was found and what entered the prompt.
     retrieval: RetrievalInfo | None = None
+    # Set on every delta of a request with images (like the token counts).
+    visual_tokens: VisualTokens | None = None
 
 
 # With no max_tokens in the request, text RAG leaves at least this many tokens for the answer.

@@ -9,9 +9,11 @@ carry. Pinned to vLLM 0.32: ``AsyncLLM.renderer`` is how 0.32 turns a prompt int
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
@@ -21,10 +23,12 @@ from mmrag.serving.engine.protocol import (
     GenerationDelta,
     GenerationRequest,
     SamplingOptions,
+    VisualTokens,
     text_rag_budget,
 )
 from mmrag.serving.openai.errors import EngineUnavailableError, InvalidRequestError
 from mmrag.serving.retrieval.protocol import build_text_rag_messages
+from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
 
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs, SamplingParams
@@ -45,6 +49,16 @@ def build_engine_args(config: MmragConfig, model_path: str) -> AsyncEngineArgs:
         "disable_log_stats": False,  # keeps vLLM's Prometheus metrics on
         **config.engine.engine_kwargs,
     }
+    if aim_enabled(config, model_path):
+        from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE
+
+        # The plugin's class for this checkpoint, and the deployment's ratio on its config (every
+        # process sees hf_overrides: the frontend's processor and the workers' model).
+        kwargs["hf_overrides"] = {
+            **(kwargs.get("hf_overrides") or {}),
+            "architectures": [AIM_ARCHITECTURE],
+            KEEP_RATIO_KEY: config.compression.aim_keep_ratio,
+        }
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=[config.model.served_name],
@@ -54,6 +68,30 @@ def build_engine_args(config: MmragConfig, model_path: str) -> AsyncEngineArgs:
         seed=config.engine.seed,
         **kwargs,
     )
+
+
+# Checkpoint architectures and vision towers the AIM plugin serves (mmrag.serving.vllm_plugin).
+AIM_BASE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+AIM_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+def aim_enabled(config: MmragConfig, model_path: str) -> bool:
+    """Whether the plugin's AIM model serves this checkpoint; a ratio below 1 it cannot serve fails here."""
+    if not config.compression.aim_plugin:
+        if config.compression.aim_keep_ratio < 1.0:
+            raise ValueError("compression.aim_keep_ratio < 1 needs compression.aim_plugin")
+        return False
+    config_file = Path(model_path) / "config.json"
+    hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    architectures = hf_config.get("architectures") or []
+    tower = (hf_config.get("vision_config") or {}).get("model_type", "clip_vision_model")  # HF's LLaVA default
+    supported = any(a in AIM_BASE_ARCHITECTURES for a in architectures) and tower in AIM_VISION_TOWERS
+    if not supported and config.compression.aim_keep_ratio < 1.0:
+        raise ValueError(
+            f"compression.aim_keep_ratio: AIM supports {list(AIM_BASE_ARCHITECTURES)} with "
+            f"{list(AIM_VISION_TOWERS)}, the checkpoint is {architectures} with {tower!r}"
+        )
+    return supported
 
 
 def load_chat_template(model_path: str) -> str:
@@ -77,6 +115,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._chat_template = ""
         self._placeholders: list[str] = []
+        self._aim = False
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -84,6 +123,7 @@ class VllmEngine(Engine):
         # The CPU backend sizes its KV cache from this variable; unset, it may not fit one NUMA node.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._config.engine.kv_cache_space_gib))
         self._chat_template = load_chat_template(self._model_path)
+        self._aim = aim_enabled(self._config, self._model_path)
         self._llm = AsyncLLM.from_engine_args(build_engine_args(self._config, self._model_path))
         self._placeholders = placeholder_tokens(self._llm.get_tokenizer())
         logger.info("vLLM engine started", extra={"model": self._model_path})
@@ -94,8 +134,13 @@ class VllmEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self._reject_placeholder_text(request.messages)
+        if request.aim_keep_ratio is not None and not self._aim:
+            raise InvalidRequestError(
+                "AIM compression is not enabled for this deployment's model", param="compression.aim_keep_ratio"
+            )
         engine_input = await self._render_with_context(request)
         prompt_tokens = len(engine_input["prompt_token_ids"])
+        visual_tokens = self._visual_tokens(engine_input, request)
         params = self._sampling_params(request.sampling, prompt_tokens)
         completion_tokens = 0
         retrieval = request.retrieval.info if request.retrieval else None
@@ -110,6 +155,7 @@ class VllmEngine(Engine):
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
                         retrieval=retrieval,
+                        visual_tokens=visual_tokens,
                     )
                     retrieval = None
         except Exception as exc:
@@ -126,11 +172,11 @@ class VllmEngine(Engine):
         bare_text = self._chat_text(request.messages)
         retrieval = request.retrieval
         if retrieval is None or not retrieval.chunks:
-            return await self._render(bare_text, request.images)
+            return await self._render(bare_text, request.images, request.aim_keep_ratio)
         for chunk in retrieval.chunks:  # a document must not smuggle an image slot into the prompt
             for token in self._placeholders:
                 chunk.text = chunk.text.replace(token, "")
-        bare = await self._render(bare_text, request.images)
+        bare = await self._render(bare_text, request.images, request.aim_keep_ratio)
         image_tokens = len(bare["prompt_token_ids"]) - self._count(bare_text)
         max_tokens = request.sampling.max_tokens
         reserve = max_tokens if max_tokens is not None else COMPLETION_RESERVE_TOKENS
@@ -145,7 +191,7 @@ class VllmEngine(Engine):
             if overflow <= 0 or budget == 0:
                 break
             budget = max(0, budget - overflow)
-        return await self._render(text, request.images)
+        return await self._render(text, request.images, request.aim_keep_ratio)
 
     def _chat_text(self, messages: list[dict[str, Any]]) -> str:
         try:
@@ -158,10 +204,15 @@ class VllmEngine(Engine):
     def _count(self, text: str) -> int:
         return len(self._llm.get_tokenizer()(text)["input_ids"])
 
-    async def _render(self, text: str, images: list[Any]) -> dict[str, Any]:
+    async def _render(self, text: str, images: list[Any], aim_keep_ratio: float | None = None) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt": text}
         if images:
             prompt["multi_modal_data"] = {"image": images}
+            if self._aim:
+                # Always explicit: the ratio is then part of every image's hash (processor, encoder and
+                # prefix caches), whatever the deployment default.
+                ratio = self._config.compression.aim_keep_ratio if aim_keep_ratio is None else aim_keep_ratio
+                prompt["mm_processor_kwargs"] = {KEEP_RATIO_KEY: ratio}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
         except AssertionError as exc:  # vLLM asserts placeholder/item agreement while processing input
@@ -169,6 +220,19 @@ class VllmEngine(Engine):
         except Exception as exc:
             raise _as_openai_error(exc) from exc
         return engine_input
+
+    def _visual_tokens(self, engine_input: dict[str, Any], request: GenerationRequest) -> VisualTokens | None:
+        """Image placeholders in the prompt, and how many the images would take unmerged."""
+        if not request.images:
+            return None
+        after = sum(p.length for p in engine_input.get("mm_placeholders", {}).get("image", []))
+        info = self._llm.renderer.get_mm_processor().info
+        if not hasattr(info, "get_full_image_tokens"):  # stock vLLM class: no merge
+            return VisualTokens(before=after, after=after)
+        before = sum(
+            info.get_full_image_tokens(image_width=image.width, image_height=image.height) for image in request.images
+        )
+        return VisualTokens(before=before, after=after)
 
     def _reject_placeholder_text(self, messages: list[dict[str, Any]]) -> None:
         """A literal ``<image>`` in user text would become an image slot with no image behind it."""

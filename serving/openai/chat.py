@@ -17,6 +17,7 @@ from mmrag.serving.openai.protocol import (
     ChatMessage,
     Choice,
     ChunkChoice,
+    CompressionUsage,
     Delta,
     ImagePart,
     ResponseMessage,
@@ -41,6 +42,7 @@ async def prepare_generation(request: ChatCompletionRequest, config: MmragConfig
         messages=[template_message(m) for m in request.messages],
         images=list(images),
         sampling=sampling_options(request),
+        aim_keep_ratio=request.compression.aim_keep_ratio if request.compression else None,
     )
 
 
@@ -95,7 +97,11 @@ def sampling_options(request: ChatCompletionRequest) -> SamplingOptions:
 def usage_of(delta: GenerationDelta | None) -> Usage:
     prompt = delta.prompt_tokens if delta else 0
     completion = delta.completion_tokens if delta else 0
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    visual = delta.visual_tokens if delta else None
+    extension = (
+        CompressionUsage(visual_tokens_before=visual.before, visual_tokens_after=visual.after) if visual else None
+    )
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, mmrag=extension)
 
 
 async def collect_completion(

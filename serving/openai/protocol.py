@@ -61,6 +61,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class CompressionOptions(BaseModel):
+    """mmrag extension: per-request compression settings (unset fields: the deployment's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aim_keep_ratio: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Share of each image's visual tokens kept (AIM merge)."
+    )
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -80,6 +90,8 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     # mmrag extension (the openai client sends it in extra_body): retrieval from Milvus for this chat.
     retrieval: RetrievalOptions | None = None
+    # mmrag extension: per-request compression (AIM keep ratio), overriding the deployment default.
+    compression: CompressionOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -108,10 +120,18 @@ class ChatCompletionRequest(BaseModel):
 # Responses
 
 
+class CompressionUsage(BaseModel):
+    """mmrag extension of ``usage``: the request's visual tokens before and after AIM merging."""
+
+    visual_tokens_before: int = Field(description="Placeholder tokens the images would take unmerged.")
+    visual_tokens_after: int = Field(description="Placeholder tokens the images took in the prompt.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    mmrag: CompressionUsage | None = Field(default=None, description="mmrag: set when the prompt had images.")
 
 
 class ResponseMessage(BaseModel):

@@ -15,10 +15,11 @@ Registered (pinned to vLLM 0.32):
 
 from __future__ import annotations
 
-__all__ = ["MODELS", "register"]
+__all__ = ["AIM_ARCHITECTURE", "MODELS", "register"]
 
+AIM_ARCHITECTURE = "AimLlavaForConditionalGeneration"
 # Architecture name -> "module:Class", imported lazily by vLLM's model registry.
-MODELS = {"AimLlavaForConditionalGeneration": "mmrag.serving.vllm_plugin.model:AimLlava"}
+MODELS = {AIM_ARCHITECTURE: "mmrag.serving.vllm_plugin.model:AimLlava"}
 
 
 def register() -> None:

@@ -19,6 +19,7 @@ from mmrag.kernels.token_merge import merge_tokens
 
 __all__ = [
     "DEFAULT_KEEP_RATIO",
+    "KEEP_RATIO_KEY",
     "aim_kept_tokens",
     "aim_merge",
     "check_keep_ratio",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 DEFAULT_KEEP_RATIO = 1.0
+# The per-request ``mm_processor_kwargs`` key and the ``hf_config`` attribute (deployment default).
+KEEP_RATIO_KEY = "aim_keep_ratio"
 # Slack for ratios such as 0.3 whose product with T lands a rounding error above an integer.
 _EPS = 1e-9
 

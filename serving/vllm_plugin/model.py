@@ -22,26 +22,27 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
-
-from mmrag.serving.vllm_plugin.aim import DEFAULT_KEEP_RATIO, aim_kept_tokens, check_keep_ratio, merge_to_count
-
-# vLLM's own module layout for LLaVA, pinned to 0.32.
-from vllm.model_executor.models.llava import (  # isort: skip
+from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-__all__ = ["AIM_ARCHITECTURE", "KEEP_RATIO_KEY", "KEPT_TOKENS_FIELD", "AimLlava"]
+from mmrag.serving.vllm_plugin.aim import (
+    DEFAULT_KEEP_RATIO,
+    KEEP_RATIO_KEY,
+    aim_kept_tokens,
+    check_keep_ratio,
+    merge_to_count,
+)
 
-AIM_ARCHITECTURE = "AimLlavaForConditionalGeneration"
-# Per-request mm_processor_kwargs key and hf_config attribute (deployment default).
-KEEP_RATIO_KEY = "aim_keep_ratio"
+__all__ = ["KEPT_TOKENS_FIELD", "AimLlava"]
+
 # Per-image processor output carrying the kept count to the model (an int: never cast to bf16).
 KEPT_TOKENS_FIELD = "aim_kept_tokens"
 

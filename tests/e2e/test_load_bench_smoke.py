@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
 from mmrag.benchmarks import load
+from mmrag.serving.cli.bench import parse_benchmark_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_load_benchmark_bounded(server_url, tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out")
-    load.add_arguments(parser)
     out = tmp_path / "load.json"
-    args = parser.parse_args(
-        ["--quick", "--out", str(out), "--url", server_url, "--probe-s", "3", "--load-s", "5", "--max-requests", "200"]
+    args = parse_benchmark_args(
+        "load",
+        ["--quick", "--out", str(out), "--url", server_url, "--probe-s", "3", "--load-s", "5", "--max-requests", "200"],
     )
     assert load.run(args) == 0
     figures = json.loads(out.read_text())["figures"]

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
 from mmrag.benchmarks import retrieval
+from mmrag.serving.cli.bench import parse_benchmark_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_retrieval_benchmark_small(server_url, tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out")
-    retrieval.add_arguments(parser)
     out = tmp_path / "retrieval.json"
-    args = parser.parse_args(
+    args = parse_benchmark_args(
+        "retrieval",
         [
             "--quick",
             "--out",
@@ -31,7 +28,7 @@ def test_retrieval_benchmark_small(server_url, tmp_path):
             f"{server_url}/v1",
             "--chat-requests",
             "2",
-        ]
+        ],
     )
     assert retrieval.run(args) == 0
     figures = json.loads(out.read_text())["figures"]

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from mmrag.benchmarks import lookm_scores
+from mmrag.serving.cli.bench import parse_benchmark_args
 
 
 @pytest.mark.slow  # four fresh Python processes: about 15 s here
 def test_bench_writes_figures_and_agrees_across_methods(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    lookm_scores.add_arguments(parser)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
     out = tmp_path / "lookm-scores.json"
-    args = parser.parse_args(
-        ["--lengths", "128,256", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--chunk-size", "48"]
+    args = parse_benchmark_args(
+        "lookm-scores",
+        [
+            "--lengths",
+            "128,256",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--chunk-size",
+            "48",
+            "--out",
+            str(out),
+        ],
     )
-    args.out = str(out)
     assert lookm_scores.run(args) == 0
     result = json.loads(out.read_text())
     figures = result["figures"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from mmrag.benchmarks import fidelity
+from mmrag.serving.cli.bench import parse_benchmark_args
 from mmrag.serving.reference.fidelity import default_grid
 
 FIELDS = {"top1_agreement", "mean_kl", "kv_ratio", "flops_ratio", "prefill_flops", "peak_mib", "peak_ratio"}
@@ -25,12 +25,8 @@ def test_peak_bytes_counts_live_tensors() -> None:
 
 @pytest.mark.slow  # the real quick mode (2 prompts x 11 methods x 2 variants): 5-10 s here, more under load
 def test_quick_bench_writes_every_method(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    fidelity.add_arguments(parser)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
     out = tmp_path / "fidelity.json"
-    args = parser.parse_args(["--quick", "--out", str(out)])
+    args = parse_benchmark_args("fidelity", ["--quick", "--out", str(out)])
     assert fidelity.run(args) == 0
     assert out.with_suffix(".png").stat().st_size > 0
 

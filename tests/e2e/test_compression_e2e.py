@@ -1,0 +1,49 @@
+"""AIM compression through the real server: the default deployment (ratio 1) and per-request ratios."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "mmrag-tiny-llava"
+FULL = 16  # visual tokens per image of the tiny LLaVA
+
+
+def _noise_url(seed: int) -> str:
+    import numpy as np
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _chat(client, ratio: float | None, images: int = 2):
+    parts = [{"type": "image_url", "image_url": {"url": _noise_url(seed)}} for seed in range(images)]
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What is shown?"}]}]
+    extra = {"compression": {"aim_keep_ratio": ratio}} if ratio is not None else None
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_body=extra)
+
+
+def test_usage_reports_visual_tokens_before_and_after_merging(client):
+    default = _chat(client, None)
+    assert default.usage.model_extra["mmrag"] == {"visual_tokens_before": 2 * FULL, "visual_tokens_after": 2 * FULL}
+    explicit_one = _chat(client, 1.0)
+    assert explicit_one.choices[0].message.content == default.choices[0].message.content  # ratio 1: stock model
+    for ratio, kept in ((0.5, 8), (0.25, 4)):
+        merged = _chat(client, ratio)
+        assert merged.usage.model_extra["mmrag"] == {"visual_tokens_before": 2 * FULL, "visual_tokens_after": 2 * kept}
+        assert merged.usage.prompt_tokens == default.usage.prompt_tokens - 2 * (FULL - kept)
+        assert merged.usage.completion_tokens == 6
+
+
+def test_invalid_ratio_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, 2.0)
+    assert info.value.body["param"] == "compression.aim_keep_ratio"

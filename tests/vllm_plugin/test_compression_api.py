@@ -1,0 +1,89 @@
+"""The ``compression`` chat extension and the ``usage.mmrag`` report, over a fake engine (no vLLM)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import replace
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.engine.protocol import VisualTokens
+from mmrag.serving.openai.server import LocalBackend, create_app
+from tests.fake_engine import FakeEngine
+
+MODEL = "mmrag-tiny-llava"
+
+
+class MergingEngine(FakeEngine):
+    """The fake engine, reporting 16 visual tokens per image merged at the request's ratio."""
+
+    async def generate(self, request):
+        ratio = request.aim_keep_ratio or self.config.compression.aim_keep_ratio
+        visual = VisualTokens(before=16 * len(request.images), after=int(16 * ratio) * len(request.images))
+        async for delta in super().generate(request):
+            yield replace(delta, visual_tokens=visual if request.images else None)
+
+
+@pytest.fixture
+def engine():
+    return MergingEngine(MmragConfig.model_validate({"compression": {"aim_keep_ratio": 0.5}}))
+
+
+@pytest.fixture
+def client(engine):
+    with TestClient(create_app(engine.config, LocalBackend(engine))) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def _image_messages() -> list[dict]:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}
+    ]
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, "half", None])
+def test_invalid_ratio_is_a_400_naming_the_field(client, bad) -> None:
+    compression = {"aim_keep_ratio": bad} if bad is not None else {"aim_keep_ratio": 0.5, "other": 1}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=_image_messages(), extra_body={"compression": compression})
+    expected = "compression.aim_keep_ratio" if bad is not None else "compression.other"
+    assert info.value.body["param"] == expected
+
+
+def test_ratio_reaches_the_engine_and_usage_reports_the_merge(client, engine) -> None:
+    out = client.chat.completions.create(
+        model=MODEL, messages=_image_messages(), extra_body={"compression": {"aim_keep_ratio": 0.25}}
+    )
+    assert engine.seen[-1].aim_keep_ratio == 0.25
+    assert out.usage.model_extra["mmrag"] == {"visual_tokens_before": 16, "visual_tokens_after": 4}
+
+    out = client.chat.completions.create(model=MODEL, messages=_image_messages())
+    assert engine.seen[-1].aim_keep_ratio is None  # the engine applies the deployment default
+    assert out.usage.model_extra["mmrag"] == {"visual_tokens_before": 16, "visual_tokens_after": 8}
+
+
+def test_streamed_usage_carries_the_extension(client) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=_image_messages(), stream=True, stream_options={"include_usage": True}
+    )
+    usages = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usages[-1].model_extra["mmrag"] == {"visual_tokens_before": 16, "visual_tokens_after": 8}
+
+
+def test_text_only_usage_has_no_extension(client) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}])
+    assert out.usage.model_extra.get("mmrag") is None
+
+
+@pytest.mark.parametrize("ratio", [0, 1.01, -1])
+def test_config_rejects_invalid_default(ratio) -> None:
+    with pytest.raises(ValueError, match="aim_keep_ratio"):
+        MmragConfig.model_validate({"compression": {"aim_keep_ratio": ratio}})
