@@ -17,7 +17,7 @@ from mmrag.serving.batch.records import BatchLine, failure_record, success_recor
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationRequest
 from mmrag.serving.openai import chat
-from mmrag.serving.openai.errors import OpenAIError
+from mmrag.serving.openai.errors import OpenAIError, PayloadTooLargeError
 from mmrag.serving.openai.protocol import ChatCompletionRequest, new_completion_id, now
 from mmrag.serving.openai.server import ChatBackend, parse_chat_request, retrieve_for
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
@@ -50,7 +50,10 @@ class BatchChain:
         """Validation, image loading and retrieval; a failure comes back as the line's output record."""
         request_id = new_completion_id()
         try:
-            request = parse_chat_request(json.dumps(line.body).encode())
+            body = json.dumps(line.body).encode()
+            if len(body) > self.config.limits.max_request_bytes:  # the server's HTTP body cap
+                raise PayloadTooLargeError(f"request body larger than {self.config.limits.max_request_bytes} bytes")
+            request = parse_chat_request(body)
             generation = await chat.prepare_generation(request, self.config, request_id=request_id)
             generation.retrieval = await retrieve_for(request, generation, self.config, self.backend)
         except Exception as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmrag.serving.batch.output import OutputWriter, recover_output
 from mmrag.serving.batch.records import BatchLine, invalid_line_record, read_batch_input
-from mmrag.serving.batch.summary import BatchSummary, Recorder, progress_bar
+from mmrag.serving.batch.summary import BatchSummary, Recorder
 from mmrag.serving.config import MmragConfig
 
 logger = logging.getLogger(__name__)
@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchOptions:
-    concurrency: int = 32  # lines in flight per engine (vLLM batches them)
+    # Lines in flight per engine. vLLM batches them, and a queue deeper than its running batch keeps each
+    # step full: on the tiny model 512 answered 500 lines in 0.63 s where 256 took 1.0 s.
+    concurrency: int = 512
     use_ray: bool = False  # Ray Data actor pools instead of one in-process engine
     engine_cls: str | None = None  # import path of an Engine class; None: vLLM (tests swap in a fake)
     show_progress: bool = True
@@ -39,10 +41,11 @@ def run_batch(
     if summary.skipped:
         logger.info("resuming: %d of %d lines already in %s", summary.skipped, len(lines), output_path)
     with OutputWriter(output_path) as writer:
-        recorder = Recorder(writer, summary, progress_bar(len(todo), enabled=options.show_progress))
+        recorder = Recorder(writer, summary, show_progress=options.show_progress)
         try:
             runnable = record_invalid_lines(todo, recorder)
             if runnable:
+                recorder.expect(len(runnable))
                 run_lines(config, runnable, recorder, options)
         finally:
             recorder.finish()
@@ -56,7 +59,7 @@ def record_invalid_lines(lines: list[BatchLine], recorder: Recorder) -> list[Bat
         if line.problem is None:
             runnable.append(line)
             continue
-        recorder.record(invalid_line_record(line))
+        recorder.record(invalid_line_record(line), counted=False)
     return runnable
 
 
@@ -65,9 +68,16 @@ def run_lines(config: MmragConfig, lines: list[BatchLine], recorder: Recorder, o
         from mmrag.serving.batch.ray_pipeline import run_on_ray
 
         run_on_ray(config, lines, recorder.record, engine_cls=options.engine_cls, batch_size=options.concurrency)
-        return
+        return  # its bar starts at the first answer: Ray Data starts the actors lazily
     from mmrag.serving.batch.local import run_local
 
     asyncio.run(
-        run_local(config, lines, recorder.record, engine_cls=options.engine_cls, concurrency=options.concurrency)
+        run_local(
+            config,
+            lines,
+            recorder.record,
+            engine_cls=options.engine_cls,
+            concurrency=options.concurrency,
+            on_ready=recorder.start_progress,
+        )
     )

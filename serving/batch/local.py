@@ -37,9 +37,17 @@ async def start_engine(config: MmragConfig, engine_cls: str | None) -> Engine:
     from mmrag.deployments.llm import DEFAULT_ENGINE, load_engine_class
     from mmrag.serving.models.resolve import resolve_model_path
 
-    engine = load_engine_class(engine_cls or DEFAULT_ENGINE)(config, resolve_model_path(config.model))
+    engine_class = load_engine_class(engine_cls or DEFAULT_ENGINE)
+    engine = engine_class(without_engine_stats(config), resolve_model_path(config.model))
     await engine.start()
     return engine
+
+
+def without_engine_stats(config: MmragConfig) -> MmragConfig:
+    """A batch has no ``/metrics`` to feed: vLLM's per-token statistics would only cost time on the
+    process that also renders prompts (about a fifth of it on the tiny model), unless the config asks."""
+    engine_kwargs = {"disable_log_stats": True, **config.engine.engine_kwargs}
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"engine_kwargs": engine_kwargs})})
 
 
 async def run_local(
@@ -49,10 +57,12 @@ async def run_local(
     *,
     engine_cls: str | None,
     concurrency: int,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     from mmrag.serving.openai.server import LocalBackend
 
     engine = await start_engine(config, engine_cls)
+    on_ready()
     try:
         chain = BatchChain(config, LocalBackend(engine, LazyRetriever(config)))
         await answer_all(lines, chain.answer, record, concurrency)

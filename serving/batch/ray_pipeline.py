@@ -104,6 +104,9 @@ def run_on_ray(
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+    # Our bar and summary report progress; Ray Data's own progress lines would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         dataset = build_dataset(config, lines, engine_cls=engine_cls, batch_size=batch_size)
         for row in dataset.iter_rows():

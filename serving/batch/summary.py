@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from mmrag.serving.batch.output import OutputWriter
@@ -42,26 +42,44 @@ class BatchSummary:
         return asdict(self)
 
 
-@dataclass
 class Recorder:
-    """Where every finished line goes: the output file, the summary and the progress bar."""
+    """Where every finished line goes: the output file, the summary and the progress bar.
 
-    writer: OutputWriter
-    summary: BatchSummary
-    progress: Any  # a tqdm bar
-    started: float = field(default_factory=time.perf_counter)
+    The bar starts at :meth:`start_progress` (once the engine is up) or at the first answer, so its rate
+    and ETA measure answering, not the engine's start.
+    """
 
-    def record(self, record: dict[str, Any]) -> None:
+    def __init__(self, writer: OutputWriter, summary: BatchSummary, *, show_progress: bool):
+        self.writer = writer
+        self.summary = summary
+        self.show_progress = show_progress
+        self.started = time.perf_counter()
+        self._progress: Any = None  # a tqdm bar
+        self._progress_total = 0
+
+    def expect(self, total: int) -> None:
+        """The number of lines the bar will count (those sent to the chain)."""
+        self._progress_total = total
+
+    def start_progress(self) -> None:
+        if self._progress is None:
+            self._progress = progress_bar(self._progress_total, enabled=self.show_progress)
+
+    def record(self, record: dict[str, Any], *, counted: bool = True) -> None:
         self.writer.write(record)
         self.summary.add(record)
-        self.progress.update(1)
         error = record["error"]
         if error is not None:
             logger.warning("line %s (custom_id %r): %s", error["line"], record["custom_id"], error["message"])
-            self.progress.set_postfix(failed=self.summary.failed, refresh=False)
+        if counted:
+            self.start_progress()
+            self._progress.update(1)
+            if error is not None:
+                self._progress.set_postfix(failed=self.summary.failed, refresh=False)
 
     def finish(self) -> BatchSummary:
-        self.progress.close()
+        if self._progress is not None:
+            self._progress.close()
         self.summary.seconds = time.perf_counter() - self.started
         return self.summary
 
@@ -70,4 +88,4 @@ def progress_bar(total: int, *, enabled: bool):
     from tqdm import tqdm
 
     # tqdm's default format shows done/total, the rate (req/s) and the ETA.
-    return tqdm(total=total, unit="req", desc="batch", file=sys.stderr, mininterval=1.0, disable=not enabled or total == 0)
+    return tqdm(total=total, unit="req", desc="batch", file=sys.stderr, mininterval=1.0, disable=not enabled)

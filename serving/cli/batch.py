@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from mmrag.serving.cli.common import add_config_arguments, load_config
@@ -15,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="Output JSONL, appended; lines already in it are skipped (resume).")
     add_config_arguments(parser)
     parser.add_argument("--ray", action="store_true", help="Run over Ray Data actor pools (server.ray_address).")
-    parser.add_argument("--concurrency", type=int, default=32, help="Requests in flight per engine (default 32).")
+    parser.add_argument(
+        "--concurrency", type=_positive_int, default=None, help="Requests in flight per engine (default 512)."
+    )
     parser.add_argument(
         "--engine", default=None, metavar="MODULE:CLASS", help="Engine class import path (default: vLLM)."
     )
@@ -29,13 +32,24 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     configure_logging(config.server)
-    options = BatchOptions(
-        concurrency=args.concurrency, use_ray=args.ray, engine_cls=args.engine, show_progress=not args.no_progress
-    )
+    options = BatchOptions(use_ray=args.ray, engine_cls=args.engine, show_progress=not args.no_progress)
+    if args.concurrency is not None:
+        options = dataclasses.replace(options, concurrency=args.concurrency)
     try:
         summary = run_batch(args.input, args.output, config, options)
     except BatchInputError as exc:
         print(f"mmrag batch: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every answer finished so far is in the output, flushed; only the requests in flight are lost.
+        print(f"mmrag batch: interrupted; rerun the same command to resume into {args.output}", file=sys.stderr)
+        return 130
     print(f"batch {summary.describe()}", flush=True)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value

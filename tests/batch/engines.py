@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest
 from tests.fake_engine import FakeEngine
@@ -17,3 +19,13 @@ class RetrievalEchoEngine(FakeEngine):
         async for delta in super().generate(request):
             yield dataclasses.replace(delta, retrieval=info)
             info = None
+
+
+class StartLoggingEngine(FakeEngine):
+    """The fake engine, leaving one file named by its process id in ``$MMRAG_TEST_ENGINE_DIR`` on start
+    (how a test sees where, and how many, engines ran)."""
+
+    async def start(self) -> None:
+        folder = Path(os.environ["MMRAG_TEST_ENGINE_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / str(os.getpid())).touch()

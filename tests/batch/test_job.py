@@ -153,3 +153,23 @@ def test_text_retrieval_in_batch(tmp_path, monkeypatch):
     assert records["plain"]["response"]["body"].get("retrieval") is None
     assert records["bad-rag"]["response"]["status_code"] == 400
     assert (summary.done, summary.failed) == (2, 1)
+
+
+def test_oversized_body_is_a_413_for_its_line(tmp_path):
+    config = MmragConfig.model_validate({"limits": {"max_request_bytes": 200}})
+    lines = [chat_line("small", "hi"), chat_line("big", "word " * 100)]
+    output = tmp_path / "out.jsonl"
+    summary = run_batch(write_jsonl(tmp_path / "in.jsonl", lines), output, config, OPTIONS)
+    records = by_custom_id(read_jsonl(output))
+    assert records["big"]["response"]["status_code"] == 413 and records["big"]["error"]["line"] == 2
+    assert records["small"]["error"] is None and (summary.done, summary.failed) == (1, 1)
+
+
+def test_batch_engines_skip_vllm_stats_unless_configured():
+    from mmrag.serving.batch.local import without_engine_stats
+
+    default = MmragConfig()
+    assert without_engine_stats(default).engine.engine_kwargs == {"disable_log_stats": True}
+    assert default.engine.engine_kwargs == {}  # the caller's config is not modified
+    chosen = MmragConfig.model_validate({"engine": {"engine_kwargs": {"disable_log_stats": False}}})
+    assert without_engine_stats(chosen).engine.engine_kwargs == {"disable_log_stats": False}

@@ -8,7 +8,16 @@ import time
 
 import pytest
 
-from tests.batch.conftest import FAKE_ENGINE, batch_command, batch_env, by_custom_id, chat_line, kill_group, read_jsonl
+from tests.batch.conftest import (
+    FAKE_ENGINE,
+    batch_command,
+    batch_env,
+    by_custom_id,
+    chat_line,
+    kill_group,
+    read_jsonl,
+    write_jsonl,
+)
 
 TOTAL = 40
 KILL_AFTER_LINES = 8
@@ -26,10 +35,8 @@ def wait_for_lines(path, count: int, process: subprocess.Popen, log) -> int:
     pytest.fail(f"no {count} output lines after {WAIT_S}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_kill_then_resume_loses_and_duplicates_nothing(tmp_path, kill_signal):
-    from tests.batch.conftest import write_jsonl
-
     # Each request holds the engine 0.3 s and four run at once: the kill lands mid-run.
     source = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"q{i:02d}", "sleep 0.3") for i in range(TOTAL)])
     output = tmp_path / "out.jsonl"
@@ -45,6 +52,8 @@ def test_kill_then_resume_loses_and_duplicates_nothing(tmp_path, kill_signal):
         process.wait(timeout=60)
     finally:
         kill_group(process)
+    if kill_signal == signal.SIGINT:  # Ctrl-C: a clean exit that says how to resume
+        assert process.returncode == 130 and "rerun the same command to resume" in log.read_text()
     first = read_jsonl(output)  # every line written before the kill is whole
     assert KILL_AFTER_LINES <= len(first) < TOTAL, "the kill did not land mid-run"
     assert all(r["error"] is None for r in first)

@@ -1,0 +1,58 @@
+"""One batch on the real engine: vLLM with the generated tiny LLaVA, through the ``mmrag batch`` CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+
+import pytest
+from PIL import Image
+
+from tests.batch.conftest import MODEL, batch_command, batch_env, by_custom_id, chat_line, read_jsonl, write_jsonl
+
+CONFIG = "engine: {max_model_len: 1024, kv_cache_space_gib: 1}\nretrieval: {ingest_demo_corpus: false}\n"
+
+
+def image_line(custom_id: str) -> dict:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour?"}]
+    line = chat_line(custom_id, "", max_tokens=6, temperature=0)
+    line["body"]["messages"] = [{"role": "user", "content": content}]
+    return line
+
+
+@pytest.mark.slow
+def test_tiny_vllm_batch(tmp_path):
+    lines = [chat_line(f"q{i}", f"Tell me about item {i}.", max_tokens=8, temperature=0) for i in range(6)]
+    lines += [
+        chat_line("q0-again", "Tell me about item 0.", max_tokens=8, temperature=0),
+        image_line("image"),
+        chat_line("too-long", "hello", max_tokens=5000),
+        chat_line("placeholder", "look: <image>"),
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    command = batch_command(str(source), str(output), "--config", str(tmp_path / "config.yaml"), "--concurrency", "8")
+    result = subprocess.run(command, capture_output=True, text=True, env=batch_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "done=8 failed=2 skipped=0" in result.stdout
+
+    records = by_custom_id(read_jsonl(output))
+    for custom_id in [f"q{i}" for i in range(6)] + ["q0-again", "image"]:
+        body = records[custom_id]["response"]["body"]
+        assert body["model"] == MODEL and body["usage"]["completion_tokens"] >= 1
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    text = [records[c]["response"]["body"]["choices"][0]["message"]["content"] for c in ("q0", "q0-again")]
+    assert text[0] == text[1]  # greedy: the same prompt gives the same answer in one batch
+    # The image expands into many prompt tokens in the tiny LLaVA, far more than its short text.
+    image_usage = records["image"]["response"]["body"]["usage"]
+    assert image_usage["prompt_tokens"] > records["q0"]["response"]["body"]["usage"]["prompt_tokens"]
+    too_long = records["too-long"]
+    assert too_long["response"]["status_code"] == 400 and too_long["error"]["line"] == 9
+    assert too_long["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    placeholder = records["placeholder"]
+    assert placeholder["response"]["status_code"] == 400 and placeholder["error"]["line"] == 10
