@@ -132,14 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    try:
-        import matplotlib
+    from mmrag.benchmarks.common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    plt = pyplot()
     from mmrag.benchmarks.common import plot_path
 
     labels = [f"{row['keep_ratio']:g}" for row in rows]

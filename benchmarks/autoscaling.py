@@ -326,15 +326,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(path: Path, figures: dict[str, Any], settings: Settings) -> None:
-    try:
-        import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    from mmrag.benchmarks.common import pyplot
+
+    plt = pyplot()
     from mmrag.benchmarks.common import plot_path
 
     timeline = figures["timeline"]

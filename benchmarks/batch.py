@@ -249,14 +249,9 @@ def phase_server_one_by_one(workdir: Path, settings: Settings) -> dict[str, Any]
 
 
 def _plot(path: Path, figures: dict[str, Any]) -> None:
-    try:
-        import matplotlib
+    from mmrag.benchmarks.common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    plt = pyplot()
     rates = figures["requests_per_s"]
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = ax.bar(list(rates), list(rates.values()), color=["tab:blue", "tab:gray", "tab:orange"])

@@ -49,3 +49,13 @@ def write_result(name: str, figures: dict[str, Any], config: dict[str, Any], out
 
 def plot_path(json_path: Path) -> Path:
     return json_path.with_suffix(".png")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -258,14 +258,9 @@ def _print_table(table: dict[str, dict[str, float]]) -> None:
 
 
 def _plot(path: Path, figures: dict[str, Any]) -> None:
-    try:
-        import matplotlib
+    from mmrag.benchmarks.common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    plt = pyplot()
     import numpy as np
 
     from mmrag.benchmarks.common import plot_path

@@ -227,10 +227,9 @@ def _windows(outcomes: list[dict[str, Any]], width_s: float = 2.0) -> list[dict[
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from mmrag.benchmarks.common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     rows = result["latency_timeline"]

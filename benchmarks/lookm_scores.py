@@ -149,14 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(path: Path, lengths: list[int], peaks: dict[str, list[float]]) -> None:
-    try:
-        import matplotlib
+    from mmrag.benchmarks.common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    plt = pyplot()
     from mmrag.benchmarks.common import plot_path
 
     fig, ax = plt.subplots(figsize=(6, 4))

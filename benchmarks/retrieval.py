@@ -252,10 +252,9 @@ _DEMO_QUESTIONS = (
 
 
 def _plot(samples: dict[str, list[float]], figures: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from mmrag.benchmarks.common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = ["search", "flat_search", "hybrid", "retrieve"]
