@@ -49,8 +49,5 @@ class LLMServer:
     def metrics_text(self) -> str:
         return self.engine.metrics_text()
 
-    def num_running_requests(self) -> int:
-        return self.engine.num_running_requests()
-
     async def __del__(self) -> None:
         await self.engine.shutdown()

@@ -24,7 +24,6 @@ class FakeEngine(Engine):
         self.config = config
         self.special_texts = special_texts  # off for fuzzing: no endless streams, no process exits
         self.running = 0
-        self.aborted = 0
         self.seen: list[GenerationRequest] = []
 
     async def start(self) -> None:
@@ -66,9 +65,6 @@ class FakeEngine(Engine):
                     reason = ("length" if limit < len(words) else "stop") if done else None
                     yield GenerationDelta(index, words[step] + " ", reason, prompt_tokens, produced)
                 await asyncio.sleep(0)
-        except (asyncio.CancelledError, GeneratorExit):
-            self.aborted += 1
-            raise
         finally:
             self.running -= 1
 
@@ -81,9 +77,6 @@ class FakeEngine(Engine):
 
     async def check_health(self) -> None:
         pass
-
-    def num_running_requests(self) -> int:
-        return self.running
 
     def metrics_text(self) -> str:
         return f"fake_engine_running {self.running}\n"

@@ -102,10 +102,6 @@ class Engine(abc.ABC):
     def max_model_len(self) -> int:
         """Context length (prompt + completion tokens)."""
 
-    def num_running_requests(self) -> int:
-        """Requests accepted and not finished (for tests of abort-on-disconnect, and metrics)."""
-        return 0
-
     def metrics_text(self) -> str:
         """Prometheus exposition of the engine's own metrics ('' if it has none)."""
         return ""

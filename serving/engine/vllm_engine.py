@@ -294,9 +294,6 @@ class VllmEngine(Engine):
         except Exception as exc:
             raise EngineUnavailableError(f"the engine is not healthy: {exc}") from exc
 
-    def num_running_requests(self) -> int:
-        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
-
     def metrics_text(self) -> str:
         from prometheus_client import REGISTRY, generate_latest
 
