@@ -34,7 +34,8 @@ MODEL = "mmrag-tiny-llava"
 SERVER_OVERRIDES = [
     "deployments.llm.max_ongoing_requests=4",
     "deployments.llm.max_queued_requests=4",
-    "deployments.ingress.max_ongoing_requests=64",
+    "deployments.ingress.max_ongoing_requests=32",
+    "deployments.ingress.max_queued_requests=16",
 ]
 
 
