@@ -76,7 +76,7 @@ def test_overload_is_503_with_retry_after(app_url):
     holders[0].start()
     assert running.wait(timeout=30)
     holders[1].start()
-    time.sleep(2.0)  # let the second request reach the LLM stage's queue
+    time.sleep(5.0)  # let the second request reach the LLM stage's queue (generous: shared CPUs)
     try:
         response = chat(app_url, "one more")
         assert response.status_code == 503
