@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mmrag.serving.openai.protocol import Usage
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -28,10 +30,20 @@ class IngressMetrics:
         self.prompt_tokens = Counter("mmrag_prompt_tokens", "Prompt tokens.", registry=self.registry)
         self.completion_tokens = Counter("mmrag_completion_tokens", "Generated tokens.", registry=self.registry)
         self.in_flight = Gauge("mmrag_requests_in_flight", "Requests being served.", registry=self.registry)
+        # Their ratio is what AIM's merge saves across the traffic (both count images' placeholder tokens).
+        self.visual_tokens_before = Counter(
+            "mmrag_visual_tokens_before_merge", "Visual tokens the images would take unmerged.", registry=self.registry
+        )
+        self.visual_tokens_after = Counter(
+            "mmrag_visual_tokens_after_merge", "Visual tokens the images took in prompts.", registry=self.registry
+        )
 
-    def observe_tokens(self, prompt: int, completion: int) -> None:
-        self.prompt_tokens.inc(prompt)
-        self.completion_tokens.inc(completion)
+    def observe_usage(self, usage: Usage) -> None:
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.completion_tokens.inc(usage.completion_tokens)
+        if usage.mmrag is not None:
+            self.visual_tokens_before.inc(usage.mmrag.visual_tokens_before)
+            self.visual_tokens_after.inc(usage.mmrag.visual_tokens_after)
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

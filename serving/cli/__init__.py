@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "mmrag.serving.cli.ingest",
     "collections": "mmrag.serving.cli.collections",
     "batch": "mmrag.serving.cli.batch",
+    "train-tiny": "mmrag.serving.cli.train_tiny",
 }
 
 

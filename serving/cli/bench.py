@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "batch": "mmrag.benchmarks.batch",
     "load": "mmrag.benchmarks.load",
     "aim-vllm": "mmrag.benchmarks.aim_vllm",
+    "accuracy": "mmrag.benchmarks.accuracy",
 }
 
 

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Literal text is emitted through {{ '...' }} so that the whitespace-trimming tags keep it intact.
-CHAT_TEMPLATE = (
+# GENERATION_PROMPT is substituted last: the trained model ends it with a space (see chat_template).
+_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ 'SYSTEM: ' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'USER: ' }}"
@@ -27,8 +28,15 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}{{ '\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'GENERATION_PROMPT' }}{%- endif -%}"
 )
+
+
+def chat_template(generation_prompt: str = "ASSISTANT:") -> str:
+    return _CHAT_TEMPLATE.replace("GENERATION_PROMPT", generation_prompt)
+
+
+CHAT_TEMPLATE = chat_template()
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
 
@@ -45,6 +53,9 @@ class TinyLlavaSpec:
     text_hidden: int = 128
     text_layers: int = 2
     head_dim: int = 64
+    text_kv_heads: int = 1
+    # CLIP hidden state the projector reads: -2 as in LLaVA-1.5; -1 wastes no layer in a tower this small.
+    vision_feature_layer: int = -2
     # Room above the 260 real tokens: spare ids for placeholders added later (xRAG, prompt embeds).
     vocab_size: int = 320
     max_position_embeddings: int = 4096
@@ -60,15 +71,20 @@ def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(spec)
-    _build_processor(tokenizer, spec).save_pretrained(out)
-    _save_weights(_build_model(spec, tokenizer), out)
-    (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+    write_checkpoint(out, build_model(spec, tokenizer), tokenizer, spec)
     return out
+
+
+def write_checkpoint(out: Path, model, tokenizer, spec: TinyLlavaSpec) -> None:
+    """Processor, config and bf16 weights in the hub layout, plus the spec that built them."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_processor(tokenizer, spec).save_pretrained(out)
+    _save_weights(model, out)
+    (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
 
 
 def _build_tokenizer(spec: TinyLlavaSpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     # Byte-level BPE without merges: every byte is a token, so any text round-trips with no training.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -78,18 +94,25 @@ def _build_tokenizer(spec: TinyLlavaSpec):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(SPECIAL_TOKENS))
+    return wrap_tokenizer(core, CHAT_TEMPLATE, spec.max_position_embeddings)
+
+
+def wrap_tokenizer(core, template: str, max_length: int):
+    """A ``tokenizers.Tokenizer`` holding :data:`SPECIAL_TOKENS` as the checkpoint's fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=spec.max_position_embeddings,
+        chat_template=template,
+        model_max_length=max_length,
     )
 
 
-def _build_processor(tokenizer, spec: TinyLlavaSpec):
+def build_processor(tokenizer, spec: TinyLlavaSpec):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
@@ -103,11 +126,11 @@ def _build_processor(tokenizer, spec: TinyLlavaSpec):
         vision_feature_select_strategy="default",
         image_token="<image>",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=tokenizer.chat_template,
     )
 
 
-def _build_model(spec: TinyLlavaSpec, tokenizer):
+def build_model(spec: TinyLlavaSpec, tokenizer):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -126,7 +149,7 @@ def _build_model(spec: TinyLlavaSpec, tokenizer):
         intermediate_size=2 * spec.text_hidden,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_hidden // spec.head_dim,
-        num_key_value_heads=1,
+        num_key_value_heads=spec.text_kv_heads,
         head_dim=spec.head_dim,
         max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
@@ -140,7 +163,7 @@ def _build_model(spec: TinyLlavaSpec, tokenizer):
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=spec.vision_feature_layer,
         image_seq_length=spec.visual_tokens_per_image,
         tie_word_embeddings=False,
     )

@@ -166,7 +166,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             events = sse_events(first, deltas, include_usage=include_usage, metrics=metrics, start=start, **ids)
             return StreamingResponse(events, media_type="text/event-stream")
         completion = await chat.collect_completion(_timed(deltas, start), n=request.n, **ids)
-        metrics.observe_tokens(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        metrics.observe_usage(completion.usage)
         return JSONResponse(completion.model_dump())
 
     async def _timed(deltas: AsyncIterator[GenerationDelta], start: float) -> AsyncIterator[GenerationDelta]:
@@ -292,7 +292,7 @@ async def sse_events(
         yield _sse(OpenAIError("internal server error").to_dict())
     finally:
         if last is not None:
-            metrics.observe_tokens(last.prompt_tokens, last.completion_tokens)
+            metrics.observe_usage(chat.usage_of(last))
         metrics.latency.observe(time.perf_counter() - start)
     yield "data: [DONE]\n\n"
 

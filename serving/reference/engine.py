@@ -24,7 +24,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from mmrag.serving.reference.cache import LayerKV, ReferenceCache
-from mmrag.serving.reference.methods import AIMMerge, AIMPrune, LookM
+from mmrag.serving.reference.methods import AIMMerge, AIMPrune, KVBaseline, LookM
 
 __all__ = ["GenerationOutput", "PrefillOutput", "ReferenceEngine", "ReferenceMethods"]
 
@@ -39,7 +39,7 @@ class ReferenceMethods:
 
     merge: AIMMerge | None = None
     prune: AIMPrune | None = None
-    lookm: LookM | None = None
+    lookm: LookM | KVBaseline | None = None
 
     def __post_init__(self) -> None:
         if self.prune is not None and self.lookm is not None:

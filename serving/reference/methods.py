@@ -6,6 +6,8 @@ at a fixed point of the prefill; the tensor work lives in :mod:`mmrag.kernels`.
 - :class:`AIMMerge`, AIM stage (a): before the LLM, on each image's projected visual tokens.
 - :class:`AIMPrune`, AIM stage (b): after each decoder layer's attention, which keys the next layers see.
 - :class:`LookM`: after each decoder layer's attention, which prompt KV entries the cache keeps.
+- :class:`KVBaseline`: the same seam with a naive rule (random, recent window, scores without the text
+  prior), the controls LOOK-M is measured against.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ import torch
 
 from mmrag.kernels.aim import AIMSchedule, pagerank_importance, select_live_tokens
 from mmrag.kernels.attention_scores import attention_column_sums, sum_query_groups
+from mmrag.kernels.kv_baselines import (
+    image_keep_count,
+    random_image_keep_indices,
+    recent_keep_indices,
+    score_keep_indices,
+)
 from mmrag.kernels.lookm import LookMBudget, MergeStrategy, merge_evicted, text_prior_keep_indices
 from mmrag.kernels.token_merge import MergeResult, merge_tokens, merged_token_count
 
-__all__ = ["AIMMerge", "AIMPrune", "LookM"]
+__all__ = ["AIMMerge", "AIMPrune", "KVBaseline", "LookM"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,10 @@ class LookM:
             way), ``"chunked"`` recomputed from Q and K in row chunks (:mod:`mmrag.kernels.attention_scores`),
             ``"triton"`` the Triton kernel (needs CUDA or ``TRITON_INTERPRET=1``).
         chunk_size: query rows per chunk for ``"chunked"``.
+        image_budget: if set, the budget is a share of the *image* entries instead of the two ratios:
+            every text entry plus ``ceil(image_budget * n_image)`` image entries by score (no separate
+            window). The accuracy benchmark uses it: with short text-heavy prompts, ratios of the whole
+            prompt leave no image entry at all, which measures nothing.
     """
 
     heavy_ratio: float = 0.1
@@ -103,6 +115,7 @@ class LookM:
     merge: MergeStrategy | None = "pivotal"
     score_from: ScoreSource = "probs"
     chunk_size: int = 256
+    image_budget: float | None = None
 
     def scores(self, probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
         """``(Hkv, L)`` column sums, from ``probs`` ``(Hq, L, L)`` or ``q`` ``(Hq, L, D)`` + ``k`` ``(Hkv, L, D)``.
@@ -133,7 +146,51 @@ class LookM:
             ``(keys, values, positions)``: ``(Hkv, n_keep, D)`` twice and ``(Hkv, n_keep)`` the logical
             positions the kept entries came from.
         """
-        budget = LookMBudget.from_ratios(keys.shape[1], self.heavy_ratio, self.recent_ratio)
+        if self.image_budget is None:
+            budget = LookMBudget.from_ratios(keys.shape[1], self.heavy_ratio, self.recent_ratio)
+        else:
+            kept_images = image_keep_count(int(is_image.sum()), self.image_budget)
+            budget = LookMBudget(heavy=int((~is_image).sum()) + kept_images, recent=0)
         keep_idx = text_prior_keep_indices(scores, is_image, budget)
         kept_k, kept_v = merge_evicted(keys, values, keep_idx, self.merge)
+        return kept_k, kept_v, keep_idx
+
+
+BaselineRule = Literal["random", "recent", "scores"]
+
+
+@dataclass(frozen=True)
+class KVBaseline:
+    """Naive eviction at LOOK-M's image budget (same entries kept per head), evict-only.
+
+    Attributes:
+        rule: ``"random"`` text + random image entries, ``"recent"`` the last entries, ``"scores"`` top
+            entries by attention column sum with text unprotected (:mod:`mmrag.kernels.kv_baselines`).
+        image_budget: kept entries = text entries + ``ceil(image_budget * n_image)``, as in :class:`LookM`.
+        seed: the random rule's generator seed (every layer draws from a fresh generator: same choice).
+    """
+
+    rule: BaselineRule
+    image_budget: float
+    seed: int = 0
+
+    def scores(self, probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+        return sum_query_groups(probs.sum(dim=1, dtype=torch.float32), k.shape[0])
+
+    def compress(
+        self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, is_image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads, seq_len = keys.shape[0], keys.shape[1]
+        kept_images = image_keep_count(int(is_image.sum()), self.image_budget)
+        n_keep = int((~is_image).sum()) + kept_images
+        if self.rule == "random":
+            generator = torch.Generator().manual_seed(self.seed)
+            keep_idx = random_image_keep_indices(is_image, kept_images, heads, generator)
+        elif self.rule == "recent":
+            keep_idx = recent_keep_indices(heads, seq_len, n_keep, keys.device)
+        elif self.rule == "scores":
+            keep_idx = score_keep_indices(scores, n_keep)
+        else:
+            raise ValueError(f"unknown eviction baseline {self.rule!r}")
+        kept_k, kept_v = merge_evicted(keys, values, keep_idx, None)
         return kept_k, kept_v, keep_idx

@@ -47,3 +47,26 @@ def test_invalid_ratio_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as info:
         _chat(client, 2.0)
     assert info.value.body["param"] == "compression.aim_keep_ratio"
+
+
+def _counter(server_url: str, name: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{server_url}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name}_total "))
+
+
+def test_metrics_count_visual_tokens_before_and_after_merging(client, server_url):
+    names = ("mmrag_visual_tokens_before_merge", "mmrag_visual_tokens_after_merge")
+    start = [_counter(server_url, n) for n in names]
+    _chat(client, 0.25)
+    stream = client.chat.completions.create(  # streaming takes the other path to the counters
+        model=MODEL,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _noise_url(9)}}]}],
+        max_tokens=2,
+        stream=True,
+        extra_body={"compression": {"aim_keep_ratio": 0.5}},
+    )
+    assert [chunk for chunk in stream]
+    before, after = (_counter(server_url, n) - s for n, s in zip(names, start, strict=True))
+    assert (before, after) == (3 * FULL, 2 * 4 + 8)

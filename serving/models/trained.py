@@ -1,0 +1,19 @@
+"""The project's trained small MLLM (``mmrag train-tiny``), shipped in the repository.
+
+Its weights are committed (about 7 MB in bf16) so tests and benchmarks never retrain; ``mmrag train-tiny``
+reproduces them (same seed, same machine type: identical training curve; see the model's training.json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["TRAINED_MODEL_DIR", "trained_model_path"]
+
+TRAINED_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny-mllm"
+
+
+def trained_model_path() -> Path:
+    if not (TRAINED_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained model at {TRAINED_MODEL_DIR}; run `mmrag train-tiny`")
+    return TRAINED_MODEL_DIR
