@@ -1,6 +1,6 @@
 """The project's trained small MLLM (``mmrag train-tiny``), shipped in the repository.
 
-Its weights are committed (about 7 MB in bf16) so tests and benchmarks never retrain; ``mmrag train-tiny``
+Its weights are committed (2.3 MB in bf16) so tests and benchmarks never retrain; ``mmrag train-tiny``
 reproduces them (same seed, same machine type: identical training curve; see the model's training.json).
 """
 

@@ -1,5 +1,6 @@
 """The shipped trained model served by stock vLLM: same prompts as training, same answers as the
-reference engine (fp32 there, bf16 in vLLM: a near tie may flip, so one disagreement is allowed)."""
+reference engine (fp32 there, bf16 in vLLM: a near tie may flip, so one disagreement is allowed).
+How often those answers are right is the accuracy tests' business (tests/training, tests/e2e)."""
 
 from __future__ import annotations
 
@@ -49,5 +50,3 @@ def test_vllm_answers_like_the_reference_engine() -> None:
     got = [o.outputs[0].text for o in outs]
     agree = sum(g == e for g, e in zip(got, expected, strict=True))
     assert agree >= len(tasks) - 1, list(zip(got, expected, strict=True))
-    correct = sum(g == t.answer for g, t in zip(got, tasks, strict=True))
-    assert correct >= len(tasks) // 2, list(zip(got, [t.answer for t in tasks], strict=True))
