@@ -3,7 +3,14 @@
 The model is the project's trained small LLaVA (:mod:`mmrag.serving.models.trained`, ``mmrag train-tiny``);
 the tasks are the held-out split of :mod:`mmrag.serving.tasks` (never seen in training), up to 6 images of
 16 visual tokens per prompt. Every method runs in the reference engine on the same tasks, greedy, and an
-answer counts when it is exactly the expected one (eos included). Rows:
+answer counts when it is exactly the expected one (eos included).
+
+Two turns: the prefill holds the images and a first question (the colour of the last image) whose answer is
+teacher-forced, and the measured question comes in the second turn, fed token by token after the prefill.
+LOOK-M compresses the cache *after* the prefill, so a question inside the prefill is answered from the full
+cache whatever the budget (a first version of this benchmark did that: every LOOK-M and eviction row equalled
+``full``); in the second turn the answer reads what the method kept. The model was trained on such later
+turns (``Task.follow_ups``). Rows:
 
 - ``full``: no method (the baseline, measured in the same run);
 - ``aim_merge_1/2``, ``aim_merge_1/4``: AIM stage (a), one or two 2:1 bipartite passes per image;
@@ -71,13 +78,35 @@ def method_grid(quick: bool) -> dict[str, Any]:
     return grid
 
 
-def _answer(engine, tokenizer, input_ids: list[int], pixels) -> tuple[str, int]:
+def two_turns(task, tokenizer, tokens_per_image: int) -> tuple[list[int], list[int]]:
+    """(prefill ids, ids fed after it): images + "colour of the last image?" with its answer, then the
+    task's question in a second user turn, up to the generation prompt."""
+    from dataclasses import replace
+
+    from mmrag.serving.training.data import encode_answer, encode_prompt, encode_turn
+
+    first = f"What colour is the shape in Image {len(task.images)}?"
+    opening = replace(task, parts=(*task.parts[:-1], first))
+    prefill = encode_prompt(opening, tokenizer, tokens_per_image)
+    return prefill, encode_answer(tokenizer, task.shown[-1].colour) + encode_turn(tokenizer, task.question)
+
+
+def _answer(engine, tokenizer, prefill_ids: list[int], fed: list[int], pixels) -> tuple[str, int]:
+    """Greedy answer after feeding ``fed`` into the cache the prefill left; and that cache's prompt entries."""
     import torch
 
-    out = engine.generate(torch.tensor([input_ids]), pixels, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode([t for t in out.token_ids if t != tokenizer.eos_token_id])
-    finished = bool(out.token_ids) and out.token_ids[-1] == tokenizer.eos_token_id
-    return (text if finished else text + "…"), out.kv_entries
+    prefill = engine.prefill(torch.tensor([prefill_ids]), pixels)
+    kv_entries = prefill.cache.num_live_entries()
+    logits = prefill.logits[-1]
+    for token in fed:
+        logits = engine.decode_step(prefill.cache, token)
+    tokens: list[int] = []
+    while len(tokens) < 8:
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] == tokenizer.eos_token_id:
+            return tokenizer.decode(tokens[:-1]), kv_entries
+        logits = engine.decode_step(prefill.cache, tokens[-1])
+    return tokenizer.decode(tokens) + "…", kv_entries
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.serving.models.trained import trained_model_path
     from mmrag.serving.reference.engine import ReferenceEngine
     from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, make_task
-    from mmrag.serving.training.data import encode_prompt, pixel_values
+    from mmrag.serving.training.data import pixel_values
 
     per_family = args.per_family or (6 if args.quick else 48)
     model_path = Path(args.model) if args.model else trained_model_path()
@@ -112,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
         for family in IMAGE_FAMILIES:
             hits[family] = 0
             for task in tasks[family]:
-                ids = encode_prompt(task, tokenizer, tokens_per_image)
-                text, kv = _answer(engine, tokenizer, ids, pixel_values(task.images))
+                prefill_ids, fed = two_turns(task, tokenizer, tokens_per_image)
+                text, kv = _answer(engine, tokenizer, prefill_ids, fed, pixel_values(task.images))
                 hits[family] += text == task.answer
                 kept += kv
                 progress.update()
@@ -157,14 +186,13 @@ def _vllm_rows(model_path: Path, tasks: dict[str, list], max_images: int) -> dic
     import os
 
     from PIL import Image
-    from transformers import AutoProcessor
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from mmrag.serving.tasks import IMAGE_FAMILIES
-    from mmrag.serving.tasks.chat import template_messages
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     llm = LLM(
         model=str(model_path),
         enforce_eager=True,
@@ -181,20 +209,24 @@ def _vllm_rows(model_path: Path, tasks: dict[str, list], max_images: int) -> dic
         for name, ratio in VLLM_RATIOS.items():
             hits, kept = {}, 0
             for family in IMAGE_FAMILIES:
-                prompts = [
-                    {
-                        "prompt": processor.apply_chat_template(template_messages(t), add_generation_prompt=True),
-                        "multi_modal_data": {"image": [Image.fromarray(px) for px in t.images]},
-                        "mm_processor_kwargs": {"aim_keep_ratio": ratio},
-                    }
-                    for t in tasks[family]
-                ]
+                prompts, fed_tokens = [], 0
+                for t in tasks[family]:
+                    prefill_ids, fed = two_turns(t, tokenizer, tokens_per_image=1)  # vLLM expands each
+                    fed_tokens += len(fed)
+                    prompts.append(
+                        {
+                            "prompt_token_ids": prefill_ids + fed,
+                            "multi_modal_data": {"image": [Image.fromarray(px) for px in t.images]},
+                            "mm_processor_kwargs": {"aim_keep_ratio": ratio},
+                        }
+                    )
                 outs = llm.generate(prompts, params, use_tqdm=False)
                 hits[family] = sum(
                     o.outputs[0].finish_reason == "stop" and o.outputs[0].text == t.answer
                     for o, t in zip(outs, tasks[family], strict=True)
                 ) / len(outs)
-                kept += sum(len(o.prompt_token_ids) for o in outs) * layers * kv_heads
+                # The reference engine counts the prefill's entries: the second turn is not part of them.
+                kept += (sum(len(o.prompt_token_ids) for o in outs) - fed_tokens) * layers * kv_heads
             rows[name] = {"accuracy": hits, "mean": sum(hits.values()) / len(hits), "kv_entries": kept}
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -210,7 +242,7 @@ def _knowledge(engine, tokenizer, tasks, tokens_per_image: int) -> dict[str, flo
         hits = 0
         for task in tasks:
             ids = encode_prompt(task, tokenizer, tokens_per_image, with_documents=with_documents)
-            hits += _answer(engine, tokenizer, ids, None)[0] == task.answer
+            hits += _answer(engine, tokenizer, ids, [], None)[0] == task.answer
         scores[label] = hits / len(tasks)
     return scores
 

@@ -38,6 +38,7 @@ class Task:
 
     Attributes:
         parts: the user turn in order: text strings and image indexes into ``images``.
+        shown: what each image shows (the pixels are drawn from it).
         documents: knowledge family: the documents given as context (``relevant`` answers the question).
         signature: what defines the task for the split (pixels excluded).
         follow_ups: more ``(question, answer)`` pairs about the same inputs, each of them in the same split
@@ -50,6 +51,7 @@ class Task:
     parts: tuple[str | int, ...]
     answer: str
     images: tuple[np.ndarray, ...] = ()
+    shown: tuple[ShapeImage, ...] = ()
     documents: tuple[str, ...] = ()
     relevant: int | None = None
     signature: str = field(default="", repr=False)
@@ -176,7 +178,9 @@ def _image_task(family: str, rng: random.Random, split: Split, max_images: int, 
             pixels = tuple(render(im, rng, image_size) for im in images)
             follow_ups = tuple(qa for qa in _image_follow_ups(images, split) if qa[0] != question)
             parts = _image_parts(n, question)
-            return Task(family, split, parts, answer, pixels, signature=signature, follow_ups=follow_ups)
+            return Task(
+                family, split, parts, answer, pixels, tuple(images), signature=signature, follow_ups=follow_ups
+            )
 
 
 # -- knowledge family ----------------------------------------------------------------------------

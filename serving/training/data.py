@@ -12,7 +12,16 @@ import torch
 from mmrag.serving.tasks import Task
 from mmrag.serving.tasks.chat import template_messages
 
-__all__ = ["Batch", "EncodedTask", "collate", "encode_prompt", "encode_task", "pixel_values"]
+__all__ = [
+    "Batch",
+    "EncodedTask",
+    "collate",
+    "encode_answer",
+    "encode_prompt",
+    "encode_task",
+    "encode_turn",
+    "pixel_values",
+]
 
 # CLIPImageProcessor's defaults (the processor the checkpoint ships); the tests compare against it.
 _CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -59,14 +68,23 @@ def encode_task(
     labels = [IGNORE] * len(ids)
     for turn, (question, answer) in enumerate([(task.question, task.answer), *follow_ups]):
         if turn:
-            text = "\n" + tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-            asked = tokenizer(text, add_special_tokens=False)["input_ids"]
+            asked = encode_turn(tokenizer, question)
             ids, labels = ids + asked, labels + [IGNORE] * len(asked)
-        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = encode_answer(tokenizer, answer)
         ids, labels = ids + target, labels + target
     return EncodedTask(ids, labels, pixel_values(task.images))
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode_turn(tokenizer, question: str) -> list[int]:
+    """A later user turn after an answer's eos, as the chat template renders it, up to the generation prompt."""
+    text = "\n" + tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
