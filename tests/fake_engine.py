@@ -1,7 +1,8 @@
 """A deterministic in-process engine for fast tests of everything above the engine.
 
 It answers with the words of the last user text, one delta per word, and honours ``n``,
-``max_tokens`` and the image count. Special user texts:
+``max_tokens``, ``logprobs`` (word k has log-probability ``-k/10``; its alternatives are ``alt1 ``,
+``alt2 ``... each 1.0 lower) and the image count. Special user texts:
 
 - ``"slow"`` streams forever (until aborted);
 - ``"die"`` ends the replica's process after one delta (a crashed engine);
@@ -15,7 +16,7 @@ import os
 from collections.abc import AsyncIterator
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest
+from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest, TokenLogprob
 from mmrag.serving.openai.errors import InvalidRequestError
 
 
@@ -63,7 +64,8 @@ class FakeEngine(Engine):
                     produced += 1
                     done = step == min(limit, len(words)) - 1
                     reason = ("length" if limit < len(words) else "stop") if done else None
-                    yield GenerationDelta(index, words[step] + " ", reason, prompt_tokens, produced)
+                    logprobs = _logprobs(words[step] + " ", step, request.sampling.logprobs)
+                    yield GenerationDelta(index, words[step] + " ", reason, prompt_tokens, produced, logprobs=logprobs)
                 await asyncio.sleep(0)
         finally:
             self.running -= 1
@@ -101,3 +103,11 @@ def last_user_text(request: GenerationRequest) -> str:
                 return content
             return " ".join(p["text"] for p in content if p["type"] == "text")
     return ""
+
+
+def _logprobs(token: str, step: int, top_k: int | None) -> tuple[TokenLogprob, ...] | None:
+    if top_k is None:
+        return None
+    logprob = -step / 10
+    top = [(token, logprob), *((f"alt{i} ", logprob - i) for i in range(1, top_k))][:top_k]
+    return (TokenLogprob(token, logprob, tuple(top)),)

@@ -28,6 +28,8 @@ class SamplingOptions:
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # None: no log-probabilities; k >= 0: each sampled token's, with the k most likely alternatives.
+    logprobs: int | None = None
 
 
 @dataclass
@@ -58,6 +60,15 @@ class VisualTokens:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely tokens at its position (best first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     """New output of one choice. Token counts are cumulative for the request so far."""
 
@@ -70,6 +81,8 @@ class GenerationDelta:
     retrieval: RetrievalInfo | None = None
     # Set on every delta of a request with images (like the token counts).
     visual_tokens: VisualTokens | None = None
+    # One entry per token of ``text`` when the request asked for log-probabilities.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 # With no max_tokens in the request, text RAG leaves at least this many tokens for the answer.

@@ -23,6 +23,7 @@ from mmrag.serving.engine.protocol import (
     GenerationDelta,
     GenerationRequest,
     SamplingOptions,
+    TokenLogprob,
     VisualTokens,
     text_rag_budget,
 )
@@ -156,6 +157,7 @@ class VllmEngine(Engine):
                         completion_tokens=completion_tokens,
                         retrieval=retrieval,
                         visual_tokens=visual_tokens,
+                        logprobs=_token_logprobs(choice, params.logprobs) if params.logprobs is not None else None,
                     )
                     retrieval = None
         except Exception as exc:
@@ -283,6 +285,7 @@ class VllmEngine(Engine):
             stop=list(options.stop) or None,
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
+            logprobs=options.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -303,6 +306,22 @@ class VllmEngine(Engine):
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+def _token_logprobs(choice: Any, top_k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position ``{token_id: Logprob}`` (the top ``top_k`` plus the sampled token) as ours."""
+    out = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=True):
+        sampled = position[token_id]
+        # The sampled token is in the dict even when it ranks below top_k; OpenAI's list holds exactly k.
+        ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top_k), key=_rank)
+        top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
+        out.append(TokenLogprob(sampled.decoded_token or "", sampled.logprob, top))
+    return tuple(out)
+
+
+def _rank(logprob: Any) -> int:
+    return logprob.rank
 
 
 def placeholder_tokens(tokenizer: Any) -> list[str]:

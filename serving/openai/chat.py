@@ -8,6 +8,7 @@ from typing import Any
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest, SamplingOptions
+from mmrag.serving.engine.protocol import TokenLogprob as EngineTokenLogprob
 from mmrag.serving.media import ImagePolicy, load_image
 from mmrag.serving.openai.errors import InvalidRequestError, ModelNotFoundError
 from mmrag.serving.openai.protocol import (
@@ -16,11 +17,14 @@ from mmrag.serving.openai.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     CompressionUsage,
     Delta,
     ImagePart,
     ResponseMessage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -91,7 +95,25 @@ def sampling_options(request: ChatCompletionRequest) -> SamplingOptions:
         n=request.n,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
+
+
+# JSON has no -inf; a token the model gives no probability gets this floor (OpenAI's own convention).
+_LOGPROB_FLOOR = -9999.0
+
+
+def _top_logprob(token: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=token, logprob=max(logprob, _LOGPROB_FLOOR), bytes=list(token.encode("utf-8")))
+
+
+def logprob_entries(logprobs: tuple[EngineTokenLogprob, ...]) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            **_top_logprob(t.token, t.logprob).model_dump(), top_logprobs=[_top_logprob(*top) for top in t.top]
+        )
+        for t in logprobs
+    ]
 
 
 def usage_of(delta: GenerationDelta | None) -> Usage:
@@ -108,15 +130,26 @@ async def collect_completion(
     deltas: AsyncIterator[GenerationDelta], *, n: int, completion_id: str, created: int, model: str
 ) -> ChatCompletion:
     texts = [""] * n
+    logprobs: list[list[TokenLogprob] | None] = [None] * n
     finish: list[str | None] = [None] * n
     last: GenerationDelta | None = None
     retrieval = None
     async for delta in deltas:
         retrieval = retrieval or delta.retrieval
         texts[delta.index] += delta.text
+        if delta.logprobs is not None:
+            logprobs[delta.index] = (logprobs[delta.index] or []) + logprob_entries(delta.logprobs)
         finish[delta.index] = delta.finish_reason or finish[delta.index]
         last = delta
-    choices = [Choice(index=i, message=ResponseMessage(content=texts[i]), finish_reason=finish[i]) for i in range(n)]
+    choices = [
+        Choice(
+            index=i,
+            message=ResponseMessage(content=texts[i]),
+            finish_reason=finish[i],
+            logprobs=ChoiceLogprobs(content=logprobs[i]) if logprobs[i] is not None else None,
+        )
+        for i in range(n)
+    ]
     return ChatCompletion(
         id=completion_id, created=created, model=model, choices=choices, usage=usage_of(last), retrieval=retrieval
     )
@@ -129,6 +162,7 @@ def chunk_of(
         index=delta.index,
         delta=Delta(role="assistant" if first else None, content=delta.text),
         finish_reason=delta.finish_reason,
+        logprobs=ChoiceLogprobs(content=logprob_entries(delta.logprobs)) if delta.logprobs is not None else None,
     )
     return ChatCompletionChunk(
         id=completion_id, created=created, model=model, choices=[choice], retrieval=delta.retrieval

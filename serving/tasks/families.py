@@ -178,9 +178,7 @@ def _image_task(family: str, rng: random.Random, split: Split, max_images: int, 
             pixels = tuple(render(im, rng, image_size) for im in images)
             follow_ups = tuple(qa for qa in _image_follow_ups(images, split) if qa[0] != question)
             parts = _image_parts(n, question)
-            return Task(
-                family, split, parts, answer, pixels, tuple(images), signature=signature, follow_ups=follow_ups
-            )
+            return Task(family, split, parts, answer, pixels, tuple(images), signature=signature, follow_ups=follow_ups)
 
 
 # -- knowledge family ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import time
 
 import httpx
@@ -56,6 +57,20 @@ def test_streaming_matches_non_streaming_greedy(client):
     assert streamed == full.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 8
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_greedy_logprobs(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=image_chat(), max_tokens=6, temperature=0, logprobs=True, top_logprobs=5
+    )
+    tokens = response.choices[0].logprobs.content
+    assert len(tokens) == response.usage.completion_tokens == 6
+    for token in tokens:
+        ranked = [t.logprob for t in token.top_logprobs]
+        assert len(ranked) == 5 and ranked == sorted(ranked, reverse=True)
+        assert sum(math.exp(lp) for lp in ranked) <= 1 + 1e-3
+        # greedy: the chosen token is the most likely one
+        assert token.logprob == pytest.approx(ranked[0], abs=1e-4)
 
 
 def test_n_choices_with_seed(client):

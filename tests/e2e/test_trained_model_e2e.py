@@ -7,9 +7,10 @@ held-out knowledge documents (entities never seen in training) into the server's
 
 from __future__ import annotations
 
-import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import openai
 import pytest
@@ -21,7 +22,8 @@ from mmrag.serving.tasks.chat import openai_messages
 
 pytestmark = pytest.mark.e2e
 MODEL = "mmrag-tiny-mllm"
-KNOWLEDGE = [make_task("knowledge", i, split="heldout", max_documents=1) for i in range(12)]
+# Enough questions that the comparison does not hang on a few greedy answers that flip between CPU types.
+KNOWLEDGE = [make_task("knowledge", i, split="heldout", max_documents=1) for i in range(32)]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,10 @@ def client(tmp_path_factory):
         "retrieval.collection=kb",
         "retrieval.ingest_demo_corpus=false",
     ]
-    corpus = work / "kb.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t.documents[0]}) + "\n" for t in KNOWLEDGE))
+    corpus = work / "kb"
+    corpus.mkdir()
+    for i, task in enumerate(KNOWLEDGE):  # one file per document: the response names its source
+        (corpus / f"{i}.txt").write_text(task.documents[0])
     ingest = [sys.executable, "-m", "mmrag.serving.cli", "ingest", str(corpus), "--no-progress"]
     subprocess.run([*ingest, *(a for o in overrides for a in ("--set", o))], check=True, timeout=300)
     with running_server(overrides=overrides, cache_dir=work / "cache", log_path=work / "serve.log") as server:
@@ -58,15 +62,43 @@ def test_answers_questions_about_images(client):
     assert correct >= 8, list(zip(answers, [t.answer for t in tasks], strict=True))
 
 
+def _first_token_probability(response, answer: str, tokenizer) -> float:
+    """The probability the model gave the answer's first token at the first step (0 outside its top 20)."""
+    first = tokenizer.decode(tokenizer(answer, add_special_tokens=False)["input_ids"][:1])
+    step = response.choices[0].logprobs.content[0]
+    return next((math.exp(t.logprob) for t in step.top_logprobs if t.token == first), 0.0)
+
+
 def test_answers_from_retrieved_documents_and_not_without(client):
-    grounded = blind = 0
-    for task in KNOWLEDGE:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_path())
+    scores: dict[str, list[tuple[bool, float]]] = {"text": [], "none": []}
+    found = 0
+    for i, task in enumerate(KNOWLEDGE):
         question = [{"role": "user", "content": task.question}]
-        response = _ask(client, question, retrieval={"mode": "text", "top_k": 2})
-        retrieved = response.model_extra["retrieval"]["documents"]
-        assert len(retrieved) == 2
-        grounded += response.choices[0].message.content == task.answer
-        blind += _ask(client, question, retrieval={"mode": "none"}).choices[0].message.content == task.answer
-    # The model answers about a third of knowledge questions from its documents (training.json) and can
-    # only guess without them (held-out entities).
-    assert grounded >= blind + 2, (grounded, blind)
+        for mode in scores:
+            response = client.chat.completions.create(
+                model=MODEL,
+                messages=question,
+                max_tokens=8,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=20,
+                extra_body={"retrieval": {"mode": mode, "top_k": 2}},
+            )
+            exact = response.choices[0].message.content == task.answer
+            scores[mode].append((exact, _first_token_probability(response, task.answer, tokenizer)))
+            if mode == "text":
+                retrieved = [Path(d["source"]).name for d in response.model_extra["retrieval"]["documents"]]
+                found += f"{i}.txt" in retrieved
+    exact = {mode: sum(e for e, _ in s) for mode, s in scores.items()}
+    probability = {mode: sum(p for _, p in s) / len(s) for mode, s in scores.items()}
+    print(f"relevant retrieved {found}/{len(KNOWLEDGE)}; exact match {exact}; mean P(first answer token) {probability}")
+    assert found >= 28, found
+    # The model answers about a third of held-out knowledge questions exactly from its documents
+    # (training.json: 0.34) and about 1 in 50 without them. Exact matches at this rate flip between CPU types
+    # (greedy argmax on close logits), so the claim is checked on the probability of the answer, with the
+    # exact-match gap as a weaker second check.
+    assert probability["text"] >= probability["none"] + 0.15, probability
+    assert exact["text"] > exact["none"], exact

@@ -75,6 +75,21 @@ def test_streaming_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
 
 
+def test_logprobs(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=image_message("one two"), logprobs=True, top_logprobs=3
+    )
+    (first, second) = response.choices[0].logprobs.content
+    assert (first.token, first.logprob, first.bytes) == ("one ", 0.0, list(b"one "))
+    assert [t.token for t in second.top_logprobs] == ["two ", "alt1 ", "alt2 "]
+    assert second.top_logprobs[1].logprob == pytest.approx(-1.1)
+    plain = client.chat.completions.create(model=MODEL, messages=image_message("one two"))
+    assert plain.choices[0].logprobs is None
+    stream = client.chat.completions.create(model=MODEL, messages=image_message("one two"), logprobs=True, stream=True)
+    streamed = [t.token for c in stream for ch in c.choices if ch.logprobs for t in ch.logprobs.content]
+    assert streamed == ["one ", "two "]
+
+
 def test_stream_ends_with_done(http):
     body = {"model": MODEL, "messages": image_message(), "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
