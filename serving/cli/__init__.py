@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "collections": "mmrag.serving.cli.collections",
     "batch": "mmrag.serving.cli.batch",
     "train-tiny": "mmrag.serving.cli.train_tiny",
+    "train-projector": "mmrag.serving.cli.train_projector",
 }
 
 

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "load": "mmrag.benchmarks.load",
     "aim-vllm": "mmrag.benchmarks.aim_vllm",
     "accuracy": "mmrag.benchmarks.accuracy",
+    "xrag": "mmrag.benchmarks.xrag",
 }
 
 

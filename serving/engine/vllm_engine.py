@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import (
     COMPLETION_RESERVE_TOKENS,
@@ -28,8 +30,9 @@ from mmrag.serving.engine.protocol import (
     text_rag_budget,
 )
 from mmrag.serving.openai.errors import EngineUnavailableError, InvalidRequestError
-from mmrag.serving.retrieval.protocol import build_text_rag_messages
+from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
+from mmrag.serving.xrag.projector import XRAG_TOKEN
 
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs, SamplingParams
@@ -60,6 +63,10 @@ def build_engine_args(config: MmragConfig, model_path: str) -> AsyncEngineArgs:
             "architectures": [AIM_ARCHITECTURE],
             KEEP_RATIO_KEY: config.compression.aim_keep_ratio,
         }
+    if config.retrieval.xrag.projector is not None:
+        # The xRAG class extends the AIM one: one architecture serves both.
+        kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **xrag_overrides(config, model_path)}
+        kwargs["limit_mm_per_prompt"] = {**kwargs["limit_mm_per_prompt"], "retrieval": config.retrieval.max_top_k}
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=[config.model.served_name],
@@ -93,6 +100,38 @@ def aim_enabled(config: MmragConfig, model_path: str) -> bool:
             f"{list(AIM_VISION_TOWERS)}, the checkpoint is {architectures} with {tower!r}"
         )
     return supported
+
+
+def xrag_overrides(config: MmragConfig, model_path: str) -> dict[str, Any]:
+    """``hf_overrides`` that make the checkpoint the plugin's xRAG model with the configured projector.
+
+    Fails at start, naming what to fix, when the projector was trained for another LLM, the checkpoint
+    is not a LLaVA the plugin serves, or its tokenizer has no ``<xrag>`` token.
+    """
+    from tokenizers import Tokenizer
+
+    from mmrag.serving.vllm_plugin import XRAG_ARCHITECTURE
+    from mmrag.serving.xrag.projector import XRAG_TOKEN, llm_identity, read_card
+
+    projector = Path(config.retrieval.xrag.projector).resolve()
+    read_card(projector).check(llm=llm_identity(model_path))
+    architectures = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
+    if not any(a in AIM_BASE_ARCHITECTURES for a in architectures):
+        raise ValueError(
+            f"retrieval.xrag: the plugin serves xRAG for {list(AIM_BASE_ARCHITECTURES)}, not {architectures}"
+        )
+    token_id = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json")).token_to_id(XRAG_TOKEN)
+    if token_id is None:
+        raise ValueError(
+            f"retrieval.xrag: {model_path}'s tokenizer has no {XRAG_TOKEN} token (`mmrag train-projector` adds it)"
+        )
+    ratio = config.compression.aim_keep_ratio if config.compression.aim_plugin else 1.0
+    return {
+        "architectures": [XRAG_ARCHITECTURE],
+        "xrag_projector": str(projector),
+        "xrag_token_index": token_id,
+        KEEP_RATIO_KEY: ratio,
+    }
 
 
 def load_chat_template(model_path: str) -> str:
@@ -187,13 +226,20 @@ class VllmEngine(Engine):
             text_rag.max_context_tokens, self.max_model_len, len(bare["prompt_token_ids"]), max_tokens
         )
         tokenizer = self._llm.get_tokenizer()
+        xrag = retrieval.info.mode == "xrag"
+        # xRAG: each chunk is the one placeholder token in the text RAG layout; its vector goes alongside.
+        in_prompt = as_xrag_placeholders(retrieval) if xrag else retrieval
         for _ in range(_MAX_FIT_ATTEMPTS):
-            text = self._chat_text(build_text_rag_messages(request.messages, retrieval, tokenizer, budget, text_rag))
+            text = self._chat_text(build_text_rag_messages(request.messages, in_prompt, tokenizer, budget, text_rag))
             overflow = self._count(text) + image_tokens + reserve - self.max_model_len
             if overflow <= 0 or budget == 0:
                 break
             budget = max(0, budget - overflow)
-        return await self._render(text, request.images, request.aim_keep_ratio)
+        vectors = None
+        if xrag:
+            used = text.count(XRAG_TOKEN)
+            vectors = np.asarray([chunk.vector for chunk in retrieval.chunks[:used]], dtype=np.float32)
+        return await self._render(text, request.images, request.aim_keep_ratio, vectors)
 
     def _chat_text(self, messages: list[dict[str, Any]]) -> str:
         try:
@@ -206,10 +252,14 @@ class VllmEngine(Engine):
     def _count(self, text: str) -> int:
         return len(self._llm.get_tokenizer()(text)["input_ids"])
 
-    async def _render(self, text: str, images: list[Any], aim_keep_ratio: float | None = None) -> dict[str, Any]:
+    async def _render(
+        self, text: str, images: list[Any], aim_keep_ratio: float | None = None, vectors: np.ndarray | None = None
+    ) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt": text}
+        if vectors is not None and len(vectors):
+            prompt["multi_modal_data"] = {"retrieval": vectors}
         if images:
-            prompt["multi_modal_data"] = {"image": images}
+            prompt["multi_modal_data"] = {**prompt.get("multi_modal_data", {}), "image": images}
             if self._aim:
                 # Always explicit: the ratio is then part of every image's hash (processor, encoder and
                 # prefix caches), whatever the deployment default.
@@ -325,9 +375,16 @@ def _rank(logprob: Any) -> int:
 
 
 def placeholder_tokens(tokenizer: Any) -> list[str]:
-    """Special tokens that stand for another modality (``<image>``), as opposed to BOS/EOS/pad/unk."""
+    """Special tokens that stand for another modality (``<image>``, ``<xrag>``), not BOS/EOS/pad/unk."""
     markers = {getattr(tokenizer, n, None) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    return [t for t in tokenizer.all_special_tokens if t not in markers]
+    specials = [t for t in tokenizer.all_special_tokens if t not in markers]
+    return specials + [XRAG_TOKEN] * (XRAG_TOKEN not in specials)
+
+
+def as_xrag_placeholders(result: RetrievalResult) -> RetrievalResult:
+    """The result with each chunk's text replaced by the placeholder (same ``info``: it records what fit)."""
+    chunks = [chunk.model_copy(update={"text": XRAG_TOKEN}) for chunk in result.chunks]
+    return RetrievalResult(chunks=chunks, info=result.info)
 
 
 # Rebuilding a text-RAG prompt converges in one retry in practice; more would mean a template bug.

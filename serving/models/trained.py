@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["TRAINED_MODEL_DIR", "trained_model_path"]
+__all__ = ["TRAINED_MODEL_DIR", "TRAINED_PROJECTOR_DIR", "trained_model_path", "trained_projector_path"]
 
 TRAINED_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny-mllm"
+# Its xRAG projector for the bundled MiniLM encoder (``mmrag train-projector``).
+TRAINED_PROJECTOR_DIR = TRAINED_MODEL_DIR.parent / "tiny-mllm-xrag-minilm"
 
 
 def trained_model_path() -> Path:
     if not (TRAINED_MODEL_DIR / "model.safetensors").is_file():
         raise FileNotFoundError(f"no trained model at {TRAINED_MODEL_DIR}; run `mmrag train-tiny`")
     return TRAINED_MODEL_DIR
+
+
+def trained_projector_path() -> Path:
+    if not (TRAINED_PROJECTOR_DIR / "projector.safetensors").is_file():
+        raise FileNotFoundError(f"no xRAG projector at {TRAINED_PROJECTOR_DIR}; run `mmrag train-projector`")
+    return TRAINED_PROJECTOR_DIR

@@ -126,6 +126,21 @@ class TextRagConfig(_Strict):
     )
 
 
+class XragConfig(_Strict):
+    """xRAG mode: each retrieved chunk enters the prompt as one `<xrag>` token carrying its projected vector."""
+
+    projector: str | None = Field(
+        default=None,
+        description="Directory of an xRAG projector (`mmrag train-projector`) trained for this encoder and "
+        "this LLM; checked against both when the LLM starts. None: no xRAG on this server.",
+    )
+    on_unavailable: Literal["error", "text"] = Field(
+        default="error",
+        description="A request for `xrag` with no projector configured: 'error' answers 400; 'text' serves "
+        "it as text RAG and says so in the response's `retrieval.mode_fallback`.",
+    )
+
+
 class RetrievalConfig(_Strict):
     """The retriever: Milvus connection, collection, index, encoder, chunking, text RAG, faults."""
 
@@ -156,9 +171,11 @@ class RetrievalConfig(_Strict):
     text_rag: TextRagConfig = Field(default_factory=TextRagConfig)
     xrag_encoder: EncoderConfig | None = Field(
         default=None,
-        description="Reserved for xRAG: a second encoder whose vectors (the projector's retrieval "
-        "space) fill the `xrag_vector` field at ingestion. None: collections have no such field.",
+        description="A second encoder whose vectors (the xRAG projector's input space) fill the "
+        "`xrag_vector` field at ingestion. None: xRAG reads the dense field (the projector was trained on "
+        "the retrieval encoder's own vectors).",
     )
+    xrag: XragConfig = Field(default_factory=XragConfig)
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Connecting to Milvus.")
     search_timeout_s: float = Field(default=5.0, gt=0, description="One retrieval (encode + search), end to end.")
     write_timeout_s: float = Field(default=120.0, gt=0, description="One upsert/delete/create call.")

@@ -45,7 +45,8 @@ class RetrievalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: RetrievalMode | None = Field(
-        default=None, description="'none': no retrieval; 'text': chunks in the prompt; 'xrag': not yet."
+        default=None,
+        description="'none': no retrieval; 'text': chunks in the prompt; 'xrag': one projected token per chunk.",
     )
     top_k: int | None = Field(default=None, gt=0, description="Chunks to retrieve (<= retrieval.max_top_k).")
     filter: str | None = Field(
@@ -69,6 +70,8 @@ class ResolvedOptions(BaseModel):
     filter: str | None
     collection: str
     hybrid: bool
+    # Set when the request's mode could not be served as asked (xrag without a projector -> text).
+    mode_fallback: str | None = None
 
 
 def resolve_options(options: RetrievalOptions | dict | None, config: RetrievalConfig) -> ResolvedOptions:
@@ -82,8 +85,11 @@ def resolve_options(options: RetrievalOptions | dict | None, config: RetrievalCo
         collection=options.collection or config.collection,
         hybrid=config.hybrid if options.hybrid is None else options.hybrid,
     )
-    if resolved.mode == "xrag":
-        raise UnsupportedModeError("retrieval mode 'xrag' is not available yet on this server; use 'text'")
+    if resolved.mode == "xrag" and config.xrag.projector is None:
+        reason = "no xRAG projector is configured for this server's encoder and LLM (retrieval.xrag.projector)"
+        if config.xrag.on_unavailable == "error":
+            raise UnsupportedModeError(f"retrieval mode 'xrag' is not available: {reason}; use 'text'")
+        resolved = resolved.model_copy(update={"mode": "text", "mode_fallback": f"xrag -> text: {reason}"})
     if resolved.top_k > config.max_top_k:
         raise RetrievalRequestError(
             f"top_k={resolved.top_k} exceeds this server's limit {config.max_top_k}", field="retrieval.top_k"
@@ -99,6 +105,7 @@ class RetrievedChunk(BaseModel):
     text: str
     source: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    vector: list[float] | None = Field(default=None, description="xrag mode: the chunk's xRAG-space vector.")
 
 
 class RetrievedDocument(BaseModel):
@@ -113,6 +120,7 @@ class RetrievalInfo(BaseModel):
     """The response extension ``"retrieval"``."""
 
     mode: RetrievalMode
+    mode_fallback: str | None = Field(default=None, description="Why the requested mode was not used.")
     collection: str | None = None
     hybrid: bool = False
     documents: list[RetrievedDocument] = Field(default_factory=list, description="Best first.")

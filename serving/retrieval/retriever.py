@@ -40,6 +40,7 @@ class Retriever:
     def __init__(self, config: RetrievalConfig, encoder: Encoder | None = None) -> None:
         self.config = config
         self.encoder = encoder or load_encoder(config.encoder)
+        self._check_projector()
         self._store: MilvusStore | None = None
         self._checked: set[str] = set()  # collections whose recorded encoder matched ours
         self._lock = threading.Lock()
@@ -49,7 +50,12 @@ class Retriever:
     async def retrieve(self, options: RetrievalOptions | dict | None, query_text: str) -> RetrievalResult:
         """Retrieve for one chat request. Raises a ``RetrievalError`` (see ``errors.py``) or degrades."""
         resolved = resolve_options(options, self.config)
-        info = RetrievalInfo(mode=resolved.mode, collection=resolved.collection, hybrid=resolved.hybrid)
+        info = RetrievalInfo(
+            mode=resolved.mode,
+            mode_fallback=resolved.mode_fallback,
+            collection=resolved.collection,
+            hybrid=resolved.hybrid,
+        )
         if resolved.mode == "none" or not query_text.strip():
             return RetrievalResult(info=info)
         try:
@@ -72,14 +78,22 @@ class Retriever:
         store = self._connected()
         try:
             self._check_collection(store, options.collection)
-            hits = store.search(options.collection, vector, query_text, options.top_k, options.filter, options.hybrid)
+            # xRAG reads the vectors its projector was trained on: the xRAG field if there is one, else the
+            # retrieval encoder's own (dense) field.
+            vectors = None if options.mode != "xrag" else ("xrag" if self.config.xrag_encoder else "dense")
+            hits = store.search(
+                options.collection, vector, query_text, options.top_k, options.filter, options.hybrid, vectors
+            )
         except StoreUnreachableError:
             self._disconnect(store)
             raise
         except CollectionNotFoundError:
             self._checked.discard(options.collection)
             raise
-        return [RetrievedChunk(id=h.id, score=h.score, text=h.text, source=h.source, metadata=h.metadata) for h in hits]
+        return [
+            RetrievedChunk(id=h.id, score=h.score, text=h.text, source=h.source, metadata=h.metadata, vector=h.vector)
+            for h in hits
+        ]
 
     def _degrade_or_raise(self, error: RetrievalError, info: RetrievalInfo) -> RetrievalResult:
         if not (error.degradable and self.config.on_failure == "degrade"):
@@ -88,6 +102,18 @@ class Retriever:
         info.degraded = True
         info.degraded_reason = f"{type(error).__name__}: {error}"
         return RetrievalResult(info=info)
+
+    def _check_projector(self) -> None:
+        """Refuse, at start, an xRAG projector trained on another encoder's vectors than xRAG will read.
+
+        Without ``xrag_encoder`` xRAG reads the dense field (this encoder); with it, the collection's
+        ``xrag_vector`` field, whose encoder each collection records (checked by ``check_encoder``).
+        """
+        if self.config.xrag.projector is None or self.config.xrag_encoder is not None:
+            return
+        from mmrag.serving.xrag.projector import read_card
+
+        read_card(self.config.xrag.projector).check(encoder=self.encoder.name, encoder_dim=self.encoder.dim)
 
     # -- the store -------------------------------------------------------------------------------
 

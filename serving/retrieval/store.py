@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mmrag.serving.retrieval.config import RetrievalConfig
 from mmrag.serving.retrieval.errors import (
@@ -64,7 +64,7 @@ class Hit:
     text: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-    xrag_vector: list[float] | None = None
+    vector: list[float] | None = None  # the field a search asked for (`vectors`)
 
 
 @dataclass(frozen=True)
@@ -260,14 +260,15 @@ class MilvusStore:
         top_k: int,
         filter: str | None = None,
         hybrid: bool = False,
-        with_xrag: bool = False,
+        vectors: Literal["xrag", "dense"] | None = None,
     ) -> list[Hit]:
-        """Dense search, or dense + BM25 fused with RRF when ``hybrid``; best first."""
+        """Dense search, or dense + BM25 fused with RRF when ``hybrid``; best first. ``vectors``: also
+        return each hit's vector from that field (``Hit.vector``)."""
         from pymilvus import AnnSearchRequest, RRFRanker
 
         index = self.config.index
         dense_params = {"metric_type": index.metric, "params": index.search_params(top_k)}
-        output = OUTPUT_FIELDS + (["xrag_vector"] if with_xrag else [])
+        output = OUTPUT_FIELDS + ([_VECTOR_FIELDS[vectors]] if vectors else [])
         timeout = self.config.search_timeout_s
         with self._translate("search", collection=name, filter=filter):
             self._ensure_loaded(name)
@@ -357,6 +358,9 @@ def quote_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_VECTOR_FIELDS = {"xrag": "xrag_vector", "dense": "dense"}
+
+
 def _hit(raw: dict[str, Any]) -> Hit:
     entity = raw.get("entity", {})
     return Hit(
@@ -365,7 +369,7 @@ def _hit(raw: dict[str, Any]) -> Hit:
         text=entity.get("text", ""),
         source=entity.get("source", ""),
         metadata=entity.get("metadata") or {},
-        xrag_vector=[float(x) for x in entity["xrag_vector"]] if "xrag_vector" in entity else None,
+        vector=next(([float(x) for x in entity[f]] for f in _VECTOR_FIELDS.values() if f in entity), None),
     )
 
 

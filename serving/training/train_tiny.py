@@ -28,7 +28,7 @@ from mmrag.serving.training.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "evaluate", "train_tiny", "trained_spec"]
+__all__ = ["TrainConfig", "evaluate", "exact_match", "train_tiny", "trained_spec"]
 
 
 def trained_spec(seed: int, vocab_size: int) -> TinyLlavaSpec:
@@ -173,7 +173,7 @@ def _train_step(model, optimizer, batches: list[Batch], config: TrainConfig) -> 
     return total
 
 
-def _exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: every answer token (and the eos) is the argmax."""
     target = labels[:, 1:]
     wrong = (logits[:, :-1].argmax(-1) != target) & (target != -100)
@@ -205,7 +205,7 @@ def evaluate(
             ]
             batch = collate([encode_task(t, tokenizer, tokens_per_image) for t in tasks], tokenizer.pad_token_id)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                hits += int(_exact(_forward(model, batch), batch.labels).sum())
+                hits += int(exact_match(_forward(model, batch), batch.labels).sum())
         accuracy[family] = hits / per_family
     accuracy["mean"] = sum(accuracy.values()) / len(FAMILIES)
     return accuracy

@@ -11,15 +11,23 @@ Registered (pinned to vLLM 0.32):
 - ``AimLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.model.AimLlava`: LLaVA
   (CLIP/SigLIP towers) with AIM stage (a), the bipartite visual-token merge, at a keep ratio set per
   deployment (``hf_overrides["aim_keep_ratio"]``) and per request (``mm_processor_kwargs``).
+- ``XragLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragLlava`: the AIM model
+  plus xRAG's ``retrieval`` modality (one ``<xrag>`` token per retrieved document, embedded as
+  ``projector(vector)`` inside the model), configured by ``hf_overrides["xrag_projector"]`` (a projector
+  directory) and ``hf_overrides["xrag_token_index"]``.
 """
 
 from __future__ import annotations
 
-__all__ = ["AIM_ARCHITECTURE", "MODELS", "register"]
+__all__ = ["AIM_ARCHITECTURE", "MODELS", "XRAG_ARCHITECTURE", "register"]
 
 AIM_ARCHITECTURE = "AimLlavaForConditionalGeneration"
+XRAG_ARCHITECTURE = "XragLlavaForConditionalGeneration"
 # Architecture name -> "module:Class", imported lazily by vLLM's model registry.
-MODELS = {AIM_ARCHITECTURE: "mmrag.serving.vllm_plugin.model:AimLlava"}
+MODELS = {
+    AIM_ARCHITECTURE: "mmrag.serving.vllm_plugin.model:AimLlava",
+    XRAG_ARCHITECTURE: "mmrag.serving.vllm_plugin.xrag:XragLlava",
+}
 
 
 def register() -> None:

@@ -20,7 +20,7 @@ from tests.batch.conftest import (
 )
 
 TOTAL = 40
-KILL_AFTER_LINES = 8
+KILL_AFTER_LINES = 4
 WAIT_S = 120
 
 
@@ -37,8 +37,9 @@ def wait_for_lines(path, count: int, process: subprocess.Popen, log) -> int:
 
 @pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_kill_then_resume_loses_and_duplicates_nothing(tmp_path, kill_signal):
-    # Each request holds the engine 0.3 s and four run at once: the kill lands mid-run.
-    source = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"q{i:02d}", "sleep 0.3") for i in range(TOTAL)])
+    # Each request holds the engine 1 s and four run at once: the kill lands with 9 s of work left, a
+    # margin even on a loaded machine (at 0.3 s a CI run once finished the batch before its SIGINT).
+    source = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"q{i:02d}", "sleep 1.0") for i in range(TOTAL)])
     output = tmp_path / "out.jsonl"
     log = tmp_path / "batch.log"
     command = batch_command(str(source), str(output), "--engine", FAKE_ENGINE, "--concurrency", "4")

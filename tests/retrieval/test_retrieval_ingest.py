@@ -148,8 +148,10 @@ def test_xrag_vector_field_is_filled_when_configured(corpus_dir, store, encoder,
     props = store.properties(rconfig.collection)
     assert props["mmrag.xrag_encoder"] == "xrag-space" and props["mmrag.xrag_dim"] == "384"
     query = "grey heron"
-    (hit,) = store.search(rconfig.collection, encoder.encode([query])[0], query, 1, with_xrag=True)
-    np.testing.assert_allclose(hit.xrag_vector, xrag.encode([hit.text])[0], atol=1e-5)
+    (hit,) = store.search(rconfig.collection, encoder.encode([query])[0], query, 1, vectors="xrag")
+    np.testing.assert_allclose(hit.vector, xrag.encode([hit.text])[0], atol=1e-5)
+    (hit,) = store.search(rconfig.collection, encoder.encode([query])[0], query, 1, vectors="dense")
+    np.testing.assert_allclose(hit.vector, encoder.encode([hit.text])[0], atol=1e-5)
     with pytest.raises(EncoderMismatchError, match="xRAG"):
         store.check_encoder(rconfig.collection, encoder, _OtherEncoder(encoder, name="another"))
 

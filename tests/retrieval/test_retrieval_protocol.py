@@ -55,8 +55,16 @@ def test_options_take_config_defaults_and_reject_unknown_fields():
         RetrievalOptions.model_validate({"mode": "text", "topk": 3})
     with pytest.raises(ValidationError):
         RetrievalOptions.model_validate({"collection": "bad name; drop"})
-    with pytest.raises(errors.UnsupportedModeError):
+    with pytest.raises(errors.UnsupportedModeError, match=r"retrieval\.xrag\.projector"):
         resolve_options({"mode": "xrag"}, config)
+
+
+def test_xrag_without_projector_falls_back_to_text_when_configured():
+    config = RetrievalConfig.model_validate({"xrag": {"on_unavailable": "text"}})
+    resolved = resolve_options({"mode": "xrag"}, config)
+    assert resolved.mode == "text" and "xrag -> text" in resolved.mode_fallback
+    served = RetrievalConfig.model_validate({"xrag": {"projector": "/some/projector"}})
+    assert resolve_options({"mode": "xrag"}, served).mode == "xrag"
 
 
 def test_template_in_rank_order_as_system_message():

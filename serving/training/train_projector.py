@@ -1,0 +1,322 @@
+"""``mmrag train-projector``: train an xRAG projector for one (encoder, LLM) pair; both stay frozen.
+
+The two stages of xRAG (research note ``xrag_milvus.md`` section 1), on the knowledge family's documents:
+
+1. **Paraphrase pretraining**: the prompt holds one document as a single ``<xrag>`` token and asks for it
+   back; the target is the document's text (NLL only). The projector learns to put what the encoder kept
+   of a document where the LLM reads it.
+2. **Context-aware instruction tuning with self-distillation**: knowledge questions over 1-3 documents,
+   each one ``<xrag>`` token, answered by the student; the teacher is the same frozen LLM reading the
+   documents as text RAG puts them. Loss = NLL of the answers + ``kl_weight`` * KL(teacher || student) on
+   the answer tokens (the student's and the teacher's answers are the same tokens, so positions pair up).
+
+Prompts are built exactly as the server builds them (:func:`~mmrag.serving.tasks.chat.context_text` with
+``<xrag>`` in place of each document's text), so the projector is served in the form it was trained in.
+The documents of a pool of training tasks are encoded once (the encoder is the slow part on a CPU); every
+step draws from the pool with a generator seeded by the step, so a resumed run sees the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmrag.serving.tasks import Task, make_task
+from mmrag.serving.training.data import Batch, EncodedTask, collate, encode_task
+from mmrag.serving.training.train_tiny import exact_match
+from mmrag.serving.xrag.projector import (
+    XRAG_TOKEN,
+    ProjectorCard,
+    XragProjector,
+    add_placeholder_token,
+    llm_identity,
+    save_projector,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ProjectorTrainConfig", "XragData", "evaluate_xrag", "train_projector", "xrag_view"]
+
+PARAPHRASE_QUESTION = "Repeat document 1."
+
+
+@dataclass(frozen=True)
+class ProjectorTrainConfig:
+    seed: int = 0
+    paraphrase_steps: int = 400
+    instruct_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    kl_weight: float = 2.0  # xRAG's published weight (NLL 1.0 + KL 2.0)
+    pool_tasks: int = 3000  # training tasks whose documents are encoded once
+    max_documents: int = 3
+    follow_ups: int = 2
+    eval_tasks: int = 128
+    eval_every: int = 500
+    checkpoint_every: int = 250
+
+    @property
+    def steps(self) -> int:
+        return self.paraphrase_steps + self.instruct_steps
+
+
+def xrag_view(task: Task) -> Task:
+    """The task as an xRAG prompt: each document's text replaced by the one placeholder token."""
+    return dataclasses.replace(task, documents=(XRAG_TOKEN,) * len(task.documents))
+
+
+def paraphrase_task(document: str) -> Task:
+    return Task("knowledge", "train", (PARAPHRASE_QUESTION,), document, documents=(document,), relevant=0)
+
+
+@dataclass
+class XragData:
+    """Tokenizer, placeholder id and document vectors: what turns tasks into student/teacher batches."""
+
+    tokenizer: object
+    xrag_id: int
+    vectors: dict[str, np.ndarray]  # document text -> encoder vector
+
+    def student(self, task: Task, follow_ups: Sequence[tuple[str, str]] = ()) -> tuple[EncodedTask, np.ndarray]:
+        encoded = encode_task(xrag_view(task), self.tokenizer, 1, follow_ups)
+        return encoded, np.stack([self.vectors[d] for d in task.documents])
+
+    def teacher(self, task: Task, follow_ups: Sequence[tuple[str, str]] = ()) -> EncodedTask:
+        return encode_task(task, self.tokenizer, 1, follow_ups)
+
+
+def student_embeddings(llm, batch: Batch, vectors: torch.Tensor, projector: XragProjector, xrag_id: int):
+    """The batch's input embeddings with each ``<xrag>`` row (row-major order) set to its projected vector."""
+    embeds = llm.get_input_embeddings()(batch.input_ids)
+    mask = batch.input_ids == xrag_id
+    if int(mask.sum()) != len(vectors):
+        raise ValueError(f"{int(mask.sum())} {XRAG_TOKEN} tokens for {len(vectors)} document vectors")
+    projected = projector(vectors).to(embeds.dtype)
+    return embeds.masked_scatter(mask[..., None], projected)
+
+
+def _logits(llm, batch: Batch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    if inputs_embeds is None:
+        return llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return llm(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask).logits
+
+
+def _answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(T, V)``: the logits that predict each answer token, row-major."""
+    return logits[:, :-1][labels[:, 1:] != -100].float()
+
+
+def _answer_targets(labels: torch.Tensor) -> torch.Tensor:
+    return labels[:, 1:][labels[:, 1:] != -100]
+
+
+def _stack_vectors(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(arrays)).float()
+
+
+def _lr_at(config: ProjectorTrainConfig, step: int) -> float:
+    """Warmup then cosine, restarted at the instruction stage (a new objective)."""
+    stage_start, stage_steps = (
+        (0, config.paraphrase_steps)
+        if step < config.paraphrase_steps
+        else (
+            config.paraphrase_steps,
+            config.instruct_steps,
+        )
+    )
+    local = step - stage_start
+    if local < config.warmup_steps:
+        return config.lr * (local + 1) / config.warmup_steps
+    progress = (local - config.warmup_steps) / max(1, stage_steps - config.warmup_steps)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _pool(config: ProjectorTrainConfig) -> list[Task]:
+    return [
+        make_task("knowledge", i, split="train", seed=config.seed, max_documents=config.max_documents)
+        for i in range(config.pool_tasks)
+    ]
+
+
+def encode_documents(encoder, documents: Sequence[str], progress: bool) -> dict[str, np.ndarray]:
+    """Document text -> vector, as ingestion stores it (document prefix, the encoder's normalisation)."""
+    from tqdm import tqdm
+
+    unique = list(dict.fromkeys(documents))
+    vectors: dict[str, np.ndarray] = {}
+    step = 256
+    for start in tqdm(range(0, len(unique), step), disable=not progress, desc="encode documents"):
+        chunk = unique[start : start + step]
+        vectors.update(zip(chunk, encoder.encode(chunk), strict=True))
+    return vectors
+
+
+def _paraphrase_loss(llm, projector, data: XragData, tasks: list[Task]) -> torch.Tensor:
+    documents = [task.documents[task.relevant or 0] for task in tasks]
+    pairs = [data.student(paraphrase_task(d)) for d in documents]
+    batch = collate([p[0] for p in pairs], data.tokenizer.pad_token_id)
+    embeds = student_embeddings(llm, batch, _stack_vectors([p[1] for p in pairs]), projector, data.xrag_id)
+    logits = _answer_logits(_logits(llm, batch, embeds), batch.labels)
+    return torch.nn.functional.cross_entropy(logits, _answer_targets(batch.labels))
+
+
+def _instruct_loss(
+    llm, projector, data: XragData, tasks: list[Task], follow_ups: list[list[tuple[str, str]]], kl_weight: float
+) -> torch.Tensor:
+    pairs = [data.student(t, f) for t, f in zip(tasks, follow_ups, strict=True)]
+    student = collate([p[0] for p in pairs], data.tokenizer.pad_token_id)
+    teacher = collate([data.teacher(t, f) for t, f in zip(tasks, follow_ups, strict=True)], data.tokenizer.pad_token_id)
+    embeds = student_embeddings(llm, student, _stack_vectors([p[1] for p in pairs]), projector, data.xrag_id)
+    student_logits = _answer_logits(_logits(llm, student, embeds), student.labels)
+    with torch.no_grad():
+        teacher_logits = _answer_logits(_logits(llm, teacher), teacher.labels)
+    nll = torch.nn.functional.cross_entropy(student_logits, _answer_targets(student.labels))
+    kl = torch.nn.functional.kl_div(
+        student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    return nll + kl_weight * kl
+
+
+def _step_tasks(config: ProjectorTrainConfig, pool: list[Task], step: int):
+    rng = random.Random(f"{config.seed}:xrag:{step}")
+    tasks = [pool[rng.randrange(len(pool))] for _ in range(config.batch_size)]
+    follow_ups = [rng.sample(t.follow_ups, min(config.follow_ups, len(t.follow_ups))) for t in tasks]
+    return tasks, follow_ups
+
+
+@torch.no_grad()
+def evaluate_xrag(llm, projector, data: XragData, tasks: Sequence[Task], batch_size: int = 32) -> dict[str, float]:
+    """Exact match (teacher-forced, all answer tokens argmax) with no documents, as text, and as xRAG."""
+    hits = {"none": 0, "text": 0, "xrag": 0}
+    for start in range(0, len(tasks), batch_size):
+        group = list(tasks[start : start + batch_size])
+        pad = data.tokenizer.pad_token_id
+        bare = collate([data.teacher(dataclasses.replace(t, documents=())) for t in group], pad)
+        hits["none"] += int(exact_match(_logits(llm, bare), bare.labels).sum())
+        text = collate([data.teacher(t) for t in group], pad)
+        hits["text"] += int(exact_match(_logits(llm, text), text.labels).sum())
+        pairs = [data.student(t) for t in group]
+        student = collate([p[0] for p in pairs], pad)
+        embeds = student_embeddings(llm, student, _stack_vectors([p[1] for p in pairs]), projector, data.xrag_id)
+        hits["xrag"] += int(exact_match(_logits(llm, student, embeds), student.labels).sum())
+    return {mode: count / len(tasks) for mode, count in hits.items()}
+
+
+def heldout_tasks(config: ProjectorTrainConfig) -> list[Task]:
+    return [
+        make_task("knowledge", i, split="heldout", seed=config.seed, max_documents=config.max_documents)
+        for i in range(config.eval_tasks)
+    ]
+
+
+def load_frozen_llm(model_path: str | Path):
+    """The LLM in fp32, every parameter frozen (gradients flow through it to the projector only)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    llm = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    for parameter in llm.parameters():
+        parameter.requires_grad_(False)
+    return llm, AutoTokenizer.from_pretrained(str(model_path))
+
+
+def train_projector(
+    out: str | Path,
+    model_path: str | Path,
+    encoder,
+    config: ProjectorTrainConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict | None:
+    """Train, evaluate on held-out knowledge tasks, write the projector to ``out``; returns the summary.
+
+    Adds the ``<xrag>`` token to the checkpoint's tokenizer first (idempotent; see
+    :func:`~mmrag.serving.xrag.projector.add_placeholder_token`). ``stop_after``: leave after that step
+    with a resumable checkpoint (returns ``None``).
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    state_path = out / "train_state.pt"
+    xrag_id = add_placeholder_token(model_path)
+    llm, tokenizer = load_frozen_llm(model_path)
+    torch.manual_seed(config.seed)
+    pool, evaluation = _pool(config), heldout_tasks(config)
+    documents = [d for t in [*pool, *evaluation] for d in t.documents]
+    data = XragData(tokenizer, xrag_id, encode_documents(encoder, documents, progress))
+    identity = llm_identity(model_path)
+    projector = XragProjector(encoder.dim, identity.hidden_size)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.0)
+    start, history, elapsed = 0, [], 0.0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        projector.load_state_dict(state["projector"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history, elapsed = state["step"], state["history"], state["elapsed_s"]
+        logger.info("resumed from %s at step %d", state_path, start)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter() - elapsed
+    running = None
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress, desc="xrag")
+    for step in bar:
+        projector.train()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(config, step)
+        tasks, follow_ups = _step_tasks(config, pool, step)
+        stage = "paraphrase" if step < config.paraphrase_steps else "instruct"
+        if stage == "paraphrase":
+            loss = _paraphrase_loss(llm, projector, data, tasks)
+        else:
+            loss = _instruct_loss(llm, projector, data, tasks, follow_ups, config.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
+        optimizer.step()
+        running = (
+            loss.item() if running is None or step == config.paraphrase_steps else 0.95 * running + 0.05 * loss.item()
+        )
+        bar.set_postfix(stage=stage, loss=f"{running:.3f}")
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            accuracy = evaluate_xrag(llm, projector.eval(), data, evaluation)
+            history.append({"step": done, "stage": stage, "loss": running, "heldout": accuracy})
+            bar.write(
+                f"step {done} ({stage}): loss {running:.3f} heldout "
+                + " ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
+            )
+        if (done % config.checkpoint_every == 0 or done == stop_after) and done < config.steps:
+            state = {
+                "projector": projector.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": done,
+                "history": history,
+                "elapsed_s": time.perf_counter() - began,
+            }
+            torch.save(state, state_path)
+            if done == stop_after:
+                bar.close()
+                return None
+    summary = {
+        "config": asdict(config),
+        "train_seconds": time.perf_counter() - began,
+        "history": history,
+        "heldout": history[-1]["heldout"] if history else None,
+    }
+    card = ProjectorCard(encoder.name, encoder.dim, identity, training=summary)
+    save_projector(projector.eval(), card, out)
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    state_path.unlink(missing_ok=True)
+    return summary
