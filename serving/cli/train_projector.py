@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paraphrase-steps", type=int, default=defaults.paraphrase_steps)
     parser.add_argument("--instruct-steps", type=int, default=defaults.instruct_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--device", default="cpu", help="torch device for the LLM and projector (e.g. cuda).")
     parser.add_argument("--no-resume", action="store_true", help="Ignore a checkpoint left by an interrupted run.")
     # The encoder is the config's (retrieval.xrag_encoder, else retrieval.encoder): the one serving will use.
     add_config_arguments(parser)
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     out = args.out or TRAINED_PROJECTOR_DIR
-    summary = train_projector(out, args.model or TRAINED_MODEL_DIR, encoder, config, resume=not args.no_resume)
+    summary = train_projector(
+        out, args.model or TRAINED_MODEL_DIR, encoder, config, resume=not args.no_resume, device=args.device
+    )
     accuracy = " ".join(f"{k} {v:.3f}" for k, v in (summary["heldout"] or {}).items())
     print(f"wrote {out} in {summary['train_seconds']:.0f} s; held-out knowledge exact match: {accuracy}")
     return 0

@@ -16,6 +16,7 @@ from mmrag.serving.retrieval.config import RetrievalConfig
 from mmrag.serving.retrieval.encoders import Encoder, load_encoder
 from mmrag.serving.retrieval.errors import (
     CollectionNotFoundError,
+    EncoderMismatchError,
     RetrievalError,
     RetrievalTimeoutError,
     StoreUnreachableError,
@@ -42,7 +43,7 @@ class Retriever:
         self.encoder = encoder or load_encoder(config.encoder)
         self._check_projector()
         self._store: MilvusStore | None = None
-        self._checked: set[str] = set()  # collections whose recorded encoder matched ours
+        self._checked: set[str | tuple[str, str]] = set()  # collections whose recorded encoder matched ours
         self._lock = threading.Lock()
 
     # -- the request path --------------------------------------------------------------------
@@ -81,6 +82,8 @@ class Retriever:
             # xRAG reads the vectors its projector was trained on: the xRAG field if there is one, else the
             # retrieval encoder's own (dense) field.
             vectors = None if options.mode != "xrag" else ("xrag" if self.config.xrag_encoder else "dense")
+            if vectors == "xrag":
+                self._check_xrag_field(store, options.collection)
             hits = store.search(
                 options.collection, vector, query_text, options.top_k, options.filter, options.hybrid, vectors
             )
@@ -89,6 +92,7 @@ class Retriever:
             raise
         except CollectionNotFoundError:
             self._checked.discard(options.collection)
+            self._checked.discard(("xrag", options.collection))
             raise
         return [
             RetrievedChunk(id=h.id, score=h.score, text=h.text, source=h.source, metadata=h.metadata, vector=h.vector)
@@ -114,6 +118,20 @@ class Retriever:
         from mmrag.serving.xrag.projector import read_card
 
         read_card(self.config.xrag.projector).check(encoder=self.encoder.name, encoder_dim=self.encoder.dim)
+
+    def _check_xrag_field(self, store: MilvusStore, collection: str) -> None:
+        """The collection's ``xrag_vector`` field must hold the vectors the projector was trained on."""
+        if ("xrag", collection) in self._checked:
+            return
+        from mmrag.serving.xrag.projector import ProjectorMismatchError, read_card
+
+        props = store.properties(collection)
+        recorded = (props.get("mmrag.xrag_encoder"), props.get("mmrag.xrag_dim"))
+        try:
+            read_card(self.config.xrag.projector).check(encoder=recorded[0], encoder_dim=int(recorded[1] or 0))
+        except ProjectorMismatchError as exc:
+            raise EncoderMismatchError(f"collection {collection!r}: {exc}") from exc
+        self._checked.add(("xrag", collection))
 
     # -- the store -------------------------------------------------------------------------------
 

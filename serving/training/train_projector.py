@@ -88,6 +88,17 @@ class XragData:
     tokenizer: object
     xrag_id: int
     vectors: dict[str, np.ndarray]  # document text -> encoder vector
+    device: str = "cpu"
+
+    def batch(self, items: Sequence[EncodedTask]) -> Batch:
+        """Right-padded, on the training device."""
+        batch = collate(items, self.tokenizer.pad_token_id)
+        return Batch(
+            batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.labels.to(self.device), None
+        )
+
+    def stack(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(arrays)).float().to(self.device)
 
     def student(self, task: Task, follow_ups: Sequence[tuple[str, str]] = ()) -> tuple[EncodedTask, np.ndarray]:
         encoded = encode_task(xrag_view(task), self.tokenizer, 1, follow_ups)
@@ -120,10 +131,6 @@ def _answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _answer_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:][labels[:, 1:] != -100]
-
-
-def _stack_vectors(arrays: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate(arrays)).float()
 
 
 def _lr_at(config: ProjectorTrainConfig, step: int) -> float:
@@ -166,8 +173,8 @@ def encode_documents(encoder, documents: Sequence[str], progress: bool) -> dict[
 def _paraphrase_loss(llm, projector, data: XragData, tasks: list[Task]) -> torch.Tensor:
     documents = [task.documents[task.relevant or 0] for task in tasks]
     pairs = [data.student(paraphrase_task(d)) for d in documents]
-    batch = collate([p[0] for p in pairs], data.tokenizer.pad_token_id)
-    embeds = student_embeddings(llm, batch, _stack_vectors([p[1] for p in pairs]), projector, data.xrag_id)
+    batch = data.batch([p[0] for p in pairs])
+    embeds = student_embeddings(llm, batch, data.stack([p[1] for p in pairs]), projector, data.xrag_id)
     logits = _answer_logits(_logits(llm, batch, embeds), batch.labels)
     return torch.nn.functional.cross_entropy(logits, _answer_targets(batch.labels))
 
@@ -176,9 +183,9 @@ def _instruct_loss(
     llm, projector, data: XragData, tasks: list[Task], follow_ups: list[list[tuple[str, str]]], kl_weight: float
 ) -> torch.Tensor:
     pairs = [data.student(t, f) for t, f in zip(tasks, follow_ups, strict=True)]
-    student = collate([p[0] for p in pairs], data.tokenizer.pad_token_id)
-    teacher = collate([data.teacher(t, f) for t, f in zip(tasks, follow_ups, strict=True)], data.tokenizer.pad_token_id)
-    embeds = student_embeddings(llm, student, _stack_vectors([p[1] for p in pairs]), projector, data.xrag_id)
+    student = data.batch([p[0] for p in pairs])
+    teacher = data.batch([data.teacher(t, f) for t, f in zip(tasks, follow_ups, strict=True)])
+    embeds = student_embeddings(llm, student, data.stack([p[1] for p in pairs]), projector, data.xrag_id)
     student_logits = _answer_logits(_logits(llm, student, embeds), student.labels)
     with torch.no_grad():
         teacher_logits = _answer_logits(_logits(llm, teacher), teacher.labels)
@@ -202,14 +209,13 @@ def evaluate_xrag(llm, projector, data: XragData, tasks: Sequence[Task], batch_s
     hits = {"none": 0, "text": 0, "xrag": 0}
     for start in range(0, len(tasks), batch_size):
         group = list(tasks[start : start + batch_size])
-        pad = data.tokenizer.pad_token_id
-        bare = collate([data.teacher(dataclasses.replace(t, documents=())) for t in group], pad)
+        bare = data.batch([data.teacher(dataclasses.replace(t, documents=())) for t in group])
         hits["none"] += int(exact_match(_logits(llm, bare), bare.labels).sum())
-        text = collate([data.teacher(t) for t in group], pad)
+        text = data.batch([data.teacher(t) for t in group])
         hits["text"] += int(exact_match(_logits(llm, text), text.labels).sum())
         pairs = [data.student(t) for t in group]
-        student = collate([p[0] for p in pairs], pad)
-        embeds = student_embeddings(llm, student, _stack_vectors([p[1] for p in pairs]), projector, data.xrag_id)
+        student = data.batch([p[0] for p in pairs])
+        embeds = student_embeddings(llm, student, data.stack([p[1] for p in pairs]), projector, data.xrag_id)
         hits["xrag"] += int(exact_match(_logits(llm, student, embeds), student.labels).sum())
     return {mode: count / len(tasks) for mode, count in hits.items()}
 
@@ -240,6 +246,7 @@ def train_projector(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    device: str = "cpu",
 ) -> dict | None:
     """Train, evaluate on held-out knowledge tasks, write the projector to ``out``; returns the summary.
 
@@ -253,16 +260,17 @@ def train_projector(
     state_path = out / "train_state.pt"
     xrag_id = add_placeholder_token(model_path)
     llm, tokenizer = load_frozen_llm(model_path)
+    llm.to(device)
     torch.manual_seed(config.seed)
     pool, evaluation = _pool(config), heldout_tasks(config)
     documents = [d for t in [*pool, *evaluation] for d in t.documents]
-    data = XragData(tokenizer, xrag_id, encode_documents(encoder, documents, progress))
+    data = XragData(tokenizer, xrag_id, encode_documents(encoder, documents, progress), device)
     identity = llm_identity(model_path)
-    projector = XragProjector(encoder.dim, identity.hidden_size)
+    projector = XragProjector(encoder.dim, identity.hidden_size).to(device)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.0)
     start, history, elapsed = 0, [], 0.0
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, elapsed = state["step"], state["history"], state["elapsed_s"]
@@ -316,7 +324,7 @@ def train_projector(
         "heldout": history[-1]["heldout"] if history else None,
     }
     card = ProjectorCard(encoder.name, encoder.dim, identity, training=summary)
-    save_projector(projector.eval(), card, out)
+    save_projector(projector.eval().cpu(), card, out)
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     state_path.unlink(missing_ok=True)
     return summary

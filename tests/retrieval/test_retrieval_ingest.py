@@ -168,3 +168,48 @@ def test_reopened_lite_file_serves_the_same_data(corpus_dir, encoder, rconfig):
         assert ingest(corpus_dir, second, encoder, rconfig).new_chunks == 0
     finally:
         second.close()
+
+
+def _projector_card(directory, encoder_name: str):
+    from mmrag.serving.xrag.projector import LlmIdentity, ProjectorCard, XragProjector, save_projector
+
+    return save_projector(XragProjector(384, 8), ProjectorCard(encoder_name, 384, LlmIdentity("m", 8, 16)), directory)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_xrag_retrieval_returns_the_vectors_the_projector_reads(tmp_path, corpus_dir, store, encoder, rconfig, hybrid):
+    import asyncio
+
+    from mmrag.serving.retrieval.config import RetrievalConfig
+    from mmrag.serving.retrieval.retriever import Retriever
+
+    xrag = _OtherEncoder(encoder, name="xrag-space")
+    ingest(corpus_dir, store, encoder, rconfig, xrag_encoder=xrag)
+    store.close()  # one Lite client per file: the retriever opens its own
+    options = {"mode": "xrag", "top_k": 2, "hybrid": hybrid}
+
+    def retriever(projector_encoder: str, xrag_encoder) -> Retriever:
+        projector = _projector_card(tmp_path / projector_encoder, projector_encoder)
+        config = {**rconfig.model_dump(), "xrag": {"projector": str(projector)}, "xrag_encoder": xrag_encoder}
+        return Retriever(RetrievalConfig.model_validate(config), encoder)
+
+    served = retriever("xrag-space", {"name": "minilm"})
+    try:
+        result = asyncio.run(served.retrieve(options, "grey heron"))
+        assert len(result.chunks) == 2
+        expected = xrag.encode([c.text for c in result.chunks])
+        np.testing.assert_allclose([c.vector for c in result.chunks], expected, atol=1e-5)
+    finally:
+        served.close()
+    wrong = retriever("other-space", {"name": "minilm"})
+    try:
+        with pytest.raises(EncoderMismatchError, match="other-space"):
+            asyncio.run(wrong.retrieve(options, "grey heron"))
+    finally:
+        wrong.close()
+    dense = retriever(encoder.name, None)  # no xRAG encoder: the dense field, the retrieval encoder's vectors
+    try:
+        result = asyncio.run(dense.retrieve(options, "grey heron"))
+        np.testing.assert_allclose(result.chunks[0].vector, encoder.encode([result.chunks[0].text])[0], atol=1e-5)
+    finally:
+        dense.close()

@@ -43,3 +43,44 @@ def test_register_is_idempotent() -> None:
     register()
     register()
     assert AIM_ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+
+def _xrag_config(projector, **retrieval) -> MmragConfig:
+    return MmragConfig.model_validate({"retrieval": {"xrag": {"projector": str(projector)}, **retrieval}})
+
+
+def test_xrag_selects_the_xrag_class_with_its_projector_and_token() -> None:
+    from mmrag.serving.models.trained import trained_model_path, trained_projector_path
+
+    args = build_engine_args(_xrag_config(trained_projector_path(), max_top_k=8), str(trained_model_path()))
+    assert args.hf_overrides == {
+        "architectures": ["XragLlavaForConditionalGeneration"],
+        "xrag_projector": str(trained_projector_path().resolve()),
+        "xrag_token_index": 512,
+        "aim_keep_ratio": 1.0,
+    }
+    assert args.limit_mm_per_prompt["retrieval"] == 8
+
+
+def test_xrag_refuses_a_projector_trained_for_another_llm(tiny_llava_path) -> None:
+    from mmrag.serving.models.trained import trained_projector_path
+    from mmrag.serving.xrag.projector import ProjectorMismatchError
+
+    with pytest.raises(ProjectorMismatchError, match="trained for the LLM"):
+        build_engine_args(_xrag_config(trained_projector_path()), str(tiny_llava_path))
+
+
+def test_xrag_needs_the_placeholder_token(tmp_path) -> None:
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from mmrag.serving.models.trained import trained_model_path, trained_projector_path
+
+    model = shutil.copytree(trained_model_path(), tmp_path / "tiny-mllm")  # same name: the card matches
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["content"] != "<xrag>"]
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert Tokenizer.from_file(str(model / "tokenizer.json")).token_to_id("<xrag>") is None
+    with pytest.raises(ValueError, match="train-projector"):
+        build_engine_args(_xrag_config(trained_projector_path()), str(model))

@@ -27,6 +27,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         assert row["xrag_over_text"]["ttft"] > 0
     four, eight = figures["cost"]["4"], figures["cost"]["8"]
     # Four more documents: framing plus one placeholder each in xRAG, whole documents as text.
-    assert eight["xrag"]["prompt_tokens"] - four["xrag"]["prompt_tokens"] < (
-        eight["text"]["prompt_tokens"] - four["text"]["prompt_tokens"]
-    ) / 2
+    assert (
+        eight["xrag"]["prompt_tokens"] - four["xrag"]["prompt_tokens"]
+        < (eight["text"]["prompt_tokens"] - four["text"]["prompt_tokens"]) / 2
+    )
