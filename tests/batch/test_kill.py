@@ -20,8 +20,12 @@ from tests.batch.conftest import (
 )
 
 TOTAL = 40
-KILL_AFTER_LINES = 4
+KILL_AFTER_LINES = 8
 WAIT_S = 120
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_lines(path, count: int, process: subprocess.Popen, log) -> int:
@@ -37,15 +41,21 @@ def wait_for_lines(path, count: int, process: subprocess.Popen, log) -> int:
 
 @pytest.mark.parametrize("kill_signal", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_kill_then_resume_loses_and_duplicates_nothing(tmp_path, kill_signal):
-    # Each request holds the engine 1 s and four run at once: the kill lands with 9 s of work left, a
-    # margin even on a loaded machine (at 0.3 s a CI run once finished the batch before its SIGINT).
-    source = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"q{i:02d}", "sleep 1.0") for i in range(TOTAL)])
+    # Each request holds the engine 0.3 s and four run at once: the kill lands mid-run.
+    source = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"q{i:02d}", "sleep 0.3") for i in range(TOTAL)])
     output = tmp_path / "out.jsonl"
     log = tmp_path / "batch.log"
     command = batch_command(str(source), str(output), "--engine", FAKE_ENGINE, "--concurrency", "4")
     with log.open("w") as sink:
         process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=batch_env(), start_new_session=True
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=batch_env(),
+            start_new_session=True,
+            # A shell that starts the suite in the background leaves SIGINT ignored, and an ignored signal
+            # is inherited: Python would then never raise KeyboardInterrupt in the batch process.
+            preexec_fn=_default_sigint,
         )
     try:
         wait_for_lines(output, KILL_AFTER_LINES, process, log)
