@@ -18,7 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "autoscaling": "mmrag.benchmarks.autoscaling",
     "batch": "mmrag.benchmarks.batch",
     "load": "mmrag.benchmarks.load",
-    "aim-vllm": "mmrag.benchmarks.aim_vllm",
+    "compression": "mmrag.benchmarks.compression",
     "accuracy": "mmrag.benchmarks.accuracy",
     "xrag": "mmrag.benchmarks.xrag",
 }
