@@ -56,3 +56,48 @@ def test_tiny_vllm_batch(tmp_path):
     assert too_long["response"]["body"]["error"]["code"] == "context_length_exceeded"
     placeholder = records["placeholder"]
     assert placeholder["response"]["status_code"] == 400 and placeholder["error"]["line"] == 10
+
+
+@pytest.mark.slow
+def test_xrag_batch_on_the_trained_model(tmp_path):
+    """Knowledge questions answered from documents retrieved from Milvus Lite, one ``<xrag>`` token each."""
+    from mmrag.serving.models.trained import trained_model_path, trained_projector_path
+    from mmrag.serving.tasks import make_task
+
+    tasks = [make_task("knowledge", i, split="heldout", max_documents=1) for i in range(8)]
+    corpus = tmp_path / "kb"
+    corpus.mkdir()
+    for i, task in enumerate(tasks):
+        (corpus / f"{i}.txt").write_text(task.documents[0])
+    overrides = [
+        f"model.path={trained_model_path()}",
+        "model.served_name=trained",
+        "engine.max_model_len=1024",
+        "engine.kv_cache_space_gib=1",
+        f"retrieval.uri={tmp_path / 'kb.db'}",
+        "retrieval.collection=kb",
+        "retrieval.ingest_demo_corpus=false",
+        f"retrieval.xrag.projector={trained_projector_path()}",
+    ]
+    settings = [a for o in overrides for a in ("--set", o)]
+    ingest = [*batch_command()[:3], "ingest", str(corpus), "--no-progress", *settings]
+    subprocess.run(ingest, check=True, capture_output=True, env=batch_env(), timeout=300)
+    lines = []
+    for i, task in enumerate(tasks):
+        for mode in ("xrag", "text"):
+            retrieval = {"mode": mode, "top_k": 2}
+            line = chat_line(f"{mode}{i}", task.question, max_tokens=8, temperature=0, retrieval=retrieval)
+            line["body"]["model"] = "trained"
+            lines.append(line)
+    output = tmp_path / "out.jsonl"
+    command = batch_command(str(write_jsonl(tmp_path / "in.jsonl", lines)), str(output), *settings)
+    result = subprocess.run(command, capture_output=True, text=True, env=batch_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert f"done={2 * len(tasks)} failed=0" in result.stdout
+    records = {key: record["response"]["body"] for key, record in by_custom_id(read_jsonl(output)).items()}
+    for i in range(len(tasks)):
+        xrag, text = records[f"xrag{i}"], records[f"text{i}"]
+        assert xrag["retrieval"]["mode"] == "xrag" and xrag["retrieval"]["context_documents"] == 2
+        assert [d["id"] for d in xrag["retrieval"]["documents"]] == [d["id"] for d in text["retrieval"]["documents"]]
+        # the same two documents, one token each instead of about 40
+        assert xrag["usage"]["prompt_tokens"] <= text["usage"]["prompt_tokens"] - 2 * 25
