@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -364,14 +365,13 @@ def _token_logprobs(choice: Any, top_k: int) -> tuple[TokenLogprob, ...]:
     for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=True):
         sampled = position[token_id]
         # The sampled token is in the dict even when it ranks below top_k; OpenAI's list holds exactly k.
-        ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top_k), key=_rank)
+        ranked = sorted(
+            (lp for lp in position.values() if lp.rank is not None and lp.rank <= top_k),
+            key=operator.attrgetter("rank"),
+        )
         top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
         out.append(TokenLogprob(sampled.decoded_token or "", sampled.logprob, top))
     return tuple(out)
-
-
-def _rank(logprob: Any) -> int:
-    return logprob.rank
 
 
 def placeholder_tokens(tokenizer: Any) -> list[str]:

@@ -43,7 +43,8 @@ class Retriever:
         self.encoder = encoder or load_encoder(config.encoder)
         self._check_projector()
         self._store: MilvusStore | None = None
-        self._checked: set[str | tuple[str, str]] = set()  # collections whose recorded encoder matched ours
+        self._checked: set[str] = set()  # collections whose recorded encoder matched ours
+        self._xrag_checked: set[str] = set()  # collections whose xrag_vector encoder matched the projector's
         self._lock = threading.Lock()
 
     # -- the request path --------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Retriever:
             raise
         except CollectionNotFoundError:
             self._checked.discard(options.collection)
-            self._checked.discard(("xrag", options.collection))
+            self._xrag_checked.discard(options.collection)
             raise
         return [
             RetrievedChunk(id=h.id, score=h.score, text=h.text, source=h.source, metadata=h.metadata, vector=h.vector)
@@ -111,7 +112,7 @@ class Retriever:
         """Refuse, at start, an xRAG projector trained on another encoder's vectors than xRAG will read.
 
         Without ``xrag_encoder`` xRAG reads the dense field (this encoder); with it, the collection's
-        ``xrag_vector`` field, whose encoder each collection records (checked by ``check_encoder``).
+        ``xrag_vector`` field, whose encoder each collection records (checked by ``_check_xrag_field``).
         """
         if self.config.xrag.projector is None or self.config.xrag_encoder is not None:
             return
@@ -121,7 +122,7 @@ class Retriever:
 
     def _check_xrag_field(self, store: MilvusStore, collection: str) -> None:
         """The collection's ``xrag_vector`` field must hold the vectors the projector was trained on."""
-        if ("xrag", collection) in self._checked:
+        if collection in self._xrag_checked:
             return
         from mmrag.serving.xrag.projector import ProjectorMismatchError, read_card
 
@@ -131,7 +132,7 @@ class Retriever:
             read_card(self.config.xrag.projector).check(encoder=recorded[0], encoder_dim=int(recorded[1] or 0))
         except ProjectorMismatchError as exc:
             raise EncoderMismatchError(f"collection {collection!r}: {exc}") from exc
-        self._checked.add(("xrag", collection))
+        self._xrag_checked.add(collection)
 
     # -- the store -------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Retriever:
                 return
             self._store = None
         self._checked.clear()
+        self._xrag_checked.clear()
         try:
             store.close()
         except Exception:  # already broken: closing is best effort
