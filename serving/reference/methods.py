@@ -134,6 +134,18 @@ class LookM:
             raise ValueError(f"unknown score source {self.score_from!r}")
         return sum_query_groups(per_query_head, k.shape[0])
 
+    def budget(self, is_image: torch.Tensor) -> LookMBudget:
+        """The budget for a prompt whose image entries are ``is_image`` (``(L,)`` bool)."""
+        if self.image_budget is None:
+            return LookMBudget.from_ratios(is_image.numel(), self.heavy_ratio, self.recent_ratio)
+        kept_images = image_keep_count(int(is_image.sum()), self.image_budget)
+        return LookMBudget(heavy=int((~is_image).sum()) + kept_images, recent=0)
+
+    def kept_count(self, is_image: torch.Tensor) -> int:
+        """Entries every layer and head keeps of such a prompt: what :meth:`compress` returns."""
+        budget, seq_len = self.budget(is_image), is_image.numel()
+        return budget.kept_count(seq_len, int((~is_image[: seq_len - budget.recent]).sum()))
+
     def compress(
         self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, is_image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,12 +158,7 @@ class LookM:
             ``(keys, values, positions)``: ``(Hkv, n_keep, D)`` twice and ``(Hkv, n_keep)`` the logical
             positions the kept entries came from.
         """
-        if self.image_budget is None:
-            budget = LookMBudget.from_ratios(keys.shape[1], self.heavy_ratio, self.recent_ratio)
-        else:
-            kept_images = image_keep_count(int(is_image.sum()), self.image_budget)
-            budget = LookMBudget(heavy=int((~is_image).sum()) + kept_images, recent=0)
-        keep_idx = text_prior_keep_indices(scores, is_image, budget)
+        keep_idx = text_prior_keep_indices(scores, is_image, self.budget(is_image))
         kept_k, kept_v = merge_evicted(keys, values, keep_idx, self.merge)
         return kept_k, kept_v, keep_idx
 

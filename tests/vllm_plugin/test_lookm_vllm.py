@@ -1,0 +1,182 @@
+"""LOOK-M inside vLLM (scheduler + worker of :mod:`mmrag.serving.vllm_plugin.lookm`) on the trained model.
+
+- greedy tokens and their log-probabilities over 24 decode steps (past block boundaries: 32-token
+  blocks) equal the reference engine running the same LOOK-M, in fp32; the same comparison against the
+  reference engine *without* LOOK-M fails, so the check sees the compaction;
+- the scheduler frees the tail blocks after the prefill, and the pool gets exactly the blocks back;
+- text-only prompts and requests that opt out keep their whole cache.
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the tests can read the
+scheduler's block pool.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from mmrag.serving.reference.methods import LookM
+from mmrag.serving.tasks import FAMILIES, make_task
+
+pytestmark = pytest.mark.slow
+
+BLOCK_SIZE = 32
+STEPS = 24
+SETTINGS = LookM(image_budget=0.25, score_from="chunked")
+# fp32 both sides; measured max |difference| of the chosen tokens' log-probabilities: 1.2e-6 (vs 6.8e-2 without LOOK-M).
+LOGPROB_ATOL = 1e-4
+
+
+def _tasks():
+    tasks = [make_task(family, i, split="heldout", max_images=4) for family in FAMILIES for i in range(2)]
+    return [task for task in tasks if task.images]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from vllm import LLM
+
+    from mmrag.serving.models.trained import trained_model_path
+    from mmrag.serving.vllm_plugin.lookm.budget import settings_as_additional_config
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = LLM(
+            model=str(trained_model_path()),
+            enforce_eager=True,
+            max_model_len=1024,
+            seed=0,
+            dtype="float32",
+            block_size=BLOCK_SIZE,
+            limit_mm_per_prompt={"image": 4},
+            scheduler_cls="mmrag.serving.vllm_plugin.lookm.scheduler.LookMScheduler",
+            worker_cls="mmrag.serving.vllm_plugin.lookm.worker.LookMWorker",
+            additional_config=settings_as_additional_config(SETTINGS),
+            enable_prefix_caching=False,
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=1024,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _prompt(task, processor) -> dict:
+    from PIL import Image
+
+    from mmrag.serving.tasks.chat import template_messages
+
+    prompt = {"prompt": processor.apply_chat_template(template_messages(task), add_generation_prompt=True)}
+    if task.images:
+        prompt["multi_modal_data"] = {"image": [Image.fromarray(px) for px in task.images]}
+    return prompt
+
+
+def _reference_logprobs(reference, task, tokenizer, steps: int) -> tuple[list[int], torch.Tensor]:
+    from mmrag.serving.training.data import encode_prompt, pixel_values
+
+    ids = torch.tensor([encode_prompt(task, tokenizer, reference.model.config.image_seq_length)])
+    out = reference.generate(ids, pixel_values(task.images), max_new_tokens=steps)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+    return out.token_ids, logprobs[torch.arange(len(out.token_ids)), out.token_ids]
+
+
+def test_decoding_matches_the_reference_engine_with_lookm(engine) -> None:
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+
+    from mmrag.serving.models.trained import trained_model_path
+    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
+
+    path = trained_model_path()
+    processor = AutoProcessor.from_pretrained(path)
+    tasks = _tasks()
+    params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
+    outputs = engine.generate([_prompt(task, processor) for task in tasks], params, use_tqdm=False)
+
+    with_lookm = ReferenceEngine.from_pretrained(path, ReferenceMethods(lookm=SETTINGS))
+    without = ReferenceEngine.from_pretrained(path)
+    same_tokens, lookm_diff, full_diff = 0, 0.0, 0.0
+    for task, output in zip(tasks, outputs, strict=True):
+        choice = output.outputs[0]
+        got = torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+        tokens, expected = _reference_logprobs(with_lookm, task, processor.tokenizer, STEPS)
+        same_tokens += list(choice.token_ids) == tokens
+        if list(choice.token_ids) == tokens:
+            lookm_diff = max(lookm_diff, float((got - expected).abs().max()))
+        full_tokens, full = _reference_logprobs(without, task, processor.tokenizer, STEPS)
+        if list(choice.token_ids) == full_tokens:
+            full_diff = max(full_diff, float((got - full).abs().max()))
+        else:
+            full_diff = math.inf
+    print(f"same tokens {same_tokens}/{len(tasks)}, max |dlogprob| lookm {lookm_diff:.2e} full {full_diff:.2e}")
+    assert same_tokens >= len(tasks) - 1
+    assert lookm_diff < LOGPROB_ATOL
+    assert full_diff > 10 * LOGPROB_ATOL  # the uncompressed model decodes measurably differently
+
+
+def _scheduler(engine):
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+def _prefill_one(engine, prompt: dict, extra_args: dict | None = None) -> tuple[int, int, str]:
+    """Free blocks before, after the prefill step; the request id."""
+    from vllm import SamplingParams
+
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    before = pool.get_num_free_blocks()
+    request_id = f"r{before}-{len(prompt['prompt'])}-{extra_args}"
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, extra_args=extra_args)
+    engine.llm_engine.add_request(request_id, prompt, params)
+    engine.llm_engine.step()
+    after = pool.get_num_free_blocks()
+    while engine.llm_engine.has_unfinished_requests():
+        engine.llm_engine.step()
+    assert pool.get_num_free_blocks() == before  # everything back once the request finishes
+    return before, after, request_id
+
+
+def test_prefill_frees_the_tail_blocks(engine) -> None:
+    from transformers import AutoProcessor
+
+    from mmrag.serving.models.trained import trained_model_path
+    from mmrag.serving.vllm_plugin.lookm.budget import image_mask
+
+    processor = AutoProcessor.from_pretrained(trained_model_path())
+    task = max(_tasks(), key=lambda t: len(t.images))
+    prompt = _prompt(task, processor)
+    before, after, _ = _prefill_one(engine, prompt)
+    prompt_len = len(processor(text=prompt["prompt"], images=prompt["multi_modal_data"]["image"])["input_ids"][0])
+    image_tokens = len(task.images) * 16
+    kept = prompt_len - image_tokens + math.ceil(image_tokens * SETTINGS.image_budget)
+    assert SETTINGS.kept_count(image_mask(prompt_len, [(0, image_tokens)])) == kept
+    # The prefill step holds ceil(L / bs) blocks until update_from_output; then ceil(kept / bs) remain.
+    assert before - after == math.ceil(kept / BLOCK_SIZE) < math.ceil(prompt_len / BLOCK_SIZE)
+
+
+def test_text_only_and_opted_out_requests_keep_their_cache(engine) -> None:
+    from transformers import AutoProcessor
+
+    from mmrag.serving.models.trained import trained_model_path
+    from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY
+
+    processor = AutoProcessor.from_pretrained(trained_model_path())
+    task = max(_tasks(), key=lambda t: len(t.images))
+    prompt = _prompt(task, processor)
+    prompt_len = len(processor(text=prompt["prompt"], images=prompt["multi_modal_data"]["image"])["input_ids"][0])
+    before, after, _ = _prefill_one(engine, prompt, extra_args={REQUEST_KEY: {"enabled": False}})
+    assert before - after == math.ceil(prompt_len / BLOCK_SIZE)
+    text = {"prompt": "USER: what is the colour of the sky?\nASSISTANT:" * 8}
+    text_len = len(processor.tokenizer(text["prompt"])["input_ids"])
+    before, after, _ = _prefill_one(engine, text)
+    assert before - after == math.ceil(text_len / BLOCK_SIZE)
+    assert not _scheduler(engine)._offsets
