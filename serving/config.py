@@ -180,6 +180,39 @@ class ServerConfig(_Strict):
         return keys
 
 
+class LookMConfig(_Strict):
+    """LOOK-M in the served model: each prompt-with-images' KV cache compacted after prefill
+    (:mod:`mmrag.serving.vllm_plugin.lookm`). Turning it on turns vLLM's prefix caching and chunked
+    prefill off (compaction rewrites blocks in place and scores every prompt query in one step)."""
+
+    enabled: bool = Field(default=False, description="Compact the KV cache of prompts with images after prefill.")
+    heavy_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Share of the prompt kept by attention score (text always kept)."
+    )
+    recent_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Share of the prompt kept as the last tokens.")
+    image_budget: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Instead of the two ratios: keep every text entry and this share of the image entries "
+        "(by score). Suits short, text-heavy prompts, where the ratios leave no image entry at all.",
+    )
+    merge: Literal["pivotal", "averaged", "weighted", "none"] = Field(
+        default="pivotal", description="How evicted entries are folded into kept ones ('none': evict only)."
+    )
+
+    def settings(self) -> Any:
+        """The reference engine's :class:`~mmrag.serving.reference.methods.LookM` with these values."""
+        from mmrag.serving.reference.methods import LookM
+
+        return LookM(
+            heavy_ratio=self.heavy_ratio,
+            recent_ratio=self.recent_ratio,
+            merge=None if self.merge == "none" else self.merge,
+            image_budget=self.image_budget,
+        )
+
+
 class CompressionConfig(_Strict):
     """Visual-token and KV compression in the served model (vLLM plugin, :mod:`mmrag.serving.vllm_plugin`)."""
 
@@ -195,6 +228,7 @@ class CompressionConfig(_Strict):
         description="AIM stage (a): share of each image's visual tokens kept after bipartite merging "
         "(ceil(T * ratio) per image; 1 = no merge). Requests override it with compression.aim_keep_ratio.",
     )
+    lookm: LookMConfig = Field(default_factory=LookMConfig)
 
 
 class MmragConfig(_Strict):

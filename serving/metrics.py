@@ -37,6 +37,13 @@ class IngressMetrics:
         self.visual_tokens_after = Counter(
             "mmrag_visual_tokens_after_merge", "Visual tokens the images took in prompts.", registry=self.registry
         )
+        # Their ratio is what LOOK-M's compaction saves in the KV cache across prompts with images.
+        self.kv_tokens_prompt = Counter(
+            "mmrag_kv_tokens_prompt", "Prompt KV entries after prefill (prompts with images).", registry=self.registry
+        )
+        self.kv_tokens_kept = Counter(
+            "mmrag_kv_tokens_kept", "Prompt KV entries kept after LOOK-M (prompts with images).", registry=self.registry
+        )
 
     def observe_usage(self, usage: Usage) -> None:
         self.prompt_tokens.inc(usage.prompt_tokens)
@@ -44,6 +51,8 @@ class IngressMetrics:
         if usage.mmrag is not None:
             self.visual_tokens_before.inc(usage.mmrag.visual_tokens_before)
             self.visual_tokens_after.inc(usage.mmrag.visual_tokens_after)
+            self.kv_tokens_prompt.inc(usage.mmrag.kv_tokens_prompt)
+            self.kv_tokens_kept.inc(usage.mmrag.kv_tokens_kept)
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

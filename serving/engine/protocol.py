@@ -49,14 +49,23 @@ class GenerationRequest:
     retrieval: RetrievalResult | None = None
     # AIM stage (a): share of each image's visual tokens kept; None: the deployment's default.
     aim_keep_ratio: float | None = None
+    # LOOK-M: False opts this request out of KV compaction; None: the deployment's setting.
+    lookm: bool | None = None
 
 
 @dataclass(frozen=True)
-class VisualTokens:
-    """The prompt's image placeholder tokens: unmerged (``before``) and as the model read them (``after``)."""
+class CompressionCounts:
+    """What compression did to a prompt with images.
 
-    before: int
-    after: int
+    ``visual_before`` / ``visual_after``: image placeholder tokens unmerged and as the model read them
+    (AIM). ``kv_prompt`` / ``kv_kept``: prompt entries in each layer's KV cache after prefill, and how
+    many stay after LOOK-M's compaction (equal when the request is not compacted).
+    """
+
+    visual_before: int
+    visual_after: int
+    kv_prompt: int
+    kv_kept: int
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,7 @@ class GenerationDelta:
     # Set on the first delta of a request that retrieved: what was found and what entered the prompt.
     retrieval: RetrievalInfo | None = None
     # Set on every delta of a request with images (like the token counts).
-    visual_tokens: VisualTokens | None = None
+    compression: CompressionCounts | None = None
     # One entry per token of ``text`` when the request asked for log-probabilities.
     logprobs: tuple[TokenLogprob, ...] | None = None
 

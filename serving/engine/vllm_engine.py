@@ -22,17 +22,19 @@ import numpy as np
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import (
     COMPLETION_RESERVE_TOKENS,
+    CompressionCounts,
     Engine,
     GenerationDelta,
     GenerationRequest,
     SamplingOptions,
     TokenLogprob,
-    VisualTokens,
     text_rag_budget,
 )
 from mmrag.serving.openai.errors import EngineUnavailableError, InvalidRequestError
 from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
+from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY as LOOKM_REQUEST_KEY
+from mmrag.serving.vllm_plugin.lookm.budget import plan_compaction, settings_as_additional_config
 from mmrag.serving.xrag.projector import XRAG_TOKEN
 
 if TYPE_CHECKING:
@@ -68,6 +70,8 @@ def build_engine_args(config: MmragConfig, model_path: str) -> AsyncEngineArgs:
         # The xRAG class extends the AIM one: one architecture serves both.
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **xrag_overrides(config, model_path)}
         kwargs["limit_mm_per_prompt"] = {**kwargs["limit_mm_per_prompt"], "retrieval": config.retrieval.max_top_k}
+    if config.compression.lookm.enabled:
+        kwargs.update(lookm_engine_kwargs(config, kwargs))
     return AsyncEngineArgs(
         model=model_path,
         served_model_name=[config.model.served_name],
@@ -135,6 +139,45 @@ def xrag_overrides(config: MmragConfig, model_path: str) -> dict[str, Any]:
     }
 
 
+LOOKM_SCHEDULER = "mmrag.serving.vllm_plugin.lookm.scheduler.LookMScheduler"
+LOOKM_WORKER = "mmrag.serving.vllm_plugin.lookm.worker.LookMWorker"
+
+
+def lookm_engine_kwargs(config: MmragConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine arguments that run LOOK-M: our scheduler and worker, and the vLLM features it cannot share.
+
+    Prefix caching is turned off (compaction rewrites a request's blocks in place, which a shared cached
+    block cannot take) and so is chunked prefill, with a batch budget of a whole context: importance
+    needs every prompt query in the step that compacts. Settings that contradict this fail here.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ValueError(
+            "compression.lookm: LOOK-M inside vLLM is implemented for the CPU worker only (vLLM 0.32's GPU "
+            "runner V2 and async scheduling are not handled yet); turn it off on this platform"
+        )
+    for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        if kwargs.get(name):
+            raise ValueError(f"compression.lookm cannot run with engine.engine_kwargs.{name}=true")
+    batch = max(config.engine.max_model_len, kwargs.get("max_num_batched_tokens") or 0)
+    logger.info(
+        "LOOK-M on: prefix caching and chunked prefill off",
+        extra={"max_num_batched_tokens": batch, **config.compression.lookm.model_dump()},
+    )
+    return {
+        "scheduler_cls": LOOKM_SCHEDULER,
+        "worker_cls": LOOKM_WORKER,
+        "additional_config": {
+            **(kwargs.get("additional_config") or {}),
+            **settings_as_additional_config(config.compression.lookm.settings()),
+        },
+        "enable_prefix_caching": False,
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": batch,
+    }
+
+
 def load_chat_template(model_path: str) -> str:
     """The checkpoint's chat template: the processor's (LLaVA-style checkpoints) or the tokenizer's."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -157,6 +200,7 @@ class VllmEngine(Engine):
         self._chat_template = ""
         self._placeholders: list[str] = []
         self._aim = False
+        self._lookm = config.compression.lookm.settings() if config.compression.lookm.enabled else None
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -179,10 +223,13 @@ class VllmEngine(Engine):
             raise InvalidRequestError(
                 "AIM compression is not enabled for this deployment's model", param="compression.aim_keep_ratio"
             )
+        if request.lookm and self._lookm is None:
+            raise InvalidRequestError("LOOK-M is not enabled on this deployment", param="compression.lookm")
         engine_input = await self._render_with_context(request)
         prompt_tokens = len(engine_input["prompt_token_ids"])
-        visual_tokens = self._visual_tokens(engine_input, request)
-        params = self._sampling_params(request.sampling, prompt_tokens)
+        extra_args = {LOOKM_REQUEST_KEY: {"enabled": False}} if request.lookm is False else None
+        compression = self._compression_counts(engine_input, request, extra_args)
+        params = self._sampling_params(request.sampling, prompt_tokens, extra_args)
         completion_tokens = 0
         retrieval = request.retrieval.info if request.retrieval else None
         try:
@@ -196,7 +243,7 @@ class VllmEngine(Engine):
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
                         retrieval=retrieval,
-                        visual_tokens=visual_tokens,
+                        compression=compression,
                         logprobs=_token_logprobs(choice, params.logprobs) if params.logprobs is not None else None,
                     )
                     retrieval = None
@@ -274,18 +321,38 @@ class VllmEngine(Engine):
             raise _as_openai_error(exc) from exc
         return engine_input
 
-    def _visual_tokens(self, engine_input: dict[str, Any], request: GenerationRequest) -> VisualTokens | None:
-        """Image placeholders in the prompt, and how many the images would take unmerged."""
+    def _compression_counts(
+        self, engine_input: dict[str, Any], request: GenerationRequest, extra_args: dict[str, Any] | None
+    ) -> CompressionCounts | None:
+        """Image placeholders in the prompt and unmerged; prompt KV entries and how many LOOK-M keeps.
+
+        The kept count comes from the rule the scheduler and the worker apply to the same prompt
+        (:func:`~mmrag.serving.vllm_plugin.lookm.budget.plan_compaction`): one fresh prefill per prompt,
+        which the deployment guarantees by turning chunked prefill off.
+        """
         if not request.images:
             return None
-        after = sum(p.length for p in engine_input.get("mm_placeholders", {}).get("image", []))
+        spans = [(p.offset, p.length) for p in engine_input.get("mm_placeholders", {}).get("image", [])]
+        after = sum(length for _, length in spans)
         info = self._llm.renderer.get_mm_processor().info
-        if not hasattr(info, "get_full_image_tokens"):  # stock vLLM class: no merge
-            return VisualTokens(before=after, after=after)
-        before = sum(
-            info.get_full_image_tokens(image_width=image.width, image_height=image.height) for image in request.images
+        before = after  # stock vLLM class: no merge
+        if hasattr(info, "get_full_image_tokens"):
+            before = sum(
+                info.get_full_image_tokens(image_width=image.width, image_height=image.height)
+                for image in request.images
+            )
+        prompt_len = len(engine_input["prompt_token_ids"])
+        plan = plan_compaction(
+            self._lookm,
+            prompt_len=prompt_len,
+            num_scheduled=prompt_len,
+            num_computed_before=0,
+            num_output_tokens=0,
+            spans=spans,
+            extra_args=extra_args,
         )
-        return VisualTokens(before=before, after=after)
+        kept = plan.kept if plan else prompt_len
+        return CompressionCounts(visual_before=before, visual_after=after, kv_prompt=prompt_len, kv_kept=kept)
 
     def _reject_placeholder_text(self, messages: list[dict[str, Any]]) -> None:
         """A literal ``<image>`` in user text would become an image slot with no image behind it."""
@@ -300,7 +367,9 @@ class VllmEngine(Engine):
                             param=f"messages[{i}].content",
                         )
 
-    def _sampling_params(self, options: SamplingOptions, prompt_tokens: int) -> SamplingParams:
+    def _sampling_params(
+        self, options: SamplingOptions, prompt_tokens: int, extra_args: dict[str, Any] | None = None
+    ) -> SamplingParams:
         room = self.max_model_len - prompt_tokens
         if room < 1:
             raise InvalidRequestError(
@@ -318,12 +387,14 @@ class VllmEngine(Engine):
                 code="context_length_exceeded",
             )
         try:
-            return self._build_sampling_params(options, max_tokens)
+            return self._build_sampling_params(options, max_tokens, extra_args)
         except Exception as exc:
             raise _as_openai_error(exc) from exc
 
     @staticmethod
-    def _build_sampling_params(options: SamplingOptions, max_tokens: int) -> SamplingParams:
+    def _build_sampling_params(
+        options: SamplingOptions, max_tokens: int, extra_args: dict[str, Any] | None
+    ) -> SamplingParams:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -338,6 +409,7 @@ class VllmEngine(Engine):
             frequency_penalty=options.frequency_penalty,
             logprobs=options.logprobs,
             output_kind=RequestOutputKind.DELTA,
+            extra_args=extra_args,
         )
 
     async def check_health(self) -> None:

@@ -47,6 +47,7 @@ async def prepare_generation(request: ChatCompletionRequest, config: MmragConfig
         images=list(images),
         sampling=sampling_options(request),
         aim_keep_ratio=request.compression.aim_keep_ratio if request.compression else None,
+        lookm=request.compression.lookm if request.compression else None,
     )
 
 
@@ -119,9 +120,16 @@ def logprob_entries(logprobs: tuple[EngineTokenLogprob, ...]) -> list[TokenLogpr
 def usage_of(delta: GenerationDelta | None) -> Usage:
     prompt = delta.prompt_tokens if delta else 0
     completion = delta.completion_tokens if delta else 0
-    visual = delta.visual_tokens if delta else None
+    counts = delta.compression if delta else None
     extension = (
-        CompressionUsage(visual_tokens_before=visual.before, visual_tokens_after=visual.after) if visual else None
+        CompressionUsage(
+            visual_tokens_before=counts.visual_before,
+            visual_tokens_after=counts.visual_after,
+            kv_tokens_prompt=counts.kv_prompt,
+            kv_tokens_kept=counts.kv_kept,
+        )
+        if counts
+        else None
     )
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, mmrag=extension)
 

@@ -69,6 +69,11 @@ class CompressionOptions(BaseModel):
     aim_keep_ratio: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Share of each image's visual tokens kept (AIM merge)."
     )
+    lookm: bool | None = Field(
+        default=None,
+        description="false: keep this request's whole KV cache on a deployment that runs LOOK-M "
+        "(true asks for it, a 400 where the deployment does not run it).",
+    )
 
 
 class ChatCompletionRequest(BaseModel):
@@ -122,10 +127,14 @@ class ChatCompletionRequest(BaseModel):
 
 
 class CompressionUsage(BaseModel):
-    """mmrag extension of ``usage``: the request's visual tokens before and after AIM merging."""
+    """mmrag extension of ``usage``: what AIM merging and LOOK-M compaction did to the request's prompt."""
 
     visual_tokens_before: int = Field(description="Placeholder tokens the images would take unmerged.")
     visual_tokens_after: int = Field(description="Placeholder tokens the images took in the prompt.")
+    kv_tokens_prompt: int = Field(description="Prompt entries in each layer's KV cache after prefill.")
+    kv_tokens_kept: int = Field(
+        description="Prompt entries each layer's KV cache keeps after LOOK-M (kv_tokens_prompt when not compacted)."
+    )
 
 
 class Usage(BaseModel):

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import VisualTokens
+from mmrag.serving.engine.protocol import CompressionCounts
 from mmrag.serving.openai.server import LocalBackend, create_app
 from tests.fake_engine import FakeEngine
 
@@ -20,13 +20,18 @@ MODEL = "mmrag-tiny-llava"
 
 
 class MergingEngine(FakeEngine):
-    """The fake engine, reporting 16 visual tokens per image merged at the request's ratio."""
+    """The fake engine, reporting 16 visual tokens per image merged at the request's ratio, in a prompt of
+    10 text tokens whose KV cache keeps the text and half the image entries unless the request opts out."""
 
     async def generate(self, request):
         ratio = request.aim_keep_ratio or self.config.compression.aim_keep_ratio
-        visual = VisualTokens(before=16 * len(request.images), after=int(16 * ratio) * len(request.images))
+        after = int(16 * ratio) * len(request.images)
+        kept = 10 + after if request.lookm is False else 10 + after // 2
+        counts = CompressionCounts(
+            visual_before=16 * len(request.images), visual_after=after, kv_prompt=10 + after, kv_kept=kept
+        )
         async for delta in super().generate(request):
-            yield replace(delta, visual_tokens=visual if request.images else None)
+            yield replace(delta, compression=counts if request.images else None)
 
 
 @pytest.fixture
@@ -38,6 +43,9 @@ def engine():
 def client(engine):
     with TestClient(create_app(engine.config, LocalBackend(engine))) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+_USAGE_AT_HALF = {"visual_tokens_before": 16, "visual_tokens_after": 8, "kv_tokens_prompt": 18, "kv_tokens_kept": 14}
 
 
 def _image_messages() -> list[dict]:
@@ -63,11 +71,29 @@ def test_ratio_reaches_the_engine_and_usage_reports_the_merge(client, engine) ->
         model=MODEL, messages=_image_messages(), extra_body={"compression": {"aim_keep_ratio": 0.25}}
     )
     assert engine.seen[-1].aim_keep_ratio == 0.25
-    assert out.usage.model_extra["mmrag"] == {"visual_tokens_before": 16, "visual_tokens_after": 4}
+    assert out.usage.model_extra["mmrag"] == {
+        "visual_tokens_before": 16,
+        "visual_tokens_after": 4,
+        "kv_tokens_prompt": 14,
+        "kv_tokens_kept": 12,
+    }
 
     out = client.chat.completions.create(model=MODEL, messages=_image_messages())
     assert engine.seen[-1].aim_keep_ratio is None  # the engine applies the deployment default
-    assert out.usage.model_extra["mmrag"] == {"visual_tokens_before": 16, "visual_tokens_after": 8}
+    assert out.usage.model_extra["mmrag"] == _USAGE_AT_HALF
+
+
+def test_lookm_opt_out_reaches_the_engine(client, engine) -> None:
+    out = client.chat.completions.create(
+        model=MODEL, messages=_image_messages(), extra_body={"compression": {"lookm": False}}
+    )
+    assert engine.seen[-1].lookm is False
+    assert out.usage.model_extra["mmrag"]["kv_tokens_kept"] == out.usage.model_extra["mmrag"]["kv_tokens_prompt"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=_image_messages(), extra_body={"compression": {"lookm": "sometimes"}}
+        )
+    assert info.value.body["param"] == "compression.lookm"
 
 
 def test_streamed_usage_carries_the_extension(client) -> None:
@@ -75,7 +101,7 @@ def test_streamed_usage_carries_the_extension(client) -> None:
         model=MODEL, messages=_image_messages(), stream=True, stream_options={"include_usage": True}
     )
     usages = [chunk.usage for chunk in stream if chunk.usage is not None]
-    assert usages[-1].model_extra["mmrag"] == {"visual_tokens_before": 16, "visual_tokens_after": 8}
+    assert usages[-1].model_extra["mmrag"] == _USAGE_AT_HALF
 
 
 def test_text_only_usage_has_no_extension(client) -> None:

@@ -84,3 +84,30 @@ def test_xrag_needs_the_placeholder_token(tmp_path) -> None:
     assert Tokenizer.from_file(str(model / "tokenizer.json")).token_to_id("<xrag>") is None
     with pytest.raises(ValueError, match="train-projector"):
         build_engine_args(_xrag_config(trained_projector_path()), str(model))
+
+
+def test_lookm_selects_our_scheduler_and_worker_and_turns_off_what_it_cannot_share(tiny_llava_path) -> None:
+    from mmrag.serving.vllm_plugin.lookm.budget import settings_from_additional_config
+
+    config = MmragConfig.model_validate(
+        {
+            "compression": {"lookm": {"enabled": True, "image_budget": 0.25, "merge": "none"}},
+            "engine": {"max_model_len": 4096},
+        }
+    )
+    args = build_engine_args(config, str(tiny_llava_path))
+    assert args.scheduler_cls.endswith("LookMScheduler") and args.worker_cls.endswith("LookMWorker")
+    assert (args.enable_prefix_caching, args.enable_chunked_prefill) == (False, False)
+    assert args.max_num_batched_tokens == 4096  # a whole prompt in the step that compacts it
+    settings = settings_from_additional_config(args.additional_config)
+    assert (settings.image_budget, settings.merge, settings.score_from) == (0.25, None, "chunked")
+    off = build_engine_args(_config(), str(tiny_llava_path))
+    assert "mmrag_lookm" not in off.additional_config and not str(off.scheduler_cls).endswith("LookMScheduler")
+
+
+def test_lookm_refuses_prefix_caching(tiny_llava_path) -> None:
+    config = MmragConfig.model_validate(
+        {"compression": {"lookm": {"enabled": True}}, "engine": {"engine_kwargs": {"enable_prefix_caching": True}}}
+    )
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        build_engine_args(config, str(tiny_llava_path))
