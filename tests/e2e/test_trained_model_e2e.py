@@ -24,6 +24,8 @@ pytestmark = pytest.mark.e2e
 MODEL = "mmrag-tiny-mllm"
 # Enough questions that the comparison does not hang on a few greedy answers that flip between CPU types.
 KNOWLEDGE = [make_task("knowledge", i, split="heldout", max_documents=1) for i in range(32)]
+LOOKM_IMAGE_BUDGET = 0.25
+IMAGE_TOKENS = 16  # the trained model: one 32-px image is 16 visual tokens
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,9 @@ def client(tmp_path_factory):
         "retrieval.collection=kb",
         "retrieval.ingest_demo_corpus=false",
         f"retrieval.xrag.projector={trained_projector_path()}",
+        # LOOK-M on (prompts with images only): keep the text and a quarter of the image entries.
+        "compression.lookm.enabled=true",
+        f"compression.lookm.image_budget={LOOKM_IMAGE_BUDGET}",
     ]
     corpus = work / "kb"
     corpus.mkdir()
@@ -56,7 +61,8 @@ def _ask(client, messages, **extra) -> openai.types.chat.ChatCompletion:
 
 
 def test_answers_questions_about_images(client):
-    """The families the model learnt (colour of image k, count, compare); about 0.9 of them right here."""
+    """The families the model learnt (colour of image k, count, compare); about 0.9 of them right here,
+    with LOOK-M compacting every one of these prompts' KV caches after prefill."""
     tasks = [make_task(f, i, split="heldout", max_images=4) for f in ("colour", "count", "compare") for i in range(4)]
     answers = [_ask(client, openai_messages(t)).choices[0].message.content for t in tasks]
     correct = sum(a == t.answer for a, t in zip(answers, tasks, strict=True))
@@ -128,3 +134,25 @@ def test_xrag_documents_and_images_in_one_request(client):
     text = _ask(client, messages, retrieval={"mode": "text", "top_k": 3})
     # The same three documents in the same layout (instruction, "[n] (source: ...)"), one token each.
     assert plain.usage.prompt_tokens < response.usage.prompt_tokens < text.usage.prompt_tokens - 3 * 25
+
+
+def test_lookm_reports_its_compaction_in_usage_and_metrics(client):
+    import httpx
+
+    task = make_task("count", 1, split="heldout", max_images=4)
+    metrics_url = str(client.base_url).replace("/v1/", "/metrics")
+
+    def kept_total() -> float:
+        lines = httpx.get(metrics_url).text.splitlines()
+        return next(float(line.split()[-1]) for line in lines if line.startswith("mmrag_kv_tokens_kept_total"))
+
+    before = kept_total()
+    compacted = _ask(client, openai_messages(task)).usage.mmrag
+    image_tokens = IMAGE_TOKENS * len(task.images)
+    text_tokens = compacted["kv_tokens_prompt"] - image_tokens
+    assert compacted["kv_tokens_kept"] == text_tokens + math.ceil(LOOKM_IMAGE_BUDGET * image_tokens)
+    assert kept_total() - before == compacted["kv_tokens_kept"]
+    whole = _ask(client, openai_messages(task), compression={"lookm": False}).usage.mmrag
+    assert whole["kv_tokens_kept"] == whole["kv_tokens_prompt"] == compacted["kv_tokens_prompt"]
+    text_only = _ask(client, [{"role": "user", "content": "hello"}])
+    assert text_only.usage.model_extra.get("mmrag") is None
