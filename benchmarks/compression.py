@@ -10,37 +10,44 @@ Rows:
 
 - ``stock``: vLLM's own ``LlavaForConditionalGeneration`` (no plugin), its own engine;
 - ``aim@1``, ``aim@1/2``, ``aim@1/4``: the plugin's ``AimLlava`` on a second engine, the keep ratio set per
-  request (``aim@1`` is the plugin's overhead: the prompt is stock's).
+  request (``aim@1`` is the plugin's overhead: the prompt is stock's);
+- ``lookm``, ``aim@1/4+lookm``: a third engine running LOOK-M at its default budget (heavy 0.1, recent
+  0.1 of the prompt, pivotal merge; :mod:`mmrag.serving.vllm_plugin.lookm`), without and with AIM 1/4.
 
-LOOK-M is not inside vLLM yet (issue 5), so it has no row: its KV figures exist only in the reference
-engine (``mmrag bench fidelity`` / ``accuracy``).
+Every engine has the same KV pool, ``--kv-budget-tokens`` in blocks of 32, and runs its engine core in
+this process, so the scheduler can be read. Figures per row (medians over ``--rounds`` requests, ratios
+against ``stock``):
 
-Figures per row (medians over ``--rounds`` requests, ratios against ``stock``):
-
-- ``ttft_ms``: one request at a time with ``max_tokens=1`` (preprocessing, vision tower, merge, prefill);
+- ``ttft_ms``: one request at a time with ``max_tokens=1`` (preprocessing, vision tower, merge, prefill,
+  and LOOK-M's scoring and compaction);
 - ``decode_tokens_per_s``: one request at a time, ``(D - 1) / (t(D tokens) - t(1 token))`` with
   ``D = --decode-tokens`` forced (``ignore_eos``);
-- ``kv_tokens_per_request``: prompt tokens + ``D``: the entries per layer the request holds in the cache;
-- ``requests_in_kv_budget``: how many such requests fit ``--kv-budget-tokens`` of cache, counted in vLLM's
-  blocks (derived from the counts above, not observed in the scheduler);
-- ``throughput_tokens_per_s``: ``--concurrent`` requests submitted at once, generated tokens over wall time.
+- ``throughput_tokens_per_s``: ``--concurrent`` requests submitted at once, generated tokens over wall time;
+- ``requests_in_kv_budget``: observed in the scheduler: ``--capacity-requests`` requests of
+  ``--capacity-decode-tokens`` tokens each submitted at once into the pool; the most that ran at the same
+  time (vLLM admits a request only when its whole prompt fits, then LOOK-M frees the tail);
+- ``kv_tokens_per_request``: observed in the same run: the physical cache entries per layer a request
+  holds at its last step (prompt entries kept + generated tokens), median over requests.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import gc
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HELP = "AIM in vLLM vs stock vLLM: time to first token, decode tokens/s, KV tokens per request, throughput."
+HELP = "AIM and LOOK-M in vLLM vs stock vLLM: TTFT, decode tokens/s, KV tokens per request, capacity, throughput."
 
 AIM_RATIOS = {"aim@1": 1.0, "aim@1/2": 0.5, "aim@1/4": 0.25}
-BLOCK_SIZE = 16  # vLLM's default KV block size on CPU
+LOOKM_ROWS = {"lookm": 1.0, "aim@1/4+lookm": 0.25}
+BLOCK_SIZE = 32  # the CPU attention kernel's block sizes are multiples of 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrent", type=int, default=None, help="Requests in the throughput run (default 8; quick 4)."
     )
-    parser.add_argument("--kv-budget-tokens", type=int, default=65536, help="Cache size for requests_in_kv_budget.")
+    parser.add_argument(
+        "--kv-budget-tokens", type=int, default=None, help="Every engine's KV pool (default 16384; quick 1024)."
+    )
+    parser.add_argument(
+        "--capacity-requests", type=int, default=None, help="Requests in the capacity run (default 48; quick 16)."
+    )
+    parser.add_argument(
+        "--capacity-decode-tokens", type=int, default=None, help="Tokens per capacity request (default 64; quick 16)."
+    )
 
 
 class _Workload:
@@ -83,9 +98,10 @@ class _Workload:
         return time.perf_counter() - start, out
 
 
-def _measure(workload: _Workload, ratio: float | None, rounds: int, decode: int, concurrent: int) -> dict[str, Any]:
+def _measure(workload: _Workload, ratio: float | None, args: argparse.Namespace) -> dict[str, Any]:
     from vllm import SamplingParams
 
+    rounds, decode, concurrent = args.rounds, args.decode_tokens, args.concurrent
     first = SamplingParams(temperature=0.0, max_tokens=1)
     longer = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
     workload.timed(ratio, first)  # warm-up: first-call allocations
@@ -105,22 +121,55 @@ def _measure(workload: _Workload, ratio: float | None, rounds: int, decode: int,
         "prompt_tokens": prompt_tokens,
         "ttft_ms": 1000 * statistics.median(ttft),
         "decode_tokens_per_s": (decode - 1) / decode_s if decode_s > 0 else None,
-        "kv_tokens_per_request": prompt_tokens + decode,
         "throughput_tokens_per_s": generated / wall,
+        **_observe_capacity(workload, ratio, args.capacity_requests, args.capacity_decode_tokens),
     }
 
 
-def _engine(path: Path, max_model_len: int, images: int, plugin: bool):
+def _observe_capacity(workload: _Workload, ratio: float | None, requests: int, decode: int) -> dict[str, Any]:
+    """Submit ``requests`` at once; step the engine and read its scheduler after every step."""
+    from vllm import SamplingParams
+
+    engine = workload.llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    offsets = getattr(scheduler, "_offsets", {})  # LookMScheduler: logical - physical length
+    params = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
+    for i in range(requests):
+        engine.add_request(f"capacity-{workload.seed}-{i}", workload.prompt(ratio), params)
+    peak, seen, known_offsets = 0, {}, {}
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, len(scheduler.running))
+        seen.update((request.request_id, request) for request in scheduler.running)
+        known_offsets.update(offsets)  # a finished request's offset is dropped with it
+    # Finished requests keep their last counts: the prompt and every generated token but the last.
+    physical = [request.num_computed_tokens - known_offsets.get(rid, 0) for rid, request in seen.items()]
+    return {"requests_in_kv_budget": peak, "kv_tokens_per_request": statistics.median(physical)}
+
+
+def _engine(path: Path, max_model_len: int, images: int, kind: str, kv_budget_tokens: int):
     from vllm import LLM
 
-    overrides = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0} if plugin else None
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.engine.vllm_engine import lookm_engine_kwargs
+
+    kwargs: dict[str, Any] = {}
+    if kind != "stock":
+        kwargs["hf_overrides"] = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0}
+    if kind == "lookm":
+        config = MmragConfig.model_validate(
+            {"engine": {"max_model_len": max_model_len}, "compression": {"lookm": {"enabled": True}}}
+        )
+        kwargs.update(lookm_engine_kwargs(config, {}))
     return LLM(
         model=str(path),
         enforce_eager=True,
         max_model_len=max_model_len,
         seed=0,
         limit_mm_per_prompt={"image": images},
-        hf_overrides=overrides,
+        block_size=BLOCK_SIZE,
+        num_gpu_blocks_override=kv_budget_tokens // BLOCK_SIZE,
+        **kwargs,
     )
 
 
@@ -129,47 +178,44 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.benchmarks.common import plot_path, write_result
     from mmrag.serving.models.tiny import TinyLlavaSpec, make_tiny_llava
 
-    images = args.images or (4 if args.quick else 8)
-    rounds = args.rounds or (3 if args.quick else 8)
-    decode = args.decode_tokens or (8 if args.quick else 32)
-    concurrent = args.concurrent or (4 if args.quick else 8)
+    _fill_defaults(args)
     spec = TinyLlavaSpec() if args.quick else TinyLlavaSpec(image_size=224, text_hidden=512, text_layers=8)
-    max_model_len = 256 + decode + images * spec.visual_tokens_per_image
+    decode = max(args.decode_tokens, args.capacity_decode_tokens)
+    max_model_len = 256 + decode + args.images * spec.visual_tokens_per_image
+    groups = {"stock": {"stock": None}, "plugin": AIM_RATIOS, "lookm": LOOKM_ROWS}
     rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    # In-process engine cores: the capacity run reads the scheduler.
+    with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_llava(Path(tmp) / "llava", spec)
-        for plugin in (False, True):
-            llm = _engine(path, max_model_len, images, plugin)
+        for kind, ratios in groups.items():
+            llm = _engine(path, max_model_len, args.images, kind, args.kv_budget_tokens)
             try:
-                workload = _Workload(llm, images, spec.image_size)
-                if not plugin:
-                    rows["stock"] = _measure(workload, None, rounds, decode, concurrent)
-                for name, ratio in AIM_RATIOS.items() if plugin else ():
-                    rows[name] = _measure(workload, ratio, rounds, decode, concurrent)
+                workload = _Workload(llm, args.images, spec.image_size)
+                for name, ratio in ratios.items():
+                    rows[name] = _measure(workload, ratio, args)
             finally:
                 llm.llm_engine.engine_core.shutdown()
+                del llm
+                gc.collect()
     stock = rows["stock"]
     for row in rows.values():
-        blocks = math.ceil(row["kv_tokens_per_request"] / BLOCK_SIZE)
-        row["requests_in_kv_budget"] = args.kv_budget_tokens // BLOCK_SIZE // blocks
-        row["vs_stock"] = {
-            key: row[key] / stock[key]
-            for key in ("ttft_ms", "decode_tokens_per_s", "kv_tokens_per_request", "throughput_tokens_per_s")
-            if row[key] is not None and stock[key]
-        }
-        row["vs_stock"]["requests_in_kv_budget"] = row["requests_in_kv_budget"] / stock["requests_in_kv_budget"]
+        row["vs_stock"] = {key: row[key] / stock[key] for key in _FIGURES if row[key] is not None and stock[key]}
     config = {
-        "images_per_request": images,
+        "images_per_request": args.images,
         "image_size": spec.image_size,
         "visual_tokens_per_image": spec.visual_tokens_per_image,
         "text_hidden": spec.text_hidden,
         "text_layers": spec.text_layers,
-        "rounds": rounds,
-        "decode_tokens": decode,
-        "concurrent": concurrent,
+        "rounds": args.rounds,
+        "decode_tokens": args.decode_tokens,
+        "concurrent": args.concurrent,
         "kv_budget_tokens": args.kv_budget_tokens,
+        "capacity_requests": args.capacity_requests,
+        "capacity_decode_tokens": args.capacity_decode_tokens,
         "block_size": BLOCK_SIZE,
-        "engine": "vllm offline LLM, enforce_eager, CPU; stock class and the plugin class on separate engines",
+        "lookm": {"heavy_ratio": 0.1, "recent_ratio": 0.1, "merge": "pivotal"},
+        "engine": "vllm offline LLM, enforce_eager, CPU, engine core in process; stock, plugin and plugin+LOOK-M "
+        "on separate engines with the same KV pool",
         "quick": bool(args.quick),
     }
     out = write_result("compression", {"rows": rows}, config, args.out)
@@ -179,16 +225,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_FIGURES = (
+    "ttft_ms",
+    "decode_tokens_per_s",
+    "kv_tokens_per_request",
+    "requests_in_kv_budget",
+    "throughput_tokens_per_s",
+)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    quick = bool(args.quick)
+    defaults = {
+        "images": (8, 4),
+        "rounds": (8, 3),
+        "decode_tokens": (32, 8),
+        "concurrent": (8, 4),
+        "kv_budget_tokens": (16384, 1024),
+        "capacity_requests": (48, 16),
+        "capacity_decode_tokens": (64, 16),
+    }
+    for name, (full, short) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
+
+
 def _table(rows: dict[str, dict[str, Any]]) -> str:
     keys = ("prompt_tokens", "ttft_ms", "decode_tokens_per_s", "requests_in_kv_budget", "throughput_tokens_per_s")
-    lines = [f"{'row':8s} " + " ".join(f"{k:>24s}" for k in keys)]
+    lines = [f"{'row':14s} " + " ".join(f"{k:>24s}" for k in keys)]
     for name, row in rows.items():
         cells = []
         for key in keys:
             ratio = row["vs_stock"].get(key) if key != "prompt_tokens" else None
             value = row[key] if row[key] is not None else float("nan")
             cells.append(f"{value:14.1f}" + (f" (x{ratio:5.2f})" if ratio is not None else " " * 9))
-        lines.append(f"{name:8s} " + " ".join(f"{c:>24s}" for c in cells))
+        lines.append(f"{name:14s} " + " ".join(f"{c:>24s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -196,24 +280,19 @@ def _plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     from mmrag.benchmarks.common import pyplot
 
     plt = pyplot()
-    keys = (
-        "ttft_ms",
-        "decode_tokens_per_s",
-        "kv_tokens_per_request",
-        "requests_in_kv_budget",
-        "throughput_tokens_per_s",
-    )
-    fig, axes = plt.subplots(1, len(keys), figsize=(16, 3.6))
+    keys = _FIGURES
+    fig, axes = plt.subplots(1, len(keys), figsize=(18, 3.8))
     names = list(rows)
     for ax, key in zip(axes, keys, strict=True):
-        ax.bar(names, [rows[n][key] or 0 for n in names], color=["black", "tab:gray", "tab:purple", "tab:blue"])
+        colours = ["black", "tab:gray", "tab:purple", "tab:blue", "tab:orange", "tab:red"]
+        ax.bar(names, [rows[n][key] or 0 for n in names], color=colours[: len(names)])
         ax.set_title(key.replace("_", " "), fontsize=9)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
         for i, name in enumerate(names):
             ratio = rows[name]["vs_stock"].get(key)
             if ratio is not None:
                 ax.annotate(f"x{ratio:.2f}", (i, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
-    fig.suptitle("AIM in vLLM vs stock vLLM (ratios vs stock, same run)")
+    fig.suptitle("AIM and LOOK-M in vLLM vs stock vLLM (ratios vs stock, same run)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
