@@ -24,8 +24,9 @@ against ``stock``):
   ``D = --decode-tokens`` forced (``ignore_eos``);
 - ``throughput_tokens_per_s``: ``--concurrent`` requests submitted at once, generated tokens over wall time;
 - ``requests_in_kv_budget``: observed in the scheduler: ``--capacity-requests`` requests of
-  ``--capacity-decode-tokens`` tokens each submitted at once into the pool; the most that ran at the same
-  time (vLLM admits a request only when its whole prompt fits, then LOOK-M frees the tail);
+  ``--capacity-decode-tokens`` tokens each submitted at once into the pool; the most that were decoding at
+  the same time (past their prefill, so each holding its whole prompt's cache, compacted or not; requests
+  still in a chunked prefill hold part of it and are not counted);
 - ``kv_tokens_per_request``: observed in the same run: the physical cache entries per layer a request
   holds at its last step (prompt entries kept + generated tokens), median over requests.
 """
@@ -139,7 +140,8 @@ def _observe_capacity(workload: _Workload, ratio: float | None, requests: int, d
     peak, seen, known_offsets = 0, {}, {}
     while engine.has_unfinished_requests():
         engine.step()
-        peak = max(peak, len(scheduler.running))
+        # Requests past their prefill: each holds its whole prompt's KV (compacted or not) at once.
+        peak = max(peak, sum(request.num_output_tokens > 0 for request in scheduler.running))
         seen.update((request.request_id, request) for request in scheduler.running)
         known_offsets.update(offsets)  # a finished request's offset is dropped with it
     # Finished requests keep their last counts: the prompt and every generated token but the last.

@@ -15,6 +15,9 @@ Registered (pinned to vLLM 0.32):
   plus xRAG's ``retrieval`` modality (one ``<xrag>`` token per retrieved document, embedded as
   ``projector(vector)`` inside the model), configured by ``hf_overrides["xrag_projector"]`` (a projector
   directory) and ``hf_overrides["xrag_token_index"]``.
+
+LOOK-M is not a model class but a scheduler and a worker (:mod:`mmrag.serving.vllm_plugin.lookm`), which
+vLLM takes by qualified name; they serve any of the classes above.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 - greedy tokens and their log-probabilities over 24 decode steps (past block boundaries: 32-token
   blocks) equal the reference engine running the same LOOK-M, in fp32; the same comparison against the
-  reference engine *without* LOOK-M fails, so the check sees the compaction;
+  reference engine *without* LOOK-M fails, so the check sees the compaction; requests that opt out decode
+  as the reference engine without LOOK-M (compression off: the stock model's outputs);
 - the scheduler frees the tail blocks after the prefill, and the pool gets exactly the blocks back;
-- text-only prompts and requests that opt out keep their whole cache.
+- text-only prompts and requests that opt out keep their whole cache;
+- under block pressure vLLM preempts compacted requests; they re-prefill uncompacted, finish, and every
+  block returns to the pool.
 
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the tests can read the
 scheduler's block pool.
@@ -35,8 +38,8 @@ def _tasks():
     return [task for task in tasks if task.images]
 
 
-@pytest.fixture(scope="module")
-def engine():
+def _lookm_llm(**kwargs):
+    """The trained model on vLLM with LOOK-M, its engine core in this process (the tests read the scheduler)."""
     from vllm import LLM
 
     from mmrag.serving.models.trained import trained_model_path
@@ -46,26 +49,32 @@ def engine():
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        llm = LLM(
-            model=str(trained_model_path()),
-            enforce_eager=True,
-            max_model_len=1024,
-            seed=0,
-            dtype="float32",
-            block_size=BLOCK_SIZE,
-            limit_mm_per_prompt={"image": 4},
-            scheduler_cls="mmrag.serving.vllm_plugin.lookm.scheduler.LookMScheduler",
-            worker_cls="mmrag.serving.vllm_plugin.lookm.worker.LookMWorker",
-            additional_config=settings_as_additional_config(SETTINGS),
-            enable_prefix_caching=False,
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=1024,
-        )
+        settings = {
+            "model": str(trained_model_path()),
+            "enforce_eager": True,
+            "max_model_len": 1024,
+            "seed": 0,
+            "dtype": "float32",
+            "block_size": BLOCK_SIZE,
+            "limit_mm_per_prompt": {"image": 4},
+            "scheduler_cls": "mmrag.serving.vllm_plugin.lookm.scheduler.LookMScheduler",
+            "worker_cls": "mmrag.serving.vllm_plugin.lookm.worker.LookMWorker",
+            "additional_config": settings_as_additional_config(SETTINGS),
+            "enable_prefix_caching": False,
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": 1024,
+        }
+        return LLM(**{**settings, **kwargs})
     finally:
         if previous is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
+@pytest.fixture(scope="module")
+def engine():
+    llm = _lookm_llm()
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -81,6 +90,17 @@ def _prompt(task, processor) -> dict:
     return prompt
 
 
+def _generate(engine, prompts: list[dict], extra_args: dict | None = None):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0, extra_args=extra_args)
+    return engine.generate(prompts, params, use_tqdm=False)
+
+
+def _chosen_logprobs(choice) -> torch.Tensor:
+    return torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+
+
 def _reference_logprobs(reference, task, tokenizer, steps: int) -> tuple[list[int], torch.Tensor]:
     from mmrag.serving.training.data import encode_prompt, pixel_values
 
@@ -92,36 +112,40 @@ def _reference_logprobs(reference, task, tokenizer, steps: int) -> tuple[list[in
 
 def test_decoding_matches_the_reference_engine_with_lookm(engine) -> None:
     from transformers import AutoProcessor
-    from vllm import SamplingParams
 
     from mmrag.serving.models.trained import trained_model_path
     from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
+    from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY
 
     path = trained_model_path()
     processor = AutoProcessor.from_pretrained(path)
     tasks = _tasks()
-    params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
-    outputs = engine.generate([_prompt(task, processor) for task in tasks], params, use_tqdm=False)
+    prompts = [_prompt(task, processor) for task in tasks]
+    compacted = _generate(engine, prompts)
+    opted_out = _generate(engine, prompts, extra_args={REQUEST_KEY: {"enabled": False}})
 
     with_lookm = ReferenceEngine.from_pretrained(path, ReferenceMethods(lookm=SETTINGS))
     without = ReferenceEngine.from_pretrained(path)
-    same_tokens, lookm_diff, full_diff = 0, 0.0, 0.0
-    for task, output in zip(tasks, outputs, strict=True):
-        choice = output.outputs[0]
-        got = torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+    diff = {"lookm": 0.0, "off": 0.0, "lookm vs full": 0.0}
+    same = dict.fromkeys(diff, 0)
+    for task, out, out_off in zip(tasks, compacted, opted_out, strict=True):
+        choice, choice_off = out.outputs[0], out_off.outputs[0]
         tokens, expected = _reference_logprobs(with_lookm, task, processor.tokenizer, STEPS)
-        same_tokens += list(choice.token_ids) == tokens
-        if list(choice.token_ids) == tokens:
-            lookm_diff = max(lookm_diff, float((got - expected).abs().max()))
         full_tokens, full = _reference_logprobs(without, task, processor.tokenizer, STEPS)
-        if list(choice.token_ids) == full_tokens:
-            full_diff = max(full_diff, float((got - full).abs().max()))
-        else:
-            full_diff = math.inf
-    print(f"same tokens {same_tokens}/{len(tasks)}, max |dlogprob| lookm {lookm_diff:.2e} full {full_diff:.2e}")
-    assert same_tokens >= len(tasks) - 1
-    assert lookm_diff < LOGPROB_ATOL
-    assert full_diff > 10 * LOGPROB_ATOL  # the uncompressed model decodes measurably differently
+        for name, got, want, want_tokens in (
+            ("lookm", choice, expected, tokens),
+            ("off", choice_off, full, full_tokens),
+            ("lookm vs full", choice, full, full_tokens),
+        ):
+            if list(got.token_ids) == want_tokens:
+                same[name] += 1
+                diff[name] = max(diff[name], float((_chosen_logprobs(got) - want).abs().max()))
+            else:
+                diff[name] = math.inf
+    print(f"same tokens {same} of {len(tasks)}; max |dlogprob| {diff}")
+    assert same["lookm"] >= len(tasks) - 1 and same["off"] >= len(tasks) - 1
+    assert diff["lookm"] < LOGPROB_ATOL and diff["off"] < LOGPROB_ATOL
+    assert diff["lookm vs full"] > 10 * LOGPROB_ATOL  # the uncompressed model decodes measurably differently
 
 
 def _scheduler(engine):
@@ -180,3 +204,34 @@ def test_text_only_and_opted_out_requests_keep_their_cache(engine) -> None:
     before, after, _ = _prefill_one(engine, text)
     assert before - after == math.ceil(text_len / BLOCK_SIZE)
     assert not _scheduler(engine)._offsets
+
+
+def test_preempted_requests_recompute_and_return_every_block() -> None:
+    """A pool of 14 blocks (13 usable: 416 tokens), 8 image prompts decoding 96 tokens each: vLLM must preempt."""
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+
+    from mmrag.serving.models.trained import trained_model_path
+
+    llm = _lookm_llm(num_gpu_blocks_override=14, max_model_len=384)
+    try:
+        scheduler = _scheduler(llm)
+        preempted: list[bool] = []  # per preemption: was the request compacted?
+        preempt = scheduler._preempt_request
+
+        def counting_preempt(request, *args, **kwargs):
+            preempted.append(request.request_id in scheduler._offsets)
+            return preempt(request, *args, **kwargs)
+
+        scheduler._preempt_request = counting_preempt
+        processor = AutoProcessor.from_pretrained(trained_model_path())
+        prompts = [_prompt(task, processor) for task in _tasks()[:8]]
+        params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert any(preempted), f"the pool was meant to force preemption of compacted requests: {preempted}"
+        assert all(len(o.outputs[0].token_ids) == 96 for o in outputs)
+        pool = scheduler.kv_cache_manager.block_pool
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all but vLLM's null block
+        assert not scheduler._offsets and not scheduler._planned
+    finally:
+        llm.llm_engine.engine_core.shutdown()
