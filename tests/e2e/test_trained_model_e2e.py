@@ -156,3 +156,8 @@ def test_lookm_reports_its_compaction_in_usage_and_metrics(client):
     assert whole["kv_tokens_kept"] == whole["kv_tokens_prompt"] == compacted["kv_tokens_prompt"]
     text_only = _ask(client, [{"role": "user", "content": "hello"}])
     assert text_only.usage.model_extra.get("mmrag") is None
+    # AIM in front of LOOK-M: the merged prompt is what gets compacted.
+    both = _ask(client, openai_messages(task), compression={"aim_keep_ratio": 0.5}).usage.mmrag
+    assert both["visual_tokens_after"] == image_tokens // 2
+    assert both["kv_tokens_prompt"] == text_tokens + image_tokens // 2
+    assert both["kv_tokens_kept"] == text_tokens + math.ceil(LOOKM_IMAGE_BUDGET * (image_tokens // 2))
