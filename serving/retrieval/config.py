@@ -158,6 +158,11 @@ class RetrievalConfig(_Strict):
     collection: str = Field(
         default="mmrag_docs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Default collection."
     )
+    allowed_collections: list[str] | None = Field(
+        default=None,
+        description="Collections a request may name besides the default one; None: any collection on the "
+        "Milvus instance (a request naming another gets a 400 on retrieval.collection).",
+    )
     default_mode: RetrievalMode = Field(
         default="none", description="Mode of chat requests that carry no `retrieval` extension."
     )

@@ -90,6 +90,12 @@ def resolve_options(options: RetrievalOptions | dict | None, config: RetrievalCo
         if config.xrag.on_unavailable == "error":
             raise UnsupportedModeError(f"retrieval mode 'xrag' is not available: {reason}; use 'text'")
         resolved = resolved.model_copy(update={"mode": "text", "mode_fallback": f"xrag -> text: {reason}"})
+    allowed = config.allowed_collections
+    if allowed is not None and resolved.collection not in {config.collection, *allowed}:
+        raise RetrievalRequestError(
+            f"collection {resolved.collection!r} is not served here (retrieval.allowed_collections)",
+            field="retrieval.collection",
+        )
     if resolved.top_k > config.max_top_k:
         raise RetrievalRequestError(
             f"top_k={resolved.top_k} exceeds this server's limit {config.max_top_k}", field="retrieval.top_k"

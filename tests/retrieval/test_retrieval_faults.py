@@ -170,6 +170,18 @@ def test_request_errors_are_400(filled, encoder):
     retriever.close()
 
 
+def test_only_allowed_collections_can_be_named(filled, encoder):
+    filled.allowed_collections = ["other_docs"]
+    retriever = Retriever(filled, encoder)
+    with pytest.raises(RetrievalRequestError, match="allowed_collections") as caught:
+        run(retriever.retrieve({"mode": "text", "collection": "secret_docs"}, "q"))
+    assert (caught.value.status_code, caught.value.field) == (400, "retrieval.collection")
+    assert run(retriever.retrieve({"mode": "text"}, "bridge")).chunks  # the default collection stays allowed
+    with pytest.raises(CollectionNotFoundError):  # an allowed name reaches Milvus (not created here)
+        run(retriever.retrieve({"mode": "text", "collection": "other_docs"}, "q"))
+    retriever.close()
+
+
 def test_error_messages_do_not_leak_credentials(rconfig, encoder, unreachable_uri):
     rconfig.uri = unreachable_uri.replace("http://", "http://root:s3cret@")
     with pytest.raises(StoreUnreachableError) as caught:
