@@ -117,12 +117,17 @@ class LookM:
     chunk_size: int = 256
     image_budget: float | None = None
 
-    def scores(self, probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    def scores(self, probs: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
         """``(Hkv, L)`` column sums, from ``probs`` ``(Hq, L, L)`` or ``q`` ``(Hq, L, D)`` + ``k`` ``(Hkv, L, D)``.
+
+        ``probs`` is None where no probabilities exist (vLLM's kernels); ``score_from`` must then not be
+        ``"probs"``.
 
         Query heads of one KV group are summed: a KV head is what gets evicted.
         """
         if self.score_from == "probs":
+            if probs is None:
+                raise ValueError("LookM(score_from='probs') needs the attention probabilities")
             per_query_head = probs.sum(dim=1, dtype=torch.float32)
         elif self.score_from == "chunked":
             per_query_head = attention_column_sums(q, k, scaling, self.chunk_size)
