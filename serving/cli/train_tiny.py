@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-images", type=int, default=defaults.max_images, help="Most images per prompt.")
+    parser.add_argument(
+        "--vision-pretrain-steps",
+        type=int,
+        default=defaults.vision_pretrain_steps,
+        help="Pretrain the vision tower on shape/colour classification for N steps, then freeze it "
+        "(default 0: trained end to end, as the shipped model was; see the README).",
+    )
     parser.add_argument("--no-resume", action="store_true", help="Ignore a checkpoint left by an interrupted run.")
 
 
@@ -25,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.serving.models.trained import TRAINED_MODEL_DIR
     from mmrag.serving.training.train_tiny import TrainConfig, train_tiny
 
-    config = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, max_images=args.max_images)
+    config = TrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        vision_pretrain_steps=args.vision_pretrain_steps,
+    )
     out = args.out or TRAINED_MODEL_DIR
     summary = train_tiny(out, config, resume=not args.no_resume)
     accuracy = " ".join(f"{k} {v:.3f}" for k, v in (summary["heldout"] or {}).items())

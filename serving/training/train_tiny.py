@@ -24,6 +24,7 @@ import torch
 from mmrag.serving.models.tiny import TinyLlavaSpec, build_model, write_checkpoint
 from mmrag.serving.tasks import FAMILIES, make_task
 from mmrag.serving.training.data import Batch, collate, encode_task
+from mmrag.serving.training.pretrain_vision import pretrain_vision
 from mmrag.serving.training.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ class TrainConfig:
     eval_every: int = 1000
     eval_per_family: int = 32
     checkpoint_every: int = 500
+    # The tower's own pretraining (pretrain_vision.py), then frozen as in LLaVA; 0 steps: trained end to end,
+    # which is how the shipped model was trained. 1500 was measured (README): held-out mean 0.625 vs 0.578,
+    # shape 0.50 vs 0.31, but its xRAG projector failed behind the server's prompt layout, so not shipped.
+    vision_pretrain_steps: int = 0
+    vision_pretrain_batch: int = 64
+    vision_pretrain_lr: float = 1e-3
 
     def max_images_at(self, step: int) -> int:
         ramp = max(1, int(self.steps * self.curriculum_fraction))
@@ -227,14 +234,28 @@ def train_tiny(
     tokenizer = train_tokenizer(_tokenizer_corpus(config), config.tokenizer_vocab, 2048)
     spec = trained_spec(config.seed, len(tokenizer) + config.spare_token_ids)
     model = build_model(spec, tokenizer).train()
+    start, history, elapsed, running, vision = 0, [], 0.0, None, None
+    resuming = resume and state_path.is_file()
+    if config.vision_pretrain_steps and not resuming:  # a resumed run loads the pretrained tower below
+        vision = pretrain_vision(
+            model.model.vision_tower,
+            steps=config.vision_pretrain_steps,
+            batch_size=config.vision_pretrain_batch,
+            lr=config.vision_pretrain_lr,
+            seed=config.seed,
+            progress=progress,
+        )
+        logger.info("vision tower pretrained: %s", vision)
+    if config.vision_pretrain_steps:
+        model.model.vision_tower.requires_grad_(False)
+    # Over every parameter: the frozen tower gets no gradient and AdamW skips it (no decay either).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start, history, elapsed, running = 0, [], 0.0, None
-    if resume and state_path.is_file():
+    if resuming:
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, elapsed = state["step"], state["history"], state["elapsed_s"]
-        running = state["running_loss"]
+        running, vision = state["running_loss"], state["vision_pretraining"]
         logger.info("resumed from %s at step %d", state_path, start)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter() - elapsed
@@ -270,6 +291,7 @@ def train_tiny(
                     "history": history,
                     "elapsed_s": time.perf_counter() - began,
                     "running_loss": running,
+                    "vision_pretraining": vision,
                 },
                 state_path,
             )
@@ -281,6 +303,7 @@ def train_tiny(
         "spec": asdict(spec),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": time.perf_counter() - began,
+        "vision_pretraining": vision,
         "history": history,
         "heldout": history[-1]["heldout"] if history else None,
     }

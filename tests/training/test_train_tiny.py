@@ -14,7 +14,16 @@ from mmrag.serving.training.train_tiny import TrainConfig, evaluate, train_tiny
 
 # Chance for a guess uniform over the family's answers (6 colours, 4 shapes, up to 6 images, 0-6, yes/no).
 CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "needle": 1 / 6, "count": 1 / 7, "compare": 1 / 2}
-SMALL = TrainConfig(steps=4, batch_size=4, warmup_steps=2, eval_every=4, eval_per_family=2, checkpoint_every=100)
+SMALL = TrainConfig(
+    steps=4,
+    batch_size=4,
+    warmup_steps=2,
+    eval_every=4,
+    eval_per_family=2,
+    checkpoint_every=100,
+    vision_pretrain_steps=3,
+    vision_pretrain_batch=4,
+)
 
 
 @pytest.fixture(scope="module")
