@@ -31,14 +31,25 @@ def _chat(client, ratio: float | None, images: int = 2):
     return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_body=extra)
 
 
+def _usage(response, before: int, after: int) -> dict[str, int]:
+    """What ``usage.mmrag`` must say on this server: no LOOK-M, so the KV cache keeps the whole prompt."""
+    prompt = response.usage.prompt_tokens
+    return {
+        "visual_tokens_before": before,
+        "visual_tokens_after": after,
+        "kv_tokens_prompt": prompt,
+        "kv_tokens_kept": prompt,
+    }
+
+
 def test_usage_reports_visual_tokens_before_and_after_merging(client):
     default = _chat(client, None)
-    assert default.usage.model_extra["mmrag"] == {"visual_tokens_before": 2 * FULL, "visual_tokens_after": 2 * FULL}
+    assert default.usage.model_extra["mmrag"] == _usage(default, 2 * FULL, 2 * FULL)
     explicit_one = _chat(client, 1.0)
     assert explicit_one.choices[0].message.content == default.choices[0].message.content  # ratio 1: stock model
     for ratio, kept in ((0.5, 8), (0.25, 4)):
         merged = _chat(client, ratio)
-        assert merged.usage.model_extra["mmrag"] == {"visual_tokens_before": 2 * FULL, "visual_tokens_after": 2 * kept}
+        assert merged.usage.model_extra["mmrag"] == _usage(merged, 2 * FULL, 2 * kept)
         assert merged.usage.prompt_tokens == default.usage.prompt_tokens - 2 * (FULL - kept)
         assert merged.usage.completion_tokens == 6
 
