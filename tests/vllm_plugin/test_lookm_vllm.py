@@ -39,12 +39,20 @@ def _tasks():
 
 
 def _lookm_llm(**kwargs):
-    """The trained model on vLLM with LOOK-M, its engine core in this process (the tests read the scheduler)."""
+    """The trained model on vLLM with LOOK-M (the server's engine arguments for it), its engine core in this
+    process (the tests read the scheduler)."""
     from vllm import LLM
 
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.engine.vllm_engine import lookm_engine_kwargs
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.vllm_plugin.lookm.budget import settings_as_additional_config
 
+    config = MmragConfig.model_validate(
+        {
+            "engine": {"max_model_len": kwargs.get("max_model_len", 1024)},
+            "compression": {"lookm": {"enabled": True, "image_budget": SETTINGS.image_budget}},
+        }
+    )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -57,12 +65,7 @@ def _lookm_llm(**kwargs):
             "dtype": "float32",
             "block_size": BLOCK_SIZE,
             "limit_mm_per_prompt": {"image": 4},
-            "scheduler_cls": "mmrag.serving.vllm_plugin.lookm.scheduler.LookMScheduler",
-            "worker_cls": "mmrag.serving.vllm_plugin.lookm.worker.LookMWorker",
-            "additional_config": settings_as_additional_config(SETTINGS),
-            "enable_prefix_caching": False,
-            "enable_chunked_prefill": False,
-            "max_num_batched_tokens": 1024,
+            **lookm_engine_kwargs(config, {}),
         }
         return LLM(**{**settings, **kwargs})
     finally:
