@@ -24,8 +24,12 @@ turns (``Task.follow_ups``). Rows:
 
 With ``--vllm`` (on by default; ``--no-vllm`` skips it) the same tasks also run through vLLM with the
 plugin's AIM model class: ``vllm_full`` (keep ratio 1: stock vLLM's prompt), ``vllm_aim_merge_1/2`` and
-``vllm_aim_merge_1/4`` (per-request keep ratios), greedy, bf16 as served. LOOK-M and AIM's pruning are not
-inside vLLM yet, so their rows exist for the reference engine only.
+``vllm_aim_merge_1/4`` (per-request keep ratios), greedy, bf16 as served. AIM's pruning is not in vLLM (the
+README says why). LOOK-M is, but it compacts once, after a request's prefill, and vLLM cannot take a second
+turn into a kept cache (a follow-up request is prefilled again; prefix caching is off under LOOK-M), so the
+two-turn protocol has no vLLM form; ``tests/vllm_plugin/test_lookm_vllm.py`` checks that vLLM with LOOK-M
+decodes the reference engine's LOOK-M tokens (log-probabilities within 1e-4 in fp32; 1.2e-6 measured), so the
+reference rows stand for it.
 
 Per row: exact match per family and the mean over image families, ``kv_ratio`` (prompt KV entries kept over
 the full cache's) and ``accuracy_ratio`` (mean over ``full``'s). The knowledge family has no image, so no

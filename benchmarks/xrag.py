@@ -55,8 +55,13 @@ def with_documents(task, count: int, pool: list):
     """``task`` with ``count`` documents: its relevant one first, then others' (distractors)."""
     import dataclasses
 
+    from mmrag.serving.tasks import document_source
+
     others = [d for t in pool for d in t.documents if t is not task and d != task.documents[task.relevant]]
-    return dataclasses.replace(task, documents=(task.documents[task.relevant], *others[: count - 1]), relevant=0)
+    documents = (task.documents[task.relevant], *others[: count - 1])
+    return dataclasses.replace(
+        task, documents=documents, relevant=0, sources=tuple(document_source(d) for d in documents)
+    )
 
 
 def run(args: argparse.Namespace) -> int:

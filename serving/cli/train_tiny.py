@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Pretrain the vision tower on shape/colour classification for N steps, then freeze it "
         "(default 0: trained end to end, as the shipped model was; see the README).",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default=defaults.precision,
+        help="Autocast dtype (default auto: bf16 where the CPU has bf16 instructions, else fp32).",
+    )
     parser.add_argument("--no-resume", action="store_true", help="Ignore a checkpoint left by an interrupted run.")
 
 
@@ -38,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_images=args.max_images,
         vision_pretrain_steps=args.vision_pretrain_steps,
+        precision=args.precision,
     )
     out = args.out or TRAINED_MODEL_DIR
     summary = train_tiny(out, config, resume=not args.no_resume)

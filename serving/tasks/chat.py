@@ -27,12 +27,16 @@ def png_data_url(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def context_text(documents: tuple[str, ...], config: TextRagConfig | None = None) -> str:
-    """The documents as text RAG inserts them (whole; the task generator keeps them within budget)."""
+def context_text(documents: tuple[str, ...], sources: tuple[str, ...] = (), config: TextRagConfig | None = None) -> str:
+    """The documents as text RAG inserts them (whole; the task generator keeps them within budget).
+
+    ``sources``: one per document; without them, ``kb/<n>``.
+    """
     config = config or TextRagConfig()
+    sources = sources or tuple(f"kb/{i}" for i in range(1, len(documents) + 1))
     rendered = [
-        config.document_template.format(number=i, source=f"kb/{i}", text=text, id=str(i), score=0.0)
-        for i, text in enumerate(documents, start=1)
+        config.document_template.format(number=i, source=source, text=text, id=str(i), score=0.0)
+        for i, (text, source) in enumerate(zip(documents, sources, strict=True), start=1)
     ]
     return "\n\n".join([config.instruction, *rendered])
 
@@ -41,7 +45,7 @@ def _messages(task: Task, image_part, with_documents: bool) -> list[dict[str, An
     content = [image_part(task.images[p]) if isinstance(p, int) else {"type": "text", "text": p} for p in task.parts]
     messages: list[dict[str, Any]] = []
     if with_documents and task.documents:
-        messages.append({"role": "system", "content": context_text(task.documents)})
+        messages.append({"role": "system", "content": context_text(task.documents, task.sources)})
     messages.append({"role": "user", "content": content})
     return messages
 

@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_FAMILIES",
     "Split",
     "Task",
+    "document_source",
     "make_task",
     "split_of",
 ]
@@ -40,6 +41,7 @@ class Task:
         parts: the user turn in order: text strings and image indexes into ``images``.
         shown: what each image shows (the pixels are drawn from it).
         documents: knowledge family: the documents given as context (``relevant`` answers the question).
+        sources: each document's source as retrieval shows it (:func:`document_source`).
         signature: what defines the task for the split (pixels excluded).
         follow_ups: more ``(question, answer)`` pairs about the same inputs, each of them in the same split
             (its own signature checked). Training asks several per prompt as later chat turns: the images
@@ -54,6 +56,7 @@ class Task:
     shown: tuple[ShapeImage, ...] = ()
     documents: tuple[str, ...] = ()
     relevant: int | None = None
+    sources: tuple[str, ...] = ()
     signature: str = field(default="", repr=False)
     follow_ups: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -225,6 +228,42 @@ def entity_document(name: str, rng: random.Random) -> tuple[str, dict[str, str]]
     return text, facts
 
 
+_DIRECTORIES = ["tmp", "home", "data", "docs", "corpus", "kb", "notes", "srv", "mnt", "shared", "wiki", "archive"]
+_EXTENSIONS = [".txt", ".md", ".html", ".pdf", ""]
+
+
+def document_source(text: str) -> str:
+    """A source string for a document, a pure function of its text: a short id, an absolute or relative
+    path, or a URL, with random directory names and numbers.
+
+    The server shows whatever the ingested file's path is (pytest's long temporary paths, a user's corpus
+    layout), so the model is trained on varied sources: a projector trained behind ``kb/1`` alone lost half
+    its exact matches behind absolute paths (README, xRAG).
+    """
+    rng = random.Random(hashlib.blake2b(text.encode(), digest_size=8).digest())
+
+    def segment() -> str:
+        if rng.random() < 0.5:
+            return rng.choice(_DIRECTORIES)
+        word = "".join(rng.sample(_SYLLABLES, rng.randint(1, 3)))
+        return word + (f"-{rng.randint(0, 999)}" if rng.random() < 0.4 else "")
+
+    stem = str(rng.randint(0, 9999)) if rng.random() < 0.5 else segment()
+    name = stem + rng.choice(_EXTENSIONS)
+    style = rng.random()
+    if style < 0.2:
+        return f"{segment()}/{rng.randint(0, 99)}"
+    if style < 0.6:
+        return "/" + "/".join(segment() for _ in range(rng.randint(2, 6))) + "/" + name
+    if style < 0.85:
+        return "/".join(segment() for _ in range(rng.randint(1, 3))) + "/" + name
+    return (
+        f"https://{segment()}.{rng.choice(['org', 'com', 'net'])}/"
+        + "/".join(segment() for _ in range(rng.randint(0, 2)))
+        + f"/{name}"
+    )
+
+
 def _knowledge_task(rng: random.Random, split: Split, max_documents: int) -> Task:
     """Documents about invented entities; the question asks one attribute of one of them.
 
@@ -254,6 +293,7 @@ def _knowledge_task(rng: random.Random, split: Split, max_documents: int) -> Tas
         facts[attribute],
         documents=tuple(documents),
         relevant=relevant,
+        sources=tuple(document_source(d) for d in documents),
         signature=f"knowledge|{name}",
         follow_ups=tuple(follow_ups),
     )

@@ -3,14 +3,22 @@ and the shipped trained model well above chance on held-out tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 
 import pytest
 import torch
 
 from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, make_task
 from mmrag.serving.training.data import encode_prompt, encode_task, pixel_values
-from mmrag.serving.training.train_tiny import TrainConfig, evaluate, train_tiny
+from mmrag.serving.training.train_tiny import (
+    TrainConfig,
+    evaluate,
+    native_bf16,
+    resolve_precision,
+    train_tiny,
+)
 
 # Chance for a guess uniform over the family's answers (6 colours, 4 shapes, up to 6 images, 0-6, yes/no).
 CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "needle": 1 / 6, "count": 1 / 7, "compare": 1 / 2}
@@ -91,3 +99,20 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert _digest(tmp_path / "whole") == _digest(tmp_path / "parts")
     assert [h["loss"] for h in whole["history"]] == [h["loss"] for h in resumed["history"]]
     assert not (tmp_path / "parts" / "train_state.pt").exists()
+    assert whole["precision"] == ("bf16" if native_bf16() else "fp32")
+
+
+def test_precision_follows_the_cpu_unless_chosen():
+    assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
+    assert (resolve_precision("bf16"), resolve_precision("fp32")) == ("bf16", "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+
+
+@pytest.mark.slow
+def test_the_other_precision_trains_and_is_recorded(tmp_path):
+    """Whichever precision ``auto`` did not pick on this CPU also runs (slowly where bf16 is emulated)."""
+    other = "fp32" if native_bf16() else "bf16"
+    summary = train_tiny(tmp_path / "other", dataclasses.replace(SMALL, precision=other), progress=False)
+    assert summary["precision"] == other and summary["config"]["precision"] == other
+    assert all(math.isfinite(h["loss"]) for h in summary["history"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, make_task, split_of
+from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, document_source, make_task, split_of
 from mmrag.serving.tasks.chat import context_text, openai_messages
 
 
@@ -63,10 +63,25 @@ def test_images_are_placed_after_their_marker():
 def test_openai_messages_carry_images_and_documents():
     task = make_task("knowledge", 1, max_documents=3)
     system, user = openai_messages(task)
-    assert system["role"] == "system" and system["content"] == context_text(task.documents)
+    assert system["role"] == "system" and system["content"] == context_text(task.documents, task.sources)
+    assert all(f"(source: {source})" in system["content"] for source in task.sources)
     assert user["content"][-1]["text"] == task.question
     image_task = make_task("colour", 1, max_images=3)
     parts = openai_messages(image_task)[0]["content"]
     urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
     assert len(urls) == len(image_task.images) and all(u.startswith("data:image/png;base64,") for u in urls)
     assert set(IMAGE_FAMILIES) < set(FAMILIES)
+
+
+def test_document_sources_are_a_function_of_the_text_and_varied():
+    tasks = [make_task("knowledge", i, max_documents=3) for i in range(200)]
+    assert all(t.sources == tuple(document_source(d) for d in t.documents) for t in tasks)
+    sources = [s for t in tasks for s in t.sources]
+    # The server shows the ingested path, whatever it is: short ids, absolute and relative paths, URLs.
+    kinds = {
+        "absolute": sum(s.startswith("/") for s in sources),
+        "url": sum(s.startswith("https://") for s in sources),
+        "relative": sum(not s.startswith(("/", "https://")) for s in sources),
+    }
+    assert min(kinds.values()) >= len(sources) // 10, kinds
+    assert len(set(sources)) > 0.9 * len(sources)
