@@ -74,14 +74,19 @@ def test_loss_reads_only_the_answer(trained):
 def test_trained_model_beats_chance_on_heldout(trained):
     """The families the shipped model learnt, well above chance (16 held-out tasks each, up to 6 images).
 
-    Measured here: colour 0.62, shape 0.31, needle 0.38, count 0.94, compare 0.75, knowledge 0.31. Shape
-    and needle are near chance (the model did not learn them; see training.json), so they are not claimed.
+    Measured here (fp32): colour 0.62, shape 0.31, needle 0.38, count 0.94, compare 0.75; knowledge 0.38 on
+    its 64 tasks (0.42 before the documents' sources were varied). Shape and needle are near chance (the model
+    did not learn them; see training.json), so they are not claimed.
     """
     _, model, processor = trained
     accuracy = evaluate(model, processor.tokenizer, model.config.image_seq_length, per_family=16, max_images=6)
     assert accuracy["colour"] >= 3 * CHANCE["colour"], accuracy
     assert accuracy["count"] >= 4 * CHANCE["count"], accuracy
-    assert accuracy["knowledge"] >= 0.2, accuracy  # chance: 1 of 8 colours, 10 places or 90 numbers
+    # Knowledge on more tasks: at 16, one answer is 0.06 of the score.
+    knowledge = evaluate(
+        model, processor.tokenizer, model.config.image_seq_length, per_family=64, families=("knowledge",)
+    )
+    assert knowledge["knowledge"] >= 0.25, knowledge  # chance: 1 of 8 colours, 10 places or 90 numbers
     image_mean = sum(accuracy[f] for f in IMAGE_FAMILIES) / len(IMAGE_FAMILIES)
     assert image_mean >= 1.5 * sum(CHANCE.values()) / len(CHANCE), accuracy
 
