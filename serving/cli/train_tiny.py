@@ -26,11 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 0: trained end to end, as the shipped model was; see the README).",
     )
     parser.add_argument(
-        "--isolate-spaces",
-        action="store_true",
-        help="Tokenize every space on its own, so answers are the documents' own tokens (not the shipped model).",
-    )
-    parser.add_argument(
         "--precision",
         choices=("auto", "bf16", "fp32"),
         default=defaults.precision,
@@ -50,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,
-        isolate_spaces=args.isolate_spaces,
     )
     out = args.out or TRAINED_MODEL_DIR
     summary = train_tiny(out, config, resume=not args.no_resume)

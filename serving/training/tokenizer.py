@@ -17,21 +17,14 @@ __all__ = ["GENERATION_PROMPT", "train_tokenizer"]
 GENERATION_PROMPT = "ASSISTANT: "
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int, isolate_spaces: bool = False):
-    """A ``PreTrainedTokenizerFast`` with ``vocab_size`` entries (specials + 256 bytes + merges).
-
-    ``isolate_spaces``: every space is a token of its own, so a word has the same tokens wherever it stands.
-    By default (GPT-2's rule) a word after a space is another token than the same word at the start of an
-    answer ("Ġamber" in a document, "a" "mber" after the generation prompt): the model cannot answer by
-    copying the document's tokens. Isolated spaces cost about 20% more tokens on the documents.
-    """
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int):
+    """A ``PreTrainedTokenizerFast`` with ``vocab_size`` entries (specials + 256 bytes + merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
-    steps = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    if isolate_spaces:
-        steps.insert(0, pre_tokenizers.Split(" ", behavior="isolated"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

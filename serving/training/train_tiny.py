@@ -74,7 +74,6 @@ class TrainConfig:
         default_factory=lambda: {"colour": 1, "shape": 1, "needle": 1.5, "count": 1.5, "compare": 1.5, "knowledge": 1}
     )
     tokenizer_vocab: int = 512
-    isolate_spaces: bool = False  # tokenizer.py: answers tokenized as the documents hold them (not shipped yet)
     spare_token_ids: int = 64  # beyond the tokenizer: placeholders added later (xRAG) need ids
     eval_every: int = 1000
     eval_per_family: int = 32
@@ -263,9 +262,7 @@ def train_tiny(
     state_path = out / "train_state.pt"
     torch.manual_seed(config.seed)
     precision = resolve_precision(config.precision)
-    tokenizer = train_tokenizer(
-        _tokenizer_corpus(config), config.tokenizer_vocab, 2048, isolate_spaces=config.isolate_spaces
-    )
+    tokenizer = train_tokenizer(_tokenizer_corpus(config), config.tokenizer_vocab, 2048)
     spec = trained_spec(config.seed, len(tokenizer) + config.spare_token_ids)
     model = build_model(spec, tokenizer).train()
     start, history, elapsed, running, vision = 0, [], 0.0, None, None
