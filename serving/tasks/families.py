@@ -257,11 +257,8 @@ def document_source(text: str) -> str:
         return "/" + "/".join(segment() for _ in range(rng.randint(2, 6))) + "/" + name
     if style < 0.85:
         return "/".join(segment() for _ in range(rng.randint(1, 3))) + "/" + name
-    return (
-        f"https://{segment()}.{rng.choice(['org', 'com', 'net'])}/"
-        + "/".join(segment() for _ in range(rng.randint(0, 2)))
-        + f"/{name}"
-    )
+    host = f"{segment()}.{rng.choice(['org', 'com', 'net'])}"
+    return f"https://{host}/" + "/".join([*(segment() for _ in range(rng.randint(0, 2))), name])
 
 
 def _knowledge_task(rng: random.Random, split: Split, max_documents: int) -> Task:

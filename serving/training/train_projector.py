@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrag.serving.tasks import Task, make_task
+from mmrag.serving.tasks import Task, document_source, make_task
 from mmrag.serving.training.data import Batch, EncodedTask, collate, encode_task
 from mmrag.serving.training.train_tiny import exact_match
 from mmrag.serving.xrag.projector import (
@@ -78,7 +78,10 @@ def xrag_view(task: Task) -> Task:
 
 
 def paraphrase_task(document: str) -> Task:
-    return Task("knowledge", "train", (PARAPHRASE_QUESTION,), document, documents=(document,), relevant=0)
+    sources = (document_source(document),)  # as the instruction stage and the server show it, not kb/1
+    return Task(
+        "knowledge", "train", (PARAPHRASE_QUESTION,), document, documents=(document,), relevant=0, sources=sources
+    )
 
 
 @dataclass

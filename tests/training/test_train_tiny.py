@@ -75,8 +75,9 @@ def test_trained_model_beats_chance_on_heldout(trained):
     """The families the shipped model learnt, well above chance (16 held-out tasks each, up to 6 images).
 
     Measured here (fp32): colour 0.62, shape 0.31, needle 0.38, count 0.94, compare 0.75; knowledge 0.38 on
-    its 64 tasks (on 128: 0.39 with varied sources, 0.42 with the ``kb/n`` sources it was trained with). Shape and needle are near chance (the model
-    did not learn them; see training.json), so they are not claimed.
+    its 64 tasks (on 128: 0.39 with varied sources, 0.42 with the ``kb/n`` sources it was trained with).
+    Shape and needle are near chance (the model did not learn them; see training.json), so they are not
+    claimed.
     """
     _, model, processor = trained
     accuracy = evaluate(model, processor.tokenizer, model.config.image_seq_length, per_family=16, max_images=6)

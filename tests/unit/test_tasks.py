@@ -85,3 +85,4 @@ def test_document_sources_are_a_function_of_the_text_and_varied():
     }
     assert min(kinds.values()) >= len(sources) // 10, kinds
     assert len(set(sources)) > 0.9 * len(sources)
+    assert not any("//" in s.removeprefix("https://") for s in sources)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mmrag.serving.models.trained import trained_model_path, trained_projector_path
-from mmrag.serving.tasks import make_task
+from mmrag.serving.tasks import document_source, make_task
+from mmrag.serving.tasks.chat import template_messages
 from mmrag.serving.training.data import collate
 from mmrag.serving.training.train_projector import (
     ProjectorTrainConfig,
@@ -18,6 +19,7 @@ from mmrag.serving.training.train_projector import (
     evaluate_xrag,
     heldout_tasks,
     load_frozen_llm,
+    paraphrase_task,
     student_embeddings,
     train_projector,
 )
@@ -39,6 +41,12 @@ def encoder():
 @pytest.fixture
 def model_copy(tmp_path):
     return shutil.copytree(trained_model_path(), tmp_path / "tiny-mllm")
+
+
+def test_paraphrase_prompts_show_the_sources_the_server_shows():
+    document = make_task("knowledge", 0).documents[0]
+    system = template_messages(paraphrase_task(document))[0]["content"]
+    assert f"(source: {document_source(document)})" in system and "kb/1" not in system
 
 
 def test_student_rows_are_the_projected_vectors(encoder):
