@@ -19,6 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-images", type=int, default=defaults.max_images, help="Most images per prompt.")
     parser.add_argument(
+        "--curriculum-hold",
+        type=float,
+        default=defaults.curriculum_hold,
+        help="Fraction of the steps with at most two images per prompt, before the ramp to --max-images "
+        f"(default {defaults.curriculum_hold}; binding 'Image k' is learnt there, see the README).",
+    )
+    parser.add_argument(
         "--vision-pretrain-steps",
         type=int,
         default=defaults.vision_pretrain_steps,
@@ -43,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         max_images=args.max_images,
+        curriculum_hold=args.curriculum_hold,
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,
     )

@@ -108,6 +108,20 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert whole["precision"] == ("bf16" if native_bf16() else "fp32")
 
 
+def test_curriculum_holds_two_images_then_ramps_to_the_most():
+    def schedule(hold: float) -> list[int]:
+        config = TrainConfig(steps=100, max_images=6, curriculum_hold=hold, curriculum_fraction=0.6)
+        return [config.max_images_at(step) for step in range(config.steps)]
+
+    held, unheld = schedule(0.2), schedule(0.0)
+    assert set(held[:20]) == {2} and unheld.index(3) < 20
+    for images in held, unheld:  # every size on the way, the most from curriculum_fraction on
+        assert images == sorted(images) and set(images) == {2, 3, 4, 5, 6}
+        assert images[59] < 6 and set(images[60:]) == {6}
+    with pytest.raises(ValueError, match="curriculum_hold"):
+        TrainConfig(curriculum_hold=0.5, curriculum_fraction=0.4)
+
+
 def test_precision_follows_the_cpu_unless_chosen():
     assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
     assert (resolve_precision("bf16"), resolve_precision("fp32")) == ("bf16", "fp32")

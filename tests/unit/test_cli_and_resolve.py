@@ -13,6 +13,8 @@ def test_every_command_is_registered_and_parses():
     args = parser.parse_args(["make-tiny-model", "/tmp/x", "--seed", "2"])
     assert args.seed == 2 and args.out_dir == "/tmp/x"
     assert {"serve", "make-tiny-model", "bench"} <= set(COMMANDS)
+    args = parser.parse_args(["train-tiny", "--curriculum-hold", "0.25", "--precision", "fp32"])
+    assert (args.curriculum_hold, args.precision) == (0.25, "fp32")
 
 
 def test_make_tiny_model_command(tmp_path):
