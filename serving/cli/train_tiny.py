@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.curriculum_hold,
         help="Fraction of the steps with at most two images per prompt, before the ramp to --max-images "
-        f"(default {defaults.curriculum_hold}; binding 'Image k' is learnt there, see the README).",
+        f"(default {defaults.curriculum_hold}; colour questions learn to bind 'Image k' there, see the README).",
     )
     parser.add_argument(
         "--vision-pretrain-steps",
