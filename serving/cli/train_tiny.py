@@ -19,11 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-images", type=int, default=defaults.max_images, help="Most images per prompt.")
     parser.add_argument(
+        "--binding-fraction",
+        type=float,
+        default=defaults.binding_fraction,
+        help="Fraction of the steps asking colour questions alone, within the hold (default "
+        f"{defaults.binding_fraction}; binding 'Image k' to its tokens is learnt there, see the README).",
+    )
+    parser.add_argument(
         "--curriculum-hold",
         type=float,
         default=defaults.curriculum_hold,
         help="Fraction of the steps with at most two images per prompt, before the ramp to --max-images "
-        f"(default {defaults.curriculum_hold}; colour questions learn to bind 'Image k' there, see the README).",
+        f"(default {defaults.curriculum_hold}).",
     )
     parser.add_argument(
         "--vision-pretrain-steps",
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         max_images=args.max_images,
+        binding_fraction=args.binding_fraction,
         curriculum_hold=args.curriculum_hold,
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,

@@ -110,7 +110,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
 def test_curriculum_holds_two_images_then_ramps_to_the_most():
     def schedule(hold: float) -> list[int]:
-        config = TrainConfig(steps=100, max_images=6, curriculum_hold=hold, curriculum_fraction=0.6)
+        config = TrainConfig(
+            steps=100, max_images=6, binding_fraction=0.0, curriculum_hold=hold, curriculum_fraction=0.6
+        )
         return [config.max_images_at(step) for step in range(config.steps)]
 
     held, unheld = schedule(0.2), schedule(0.0)
@@ -120,6 +122,16 @@ def test_curriculum_holds_two_images_then_ramps_to_the_most():
         assert images[59] < 6 and set(images[60:]) == {6}
     with pytest.raises(ValueError, match="curriculum_hold"):
         TrainConfig(curriculum_hold=0.5, curriculum_fraction=0.4)
+
+
+def test_binding_phase_asks_colour_alone_at_two_images_then_the_mixture():
+    config = TrainConfig(steps=40, binding_fraction=0.25, curriculum_hold=0.5, curriculum_fraction=0.8)
+    phase = [config.family_weights_at(step) for step in range(10)]
+    assert all(weights == {"colour": 1.0} for weights in phase)
+    assert {config.max_images_at(step) for step in range(20)} == {2}  # the hold goes on in the mixture
+    assert all(config.family_weights_at(step) == config.family_weights for step in range(10, 40))
+    with pytest.raises(ValueError, match="binding_fraction"):  # the phase must lie within the hold
+        TrainConfig(binding_fraction=0.3, curriculum_hold=0.2)
 
 
 def test_precision_follows_the_cpu_unless_chosen():
