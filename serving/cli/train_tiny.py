@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.curriculum_hold}).",
     )
     parser.add_argument(
+        "--curriculum-fraction",
+        type=float,
+        default=defaults.curriculum_fraction,
+        help=f"Fraction of the steps by which prompts reach --max-images (default {defaults.curriculum_fraction}).",
+    )
+    parser.add_argument(
         "--vision-pretrain-steps",
         type=int,
         default=defaults.vision_pretrain_steps,
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         binding_fraction=args.binding_fraction,
         curriculum_hold=args.curriculum_hold,
+        curriculum_fraction=args.curriculum_fraction,
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,
     )

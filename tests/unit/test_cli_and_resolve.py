@@ -13,8 +13,11 @@ def test_every_command_is_registered_and_parses():
     args = parser.parse_args(["make-tiny-model", "/tmp/x", "--seed", "2"])
     assert args.seed == 2 and args.out_dir == "/tmp/x"
     assert {"serve", "make-tiny-model", "bench"} <= set(COMMANDS)
-    args = parser.parse_args(["train-tiny", "--curriculum-hold", "0.25", "--precision", "fp32"])
-    assert (args.curriculum_hold, args.precision) == (0.25, "fp32")
+    args = parser.parse_args(
+        ["train-tiny", "--binding-fraction", "0.1", "--curriculum-hold", "0.25", "--curriculum-fraction", "0.5"]
+    )
+    assert (args.binding_fraction, args.curriculum_hold, args.curriculum_fraction) == (0.1, 0.25, 0.5)
+    assert parser.parse_args(["train-tiny", "--precision", "fp32"]).precision == "fp32"
 
 
 def test_make_tiny_model_command(tmp_path):
