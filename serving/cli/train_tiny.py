@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.binding_fraction,
         help="Fraction of the steps asking colour questions alone, within the hold (default "
-        f"{defaults.binding_fraction}; binding 'Image k' to its tokens is learnt there, see the README).",
+        f"{defaults.binding_fraction}; binding 'Image k' is learnt there and wears off later, see the README).",
     )
     parser.add_argument(
         "--curriculum-hold",
