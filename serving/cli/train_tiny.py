@@ -39,6 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Fraction of the steps by which prompts reach --max-images (default {defaults.curriculum_fraction}).",
     )
     parser.add_argument(
+        "--family-weight",
+        type=_family_weight,
+        action="append",
+        default=[],
+        metavar="FAMILY=W",
+        help="How often a family is drawn after the binding phase, relative to the others; repeatable (default "
+        + ", ".join(f"{family}={weight:g}" for family, weight in defaults.family_weights.items())
+        + ").",
+    )
+    parser.add_argument(
         "--vision-pretrain-steps",
         type=int,
         default=defaults.vision_pretrain_steps,
@@ -54,11 +64,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="Ignore a checkpoint left by an interrupted run.")
 
 
-def run(args: argparse.Namespace) -> int:
-    from mmrag.serving.models.trained import TRAINED_MODEL_DIR
-    from mmrag.serving.training.train_tiny import TrainConfig, train_tiny
+def _family_weight(text: str) -> tuple[str, float]:
+    from mmrag.serving.tasks import FAMILIES
 
-    config = TrainConfig(
+    family, _, weight = text.partition("=")
+    if family not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight after '=' must be a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be >= 0")
+    return family, value
+
+
+def config_from_args(args: argparse.Namespace):
+    from mmrag.serving.training.train_tiny import TrainConfig
+
+    return TrainConfig(
         seed=args.seed,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -66,11 +90,18 @@ def run(args: argparse.Namespace) -> int:
         binding_fraction=args.binding_fraction,
         curriculum_hold=args.curriculum_hold,
         curriculum_fraction=args.curriculum_fraction,
+        family_weights={**TrainConfig().family_weights, **dict(args.family_weight)},
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmrag.serving.models.trained import TRAINED_MODEL_DIR
+    from mmrag.serving.training.train_tiny import train_tiny
+
     out = args.out or TRAINED_MODEL_DIR
-    summary = train_tiny(out, config, resume=not args.no_resume)
+    summary = train_tiny(out, config_from_args(args), resume=not args.no_resume)
     accuracy = " ".join(f"{k} {v:.3f}" for k, v in (summary["heldout"] or {}).items())
     print(f"wrote {out} in {summary['train_seconds']:.0f} s; held-out exact match: {accuracy}")
     return 0

@@ -109,6 +109,11 @@ class TrainConfig:
                 f"need 0 <= binding_fraction ({self.binding_fraction}) <= curriculum_hold ({self.curriculum_hold})"
                 f" <= curriculum_fraction ({self.curriculum_fraction}) <= 1"
             )
+        unknown = set(self.family_weights) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"family_weights: unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+        if any(w < 0 for w in self.family_weights.values()) or not any(self.family_weights.values()):
+            raise ValueError(f"family_weights must be >= 0 with one above 0, not {self.family_weights}")
 
     def family_weights_at(self, step: int) -> dict[str, float]:
         return {BINDING_FAMILY: 1.0} if step < int(self.steps * self.binding_fraction) else self.family_weights

@@ -20,6 +20,22 @@ def test_every_command_is_registered_and_parses():
     assert parser.parse_args(["train-tiny", "--precision", "fp32"]).precision == "fp32"
 
 
+def test_train_tiny_family_weights_override_the_defaults_one_by_one(capsys):
+    from mmrag.serving.cli.train_tiny import config_from_args
+    from mmrag.serving.training.train_tiny import TrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train-tiny", "--family-weight", "colour=4", "--family-weight", "needle=0"])
+    weights = config_from_args(args).family_weights
+    assert weights == {**TrainConfig().family_weights, "colour": 4.0, "needle": 0.0}
+    for bad, message in (("color=4", "unknown family 'color'"), ("colour=x", "must be a number"), ("shape=-1", ">= 0")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train-tiny", "--family-weight", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="family_weights"):  # the config checks too, for callers without the CLI
+        TrainConfig(family_weights={"colour": 0})
+
+
 def test_make_tiny_model_command(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mmrag.serving.cli", "make-tiny-model", str(tmp_path / "m"), "--seed", "1"],
