@@ -14,7 +14,10 @@ from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, make_task
 from mmrag.serving.training.data import encode_prompt, encode_task, pixel_values
 from mmrag.serving.training.train_tiny import (
     TrainConfig,
+    accuracy_by_images,
     evaluate,
+    family_accuracy,
+    heldout_results,
     native_bf16,
     resolve_precision,
     train_tiny,
@@ -92,6 +95,23 @@ def test_trained_model_beats_chance_on_heldout(trained):
     assert image_mean >= 1.5 * sum(CHANCE.values()) / len(CHANCE), accuracy
 
 
+def test_accuracy_by_number_of_images_splits_the_family_score(trained):
+    """The by-count table and the family score come from the same answers; the shipped model reads the colour
+    of a lone image (1.00 on 240 held-out tasks) but not of the asked one among several (about 0.45)."""
+    _, model, processor = trained
+    results = heldout_results(
+        model, processor.tokenizer, model.config.image_seq_length, per_family=48, families=("colour", "knowledge")
+    )
+    table, accuracy = accuracy_by_images(results), family_accuracy(results)
+    assert list(table["knowledge"]) == ["0"]
+    counts = {n: sum(str(m) == n for m, _ in results["colour"]) for n in table["colour"]}
+    assert set(counts) == {"1", "2", "3", "4", "5", "6"}, counts
+    assert sum(table["colour"][n] * counts[n] for n in counts) / 48 == pytest.approx(accuracy["colour"])
+    assert table["colour"]["1"] >= 0.9, table
+    several = [table["colour"][n] for n in ("3", "4", "5", "6")]
+    assert sum(several) / 4 <= table["colour"]["1"] - 0.3, table
+
+
 def _digest(path) -> str:
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
@@ -104,6 +124,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     resumed = train_tiny(tmp_path / "parts", SMALL, progress=False)
     assert _digest(tmp_path / "whole") == _digest(tmp_path / "parts")
     assert [h["loss"] for h in whole["history"]] == [h["loss"] for h in resumed["history"]]
+    assert whole["heldout_by_images"] == resumed["heldout_by_images"]
+    assert set(whole["heldout_by_images"]) == set(FAMILIES) and whole["heldout_by_images"]["knowledge"].keys() == {"0"}
     assert not (tmp_path / "parts" / "train_state.pt").exists()
     assert whole["precision"] == ("bf16" if native_bf16() else "fp32")
 
