@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ").",
     )
     parser.add_argument(
+        "--no-prompt-loss",
+        action="store_true",
+        help="Train on the answers alone, not next-token prediction over the prompt's text too (see the README).",
+    )
+    parser.add_argument(
         "--vision-pretrain-steps",
         type=int,
         default=defaults.vision_pretrain_steps,
@@ -91,6 +96,7 @@ def config_from_args(args: argparse.Namespace):
         curriculum_hold=args.curriculum_hold,
         curriculum_fraction=args.curriculum_fraction,
         family_weights={**TrainConfig().family_weights, **dict(args.family_weight)},
+        prompt_loss=not args.no_prompt_loss,
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,
     )

@@ -57,19 +57,30 @@ class EncodedTask:
 
 
 def encode_task(
-    task: Task, tokenizer, tokens_per_image: int, follow_ups: Sequence[tuple[str, str]] = ()
+    task: Task,
+    tokenizer,
+    tokens_per_image: int,
+    follow_ups: Sequence[tuple[str, str]] = (),
+    *,
+    prompt_loss: bool = False,
 ) -> EncodedTask:
     """Prompt + answer + eos, then each follow-up as a later user turn and its answer + eos.
 
-    The loss reads the answers and their eos only. The first turn is exactly the serving prompt; later
-    turns are rendered by the chat template one message at a time.
+    The labels are the answers and their eos; with ``prompt_loss`` every other text token too (never the image
+    placeholders), as next-token prediction over the whole chat. The first turn is exactly the serving prompt;
+    later turns are rendered by the chat template one message at a time.
     """
     ids = encode_prompt(task, tokenizer, tokens_per_image)
-    labels = [IGNORE] * len(ids)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def unanswered(span: list[int]) -> list[int]:
+        return [t if prompt_loss and t != image_id else IGNORE for t in span]
+
+    labels = unanswered(ids)
     for turn, (question, answer) in enumerate([(task.question, task.answer), *follow_ups]):
         if turn:
             asked = encode_turn(tokenizer, question)
-            ids, labels = ids + asked, labels + [IGNORE] * len(asked)
+            ids, labels = ids + asked, labels + unanswered(asked)
         target = encode_answer(tokenizer, answer)
         ids, labels = ids + target, labels + target
     return EncodedTask(ids, labels, pixel_values(task.images))

@@ -8,6 +8,9 @@ of the steps, then raises the most images per prompt to ``max_images`` by ``curr
 images with colour questions and nowhere else (not with three images, not in the full mixture at two); in the
 mixture that follows it wears off (README).
 
+The loss is next-token prediction over the whole chat (``prompt_loss``), not over the answers alone: that is
+what made binding learnable (colour of image k at 2-4 images: 1.00 in 1000 steps from scratch, README).
+
 Accuracy is exact match of the greedy answer; it is measured teacher-forced (all answer tokens and the eos
 are the argmax), which is the same event as greedy decoding producing exactly ``answer</s>``, in one pass.
 """
@@ -74,6 +77,12 @@ class TrainConfig:
     max_documents: int = 3
     micro_batches: int = 2
     follow_ups: int = 4  # extra questions per prompt, as later chat turns (see Task.follow_ups)
+    # Next-token loss on the prompt's text as well as on the answers. Predicting "Image k+1:" after image k
+    # needs a "which image is this" feature on the visual tokens, and predicting a document's repeated names
+    # needs copying: the two things binding "Image k" and reading a document are made of. Measured (README):
+    # colour alone at up to 4 images, 1000 steps: 1.00 with 2, 3 and 4 images against 0.54 / 0.52 / 0.42
+    # after 1500 steps without it.
+    prompt_loss: bool = True
     # Fractions of the steps: colour questions alone, then the whole mixture, both at two images at most
     # until curriculum_hold, then the ramp to max_images, done by curriculum_fraction. Binding "Image k" to
     # its tokens is learnt in a colour phase of 3000 steps (two images: 0.96) but wears off in the mixture,
@@ -177,7 +186,7 @@ def _batches_at(config: TrainConfig, step: int, tokenizer, tokens_per_image: int
             max_documents=config.max_documents,
         )
         extra = rng.sample(task.follow_ups, min(config.follow_ups, len(task.follow_ups)))
-        items.append(encode_task(task, tokenizer, tokens_per_image, extra))
+        items.append(encode_task(task, tokenizer, tokens_per_image, extra, prompt_loss=config.prompt_loss))
     items.sort(key=lambda item: len(item.input_ids))
     size = math.ceil(len(items) / config.micro_batches)
     return [collate(items[i : i + size], tokenizer.pad_token_id) for i in range(0, len(items), size)]
@@ -209,7 +218,7 @@ def _feature_norm_penalty(features: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def _train_step(model, optimizer, batches: list[Batch], config: TrainConfig, precision: str) -> float:
-    """One optimizer step over the micro-batches; the loss is the mean over all answer tokens."""
+    """One optimizer step over the micro-batches; the loss is the mean over all labelled tokens."""
     targets = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     projected: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: projected.append(out))

@@ -74,6 +74,22 @@ def test_loss_reads_only_the_answer(trained):
     assert encoded.input_ids[-len(answer) :] == answer
 
 
+def test_prompt_loss_labels_every_text_token_but_the_image_placeholders(trained):
+    _, model, processor = trained
+    tokenizer, tokens_per_image = processor.tokenizer, model.config.image_seq_length
+    task = make_task("colour", 3, max_images=4)
+    follow_ups = task.follow_ups[:2]
+    answers_only = encode_task(task, tokenizer, tokens_per_image, follow_ups)
+    everything = encode_task(task, tokenizer, tokens_per_image, follow_ups, prompt_loss=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert everything.input_ids == answers_only.input_ids
+    pairs = list(zip(everything.input_ids, everything.labels, strict=True))
+    placeholders = [label for token, label in pairs if token == image_id]
+    assert len(placeholders) == tokens_per_image * len(task.images) > 0
+    assert set(placeholders) == {-100}
+    assert all(token == label for token, label in pairs if token != image_id)
+
+
 def test_trained_model_beats_chance_on_heldout(trained):
     """The families the shipped model learnt, well above chance (16 held-out tasks each, up to 6 images).
 

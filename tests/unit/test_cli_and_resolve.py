@@ -18,6 +18,10 @@ def test_every_command_is_registered_and_parses():
     )
     assert (args.binding_fraction, args.curriculum_hold, args.curriculum_fraction) == (0.1, 0.25, 0.5)
     assert parser.parse_args(["train-tiny", "--precision", "fp32"]).precision == "fp32"
+    from mmrag.serving.cli.train_tiny import config_from_args
+
+    assert config_from_args(parser.parse_args(["train-tiny"])).prompt_loss
+    assert not config_from_args(parser.parse_args(["train-tiny", "--no-prompt-loss"])).prompt_loss
 
 
 def test_train_tiny_family_weights_override_the_defaults_one_by_one(capsys):
