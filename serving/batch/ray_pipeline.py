@@ -24,6 +24,8 @@ from mmrag.serving.config import DeploymentConfig, MmragConfig
 
 logger = logging.getLogger(__name__)
 
+POOL_START_TIMEOUT_S = 1800  # engines that download and load a large checkpoint take minutes
+
 
 class _ChainActor:
     """A chain with its own event loop: the loop outlives each batch, as the engine's tasks need."""
@@ -104,8 +106,13 @@ def run_on_ray(
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+    context = ray.data.DataContext.get_current()
     # Our bar and summary report progress; Ray Data's own progress lines would interleave with them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context.enable_progress_bars = False
+    # Each pool waits for its minimum actors (engines loaded) before taking blocks: otherwise the first
+    # replica up takes the whole of a short job, and a cluster that cannot place a pool hangs instead of
+    # failing with Ray's "not enough resources" timeout.
+    context.wait_for_min_actors_s = POOL_START_TIMEOUT_S
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         dataset = build_dataset(config, lines, engine_cls=engine_cls, batch_size=batch_size)

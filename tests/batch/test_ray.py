@@ -39,7 +39,7 @@ def test_ray_data_path_matches_local(tmp_path, monkeypatch):
         if mode == "local":
             assert [p.name for p in (tmp_path / "engines").iterdir()] == [str(os.getpid())]
             shutil.rmtree(tmp_path / "engines")
-    # An LLM actor pool of deployments.llm.num_replicas engines, none in this process.
+    # An LLM actor pool of deployments.llm.num_replicas engines, all started before work (none in this process).
     ray_engines = [int(p.name) for p in (tmp_path / "engines").iterdir()]
     assert len(ray_engines) == 2 and os.getpid() not in ray_engines
 
