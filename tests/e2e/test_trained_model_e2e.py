@@ -108,17 +108,18 @@ def test_answers_from_retrieved_documents_and_not_without(client):
     probability = {mode: sum(p for _, p in s) / len(s) for mode, s in scores.items()}
     print(f"relevant retrieved {found}/{len(KNOWLEDGE)}; exact match {exact}; mean P(first answer token) {probability}")
     assert found >= 28, found
-    # The model answers about a third of held-out knowledge questions exactly from its documents
-    # (training.json: 0.34) and about 1 in 50 without them. Exact matches at this rate flip between CPU types
+    # The model answers about a quarter of held-out knowledge questions exactly from its documents
+    # (0.27 on 384 tasks) and almost none without them. Exact matches at this rate flip between CPU types
     # (greedy argmax on close logits), so the claim is checked on the probability of the answer, with the
-    # exact-match gap as a weaker second check.
-    assert probability["text"] >= probability["none"] + 0.15, probability
+    # exact-match gap as a weaker second check. Measured here: mean probability 0.23 / 0.18 / 0.04 for
+    # text / xRAG / none; exact 8 / 7 / 0 of 32.
+    assert probability["text"] >= probability["none"] + 0.12, probability
     assert exact["text"] > exact["none"], exact
     # xRAG: the same two documents at one token each instead of about 40.
     saved = [t - x for t, x in zip(prompt_tokens["text"], prompt_tokens["xrag"], strict=True)]
     assert min(saved) >= 2 * 25, saved
-    # One token per document carries part of it (the projector's training.json: exact match 0.23 against
-    # text RAG's 0.42 and 0.03 without documents, teacher-forced on 128 held-out tasks).
+    # One token per document carries about as much (the projector's training.json: exact match 0.30 against
+    # text RAG's 0.29 and 0.00 without documents, teacher-forced on 128 held-out tasks).
     assert probability["xrag"] >= probability["none"] + 0.08, probability
 
 

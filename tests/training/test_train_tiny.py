@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, make_task
+from mmrag.serving.tasks import FAMILIES, make_task
 from mmrag.serving.training.data import encode_prompt, encode_task, pixel_values
 from mmrag.serving.training.train_tiny import (
     TrainConfig,
@@ -23,8 +23,7 @@ from mmrag.serving.training.train_tiny import (
     train_tiny,
 )
 
-# Chance for a guess uniform over the family's answers (6 colours, 4 shapes, up to 6 images, 0-6, yes/no).
-CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "needle": 1 / 6, "count": 1 / 7, "compare": 1 / 2}
+NEEDLE_CHANCE = 1 / 6  # naming one of up to 6 images
 SMALL = TrainConfig(
     steps=4,
     batch_size=4,
@@ -91,29 +90,26 @@ def test_prompt_loss_labels_every_text_token_but_the_image_placeholders(trained)
 
 
 def test_trained_model_beats_chance_on_heldout(trained):
-    """The families the shipped model learnt, well above chance (16 held-out tasks each, up to 6 images).
+    """The shipped model on held-out tasks (16 a family, up to 6 images; knowledge on 64).
 
-    Measured here (fp32): colour 0.62, shape 0.31, needle 0.38, count 0.94, compare 0.75; knowledge 0.38 on
-    its 64 tasks (on 128: 0.39 with varied sources, 0.42 with the ``kb/n`` sources it was trained with).
-    Shape and needle are near chance (the model did not learn them; see training.json), so they are not
-    claimed.
+    On 384 held-out tasks a family (bf16, README): colour 1.00, shape 0.98, count 0.99, compare 0.99, needle
+    0.53, knowledge 0.27. The four solved families are held to 0.8; needle and knowledge to well above chance.
     """
     _, model, processor = trained
     accuracy = evaluate(model, processor.tokenizer, model.config.image_seq_length, per_family=16, max_images=6)
-    assert accuracy["colour"] >= 3 * CHANCE["colour"], accuracy
-    assert accuracy["count"] >= 4 * CHANCE["count"], accuracy
+    for family in ("colour", "shape", "count", "compare"):
+        assert accuracy[family] >= 0.8, (family, accuracy)
+    assert accuracy["needle"] >= 2 * NEEDLE_CHANCE, accuracy
     # Knowledge on more tasks: at 16, one answer is 0.06 of the score.
     knowledge = evaluate(
         model, processor.tokenizer, model.config.image_seq_length, per_family=64, families=("knowledge",)
     )
-    assert knowledge["knowledge"] >= 0.25, knowledge  # chance: 1 of 8 colours, 10 places or 90 numbers
-    image_mean = sum(accuracy[f] for f in IMAGE_FAMILIES) / len(IMAGE_FAMILIES)
-    assert image_mean >= 1.5 * sum(CHANCE.values()) / len(CHANCE), accuracy
+    assert knowledge["knowledge"] >= 0.15, knowledge  # chance: 1 of 8 colours, 10 places or 90 numbers
 
 
 def test_accuracy_by_number_of_images_splits_the_family_score(trained):
     """The by-count table and the family score come from the same answers; the shipped model reads the colour
-    of a lone image (1.00 on 240 held-out tasks) but not of the asked one among several (about 0.45)."""
+    of the asked image at every count from 1 to 6 (1.00 at each on 384 held-out tasks)."""
     _, model, processor = trained
     results = heldout_results(
         model, processor.tokenizer, model.config.image_seq_length, per_family=48, families=("colour", "knowledge")
@@ -123,9 +119,8 @@ def test_accuracy_by_number_of_images_splits_the_family_score(trained):
     counts = {n: sum(str(m) == n for m, _ in results["colour"]) for n in table["colour"]}
     assert set(counts) == {"1", "2", "3", "4", "5", "6"}, counts
     assert sum(table["colour"][n] * counts[n] for n in counts) / 48 == pytest.approx(accuracy["colour"])
-    assert table["colour"]["1"] >= 0.9, table
-    several = [table["colour"][n] for n in ("3", "4", "5", "6")]
-    assert sum(several) / 4 <= table["colour"]["1"] - 0.3, table
+    # About 8 tasks a count: one miss is 0.875.
+    assert min(table["colour"].values()) >= 0.75, table
 
 
 def _digest(path) -> str:
