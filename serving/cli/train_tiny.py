@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.vision_pretrain_steps,
         help="Pretrain the vision tower on shape/colour classification for N steps, then freeze it "
-        f"(default {defaults.vision_pretrain_steps}; 0: trained end to end, as the shipped model was; see the README).",
+        f"(default {defaults.vision_pretrain_steps}; 0: trained end to end, which never learnt shape; see the README).",
     )
     parser.add_argument(
         "--precision",

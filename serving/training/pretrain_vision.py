@@ -2,12 +2,12 @@
 
 LLaVA starts from a CLIP tower pretrained on image-text pairs and keeps it frozen. No such weights can be
 downloaded here, and trained from scratch through the language model's answer loss alone the tower learnt
-colour but not shape: a linear probe on the shipped model's visual tokens reads colour at 1.00 and shape
+colour but not shape: a linear probe on the earlier model's visual tokens reads colour at 1.00 and shape
 at 0.51 (four shapes; chance 0.25). Classifying shape and colour from the mean of the patch tokens takes the
 same tower to 0.99 / 1.00 in 1500 steps (about 30 s here). The classification head is thrown away; the
 tower is then frozen, as in LLaVA, and the projector and the LM learn to read it.
 
-Opt-in (``mmrag train-tiny --vision-pretrain-steps 1500``): measured in the README, not the shipped model.
+On by default (``mmrag train-tiny --vision-pretrain-steps 1500``): the shipped model's tower was trained so.
 
 Images are drawn from their own seeded stream (single images, no questions): nothing of the tasks' held-out
 split is involved.

@@ -65,7 +65,7 @@ def trained_spec(seed: int, vocab_size: int) -> TinyLlavaSpec:
 class TrainConfig:
     seed: int = 0
     # The defaults are the best measured recipe (README): 4000 steps of 16 follow-ups, the tower pretrained,
-    # the whole-chat loss; about 75 minutes on a 2-core CPU with AMX, over the 30 the shipped model took.
+    # the whole-chat loss: the shipped model; 74 minutes on a 2-core CPU with AMX, over the 30-minute budget.
     steps: int = 4000
     batch_size: int = 16
     # 2e-3 was measured worse: the projected image features' norm runs away (x100 in 500 steps) and the
@@ -90,7 +90,7 @@ class TrainConfig:
     # Fractions of the steps: colour questions alone, then the whole mixture, both at two images at most
     # until curriculum_hold, then the ramp to max_images, done by curriculum_fraction. Binding "Image k" to
     # its tokens is learnt in a colour phase of 3000 steps (two images: 0.96) but wears off in the mixture,
-    # and that run ended below the shipped model, so both are off by default (README).
+    # and that run ended below the model then shipped, so both are off by default (docs/training-log.md).
     binding_fraction: float = 0.0
     curriculum_hold: float = 0.0
     curriculum_fraction: float = 0.4
@@ -104,8 +104,8 @@ class TrainConfig:
     eval_per_family: int = 32
     checkpoint_every: int = 500
     # The tower's own pretraining (pretrain_vision.py), then frozen as in LLaVA; 0 steps: trained end to end,
-    # which is how the shipped model was trained and never learnt shape (0.31). Pretrained, with the
-    # whole-chat loss: shape 0.97 at step 2000 (README).
+    # which is how the earlier model was trained and never learnt shape (0.31). Pretrained, with the
+    # whole-chat loss: shape 0.98 (the shipped model; README).
     vision_pretrain_steps: int = 1500
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 1e-3
