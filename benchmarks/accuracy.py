@@ -13,7 +13,9 @@ cache whatever the budget (a first version of this benchmark did that: every LOO
 turns (``Task.follow_ups``). Rows:
 
 - ``full``: no method (the baseline, measured in the same run);
-- ``aim_merge_1/2``, ``aim_merge_1/4``: AIM stage (a), one or two 2:1 bipartite passes per image;
+- ``aim_merge_1/2``, ``aim_merge_1/4``: AIM stage (a), one or two 2:1 bipartite passes per image, the
+  merged tokens at contiguous positions as in AIM; ``aim_spread_..``: the same merge with the tokens spread
+  over each image's original span, the text after it at its original positions (``AIMMerge.positions``);
   ``..+prune``: plus AIM stage (b) pruning inside the LLM, scaled to 4 layers (start 1, end 3: layers 2 and
   3 read 2/3 and 1/3 of the visual keys);
 - ``lookm_<merge>@b``: LOOK-M at image budget ``b`` (all text + ``ceil(b * image tokens)`` image entries
@@ -24,7 +26,8 @@ turns (``Task.follow_ups``). Rows:
 
 With ``--vllm`` (on by default; ``--no-vllm`` skips it) the same tasks also run through vLLM with the
 plugin's AIM model class: ``vllm_full`` (keep ratio 1: stock vLLM's prompt), ``vllm_aim_merge_1/2`` and
-``vllm_aim_merge_1/4`` (per-request keep ratios), greedy, bf16 as served. AIM's pruning is not in vLLM (the
+``vllm_aim_merge_1/4`` (per-request keep ratios), and ``vllm_aim_spread_..`` from a second engine
+deployed with ``aim_positions: spread``, greedy, bf16 as served. AIM's pruning is not in vLLM (the
 README says why). LOOK-M is, but it compacts once, after a request's prefill, and vLLM cannot take a second
 turn into a kept cache (a follow-up request is prefilled again; prefix caching is off under LOOK-M), so the
 two-turn protocol has no vLLM form; ``tests/vllm_plugin/test_lookm_vllm.py`` checks that vLLM with LOOK-M
@@ -70,9 +73,11 @@ def method_grid(quick: bool) -> dict[str, Any]:
 
     prune = AIMPrune(start_layer=1, end_layer=3)
     grid = {"full": ReferenceMethods()}
-    for passes, label in ((1, "1/2"), (2, "1/4")):
-        grid[f"aim_merge_{label}"] = ReferenceMethods(merge=AIMMerge(num_passes=passes))
-        grid[f"aim_merge_{label}+prune"] = ReferenceMethods(merge=AIMMerge(num_passes=passes), prune=prune)
+    for positions, kind in (("contiguous", "merge"), ("spread", "spread")):
+        for passes, label in ((1, "1/2"), (2, "1/4")):
+            merge = AIMMerge(num_passes=passes, positions=positions)
+            grid[f"aim_{kind}_{label}"] = ReferenceMethods(merge=merge)
+            grid[f"aim_{kind}_{label}+prune"] = ReferenceMethods(merge=merge, prune=prune)
     grid["aim_prune"] = ReferenceMethods(prune=prune)
     for budget in QUICK_BUDGETS if quick else BUDGETS:
         for merge in ("pivotal", None) if quick else MERGES:
@@ -182,11 +187,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-VLLM_RATIOS = {"vllm_full": 1.0, "vllm_aim_merge_1/2": 0.5, "vllm_aim_merge_1/4": 0.25}
+# Row -> (the deployment's aim_positions, the request's keep ratio).
+VLLM_ROWS = {
+    "vllm_full": ("contiguous", 1.0),
+    "vllm_aim_merge_1/2": ("contiguous", 0.5),
+    "vllm_aim_merge_1/4": ("contiguous", 0.25),
+    "vllm_aim_spread_1/2": ("spread", 0.5),
+    "vllm_aim_spread_1/4": ("spread", 0.25),
+}
 
 
 def _vllm_rows(model_path: Path, tasks: dict[str, list], max_images: int) -> dict[str, dict[str, Any]]:
-    """The image families through vLLM (plugin AIM class), one row per keep ratio; KV = prompt tokens."""
+    """The image families through vLLM (plugin AIM class), one row per keep ratio; KV = prompt tokens.
+    One engine per position layout (it is a deployment setting: the spread one runs vLLM's M-RoPE path)."""
+    import json
     import os
 
     from PIL import Image
@@ -194,46 +208,54 @@ def _vllm_rows(model_path: Path, tasks: dict[str, list], max_images: int) -> dic
     from vllm import LLM, SamplingParams
 
     from mmrag.serving.tasks import IMAGE_FAMILIES
+    from mmrag.serving.vllm_plugin.aim import rope_overrides
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    llm = LLM(
-        model=str(model_path),
-        enforce_eager=True,
-        max_model_len=1024,
-        seed=0,
-        limit_mm_per_prompt={"image": max_images},
-        hf_overrides={"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0},
-    )
-    layers = llm.llm_engine.model_config.hf_config.text_config.num_hidden_layers
-    kv_heads = llm.llm_engine.model_config.hf_config.text_config.num_key_value_heads
+    text_config = json.loads((model_path / "config.json").read_text())["text_config"]
     params = SamplingParams(temperature=0.0, max_tokens=8)
     rows = {}
-    try:
-        for name, ratio in VLLM_RATIOS.items():
-            hits, kept = {}, 0
-            for family in IMAGE_FAMILIES:
-                prompts, fed_tokens = [], 0
-                for t in tasks[family]:
-                    prefill_ids, fed = two_turns(t, tokenizer, tokens_per_image=1)  # vLLM expands each
-                    fed_tokens += len(fed)
-                    prompts.append(
-                        {
-                            "prompt_token_ids": prefill_ids + fed,
-                            "multi_modal_data": {"image": [Image.fromarray(px) for px in t.images]},
-                            "mm_processor_kwargs": {"aim_keep_ratio": ratio},
-                        }
-                    )
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                hits[family] = sum(
-                    o.outputs[0].finish_reason == "stop" and o.outputs[0].text == t.answer
-                    for o, t in zip(outs, tasks[family], strict=True)
-                ) / len(outs)
-                # The reference engine counts the prefill's entries: the second turn is not part of them.
-                kept += (sum(len(o.prompt_token_ids) for o in outs) - fed_tokens) * layers * kv_heads
-            rows[name] = {"accuracy": hits, "mean": sum(hits.values()) / len(hits), "kv_entries": kept}
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    for layout in ("contiguous", "spread"):
+        overrides = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0}
+        if layout == "spread":
+            overrides.update(rope_overrides(text_config))
+        llm = LLM(
+            model=str(model_path),
+            enforce_eager=True,
+            max_model_len=1024,
+            seed=0,
+            limit_mm_per_prompt={"image": max_images},
+            hf_overrides=overrides,
+        )
+        layers = llm.llm_engine.model_config.hf_config.text_config.num_hidden_layers
+        kv_heads = llm.llm_engine.model_config.hf_config.text_config.num_key_value_heads
+        try:
+            for name, (positions, ratio) in VLLM_ROWS.items():
+                if positions != layout:
+                    continue
+                hits, kept = {}, 0
+                for family in IMAGE_FAMILIES:
+                    prompts, fed_tokens = [], 0
+                    for t in tasks[family]:
+                        prefill_ids, fed = two_turns(t, tokenizer, tokens_per_image=1)  # vLLM expands each
+                        fed_tokens += len(fed)
+                        prompts.append(
+                            {
+                                "prompt_token_ids": prefill_ids + fed,
+                                "multi_modal_data": {"image": [Image.fromarray(px) for px in t.images]},
+                                "mm_processor_kwargs": {"aim_keep_ratio": ratio},
+                            }
+                        )
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                    hits[family] = sum(
+                        o.outputs[0].finish_reason == "stop" and o.outputs[0].text == t.answer
+                        for o, t in zip(outs, tasks[family], strict=True)
+                    ) / len(outs)
+                    # The reference engine counts the prefill's entries: the second turn is not part of them.
+                    kept += (sum(len(o.prompt_token_ids) for o in outs) - fed_tokens) * layers * kv_heads
+                rows[name] = {"accuracy": hits, "mean": sum(hits.values()) / len(hits), "kv_entries": kept}
+        finally:
+            llm.llm_engine.engine_core.shutdown()
     return rows
 
 

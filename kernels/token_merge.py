@@ -31,6 +31,7 @@ __all__ = [
     "bipartite_soft_matching",
     "merge_tokens",
     "merged_token_count",
+    "spread_positions",
 ]
 
 
@@ -145,6 +146,21 @@ def merged_token_count(num_tokens: int, num_passes: int, r: int | None = None) -
     for _ in range(num_passes):
         num_tokens -= min(num_tokens // 2 if r is None else r, num_tokens // 2)
     return num_tokens
+
+
+def spread_positions(num_tokens: int, kept: int) -> list[int]:
+    """Position offsets, inside the image's original span of ``num_tokens``, for its ``kept`` merged tokens.
+
+    AIM gives merged tokens contiguous positions, so every later token moves ``num_tokens - kept`` closer to
+    the image. A model that locates image k by RoPE distance then misreads which image is which: on the
+    trained tiny LLaVA, colour of image k at 1/2 and 1/4 fell to 0.60 / 0.44 with contiguous positions and
+    stayed at 1.00 / 0.98 with these (README, AIM). Token ``j`` takes the centre of its ``num_tokens / kept``
+    share of the span, and the text after the image keeps its original positions. A pure function of the
+    two counts (never of the merge), so vLLM's frontend can lay positions out before the image is seen.
+    """
+    if not 1 <= kept <= num_tokens:
+        raise ValueError(f"cannot place {kept} tokens in a span of {num_tokens}")
+    return [int((j + 0.5) * num_tokens / kept) for j in range(kept)]
 
 
 def merge_tokens(

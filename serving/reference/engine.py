@@ -7,7 +7,8 @@ op for op; with no method enabled its logits equal transformers' bit for bit (th
 One prompt at a time (batch 1). Prefill:
 
 1. image features from the model's own vision tower and projector; AIM stage (a) merges them per image and
-   the prompt keeps as many ``<image>`` placeholders as merged tokens (positions stay contiguous);
+   the prompt keeps as many ``<image>`` placeholders as merged tokens (at contiguous positions, or spread
+   over the image's original span: ``AIMMerge.positions``);
 2. every decoder layer computes the full eager attention (the prompt output always uses the full KV);
    AIM stage (b) then decides which visual keys the later layers may read (a mask, as in AIM), and
    LOOK-M compacts what the cache stores of this layer;
@@ -112,30 +113,40 @@ class ReferenceEngine:
 
     def _embed_prompt(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(1, L0)`` ids -> ``(L,)`` ids and ``(1, L, C)`` embeddings, visual tokens merged if asked."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(1, L0)`` ids -> ``(L,)`` ids, ``(1, L, C)`` embeddings and ``(L,)`` positions, visual tokens
+        merged if asked."""
         ids = input_ids[0]
+        positions = torch.arange(ids.numel(), device=ids.device)
         if pixel_values is None:
-            return ids, self.text.embed_tokens(input_ids)
+            return ids, self.text.embed_tokens(input_ids), positions
         features = torch.stack(self.model.model.get_image_features(pixel_values=pixel_values).pooler_output)
         if self.methods.merge is not None:
             features = self.methods.merge.apply(features).tokens
-            ids = self._shrink_placeholders(ids, features.shape[0], features.shape[1])
+            ids, positions = self._shrink_placeholders(ids, features.shape[0], self.methods.merge)
         embeds = self.text.embed_tokens(ids[None])
         image_mask = (ids == self.image_token_id)[None, :, None].expand_as(embeds)
         flat = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
-        return ids, embeds.masked_scatter(image_mask, flat)
+        return ids, embeds.masked_scatter(image_mask, flat), positions
 
-    def _shrink_placeholders(self, ids: torch.Tensor, num_images: int, per_image: int) -> torch.Tensor:
-        """Keep the first ``per_image`` placeholders of each image's run (runs of equal length)."""
+    def _shrink_placeholders(
+        self, ids: torch.Tensor, num_images: int, merge: AIMMerge
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the first ``merge.tokens_per_image`` placeholders of each image's run (runs of equal length);
+        also the positions the kept tokens take (``merge.positions``)."""
         image_pos = (ids == self.image_token_id).nonzero()[:, 0]
         if image_pos.numel() % num_images:
             raise ValueError(f"{image_pos.numel()} image tokens for {num_images} images")
-        run = image_pos.numel() // num_images
-        drop = image_pos.view(num_images, run)[:, per_image:].reshape(-1)
+        runs = image_pos.view(num_images, -1)
+        offsets = torch.tensor(merge.position_offsets(runs.shape[1]), device=ids.device)
+        kept = runs[:, : offsets.numel()]
+        positions = torch.arange(ids.numel(), device=ids.device)
+        positions[kept] = runs[:, :1] + offsets
         keep = torch.ones_like(ids, dtype=torch.bool)
-        keep[drop] = False
-        return ids[keep]
+        keep[runs[:, offsets.numel() :].reshape(-1)] = False
+        if merge.positions == "contiguous":
+            return ids[keep], torch.arange(int(keep.sum()), device=ids.device)
+        return ids[keep], positions[keep]
 
     # -- one layer ------------------------------------------------------------------------------
 
@@ -175,16 +186,16 @@ class ReferenceEngine:
         """Run the prompt (``(1, L0)`` ids, optional ``(num_images, 3, H, W)`` pixels) and build the cache."""
         if input_ids.shape[0] != 1:
             raise ValueError("the reference engine runs one prompt at a time")
-        ids, hidden = self._embed_prompt(input_ids, pixel_values)
+        ids, hidden, positions = self._embed_prompt(input_ids, pixel_values)
         seq_len = ids.numel()
         is_image = ids == self.image_token_id
-        positions = torch.arange(seq_len, device=ids.device)[None]
-        position_embeddings = self.text.rotary_emb(hidden, positions)
+        position_embeddings = self.text.rotary_emb(hidden, positions[None])
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=ids.device).tril()
         causal_mask = _additive(causal, hidden.dtype)[None, None]
         live = torch.ones(seq_len, dtype=torch.bool, device=ids.device)
         prune = self.methods.prune
-        cache = ReferenceCache(prompt_len=seq_len, next_position=seq_len)
+        # Spread positions leave gaps: decoding continues after the last prompt position, not at seq_len.
+        cache = ReferenceCache(prompt_len=seq_len, next_position=int(positions[-1]) + 1)
         live_tokens = []
         for index, layer in enumerate(self.text.layers):
             live_tokens.append(int(live.sum()))

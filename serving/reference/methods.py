@@ -26,7 +26,7 @@ from mmrag.kernels.kv_baselines import (
     score_keep_indices,
 )
 from mmrag.kernels.lookm import LookMBudget, MergeStrategy, merge_evicted, text_prior_keep_indices
-from mmrag.kernels.token_merge import MergeResult, merge_tokens, merged_token_count
+from mmrag.kernels.token_merge import MergeResult, merge_tokens, merged_token_count, spread_positions
 
 __all__ = ["AIMMerge", "AIMPrune", "KVBaseline", "LookM"]
 
@@ -38,16 +38,30 @@ class AIMMerge:
     Attributes:
         num_passes: passes of ``r = T // 2`` merges (AIM, LLaVA-OneVision: 2, i.e. 25% of the tokens).
         weighted: ``False`` AIM's unweighted mean; ``True`` ToMe's size-weighted mean.
+        positions: ``"contiguous"``: merged tokens take consecutive positions, as in AIM, and the text after
+            the image moves closer; ``"spread"``: they are spread over the image's original span and the text
+            keeps its positions (:func:`~mmrag.kernels.token_merge.spread_positions`). The cache shrinks alike.
 
     The metric is the projected features themselves (AIM's LLaVA-OneVision path; its LLaVA-1.5 path
-    compares CLIP layer-23 keys instead). Merged tokens take contiguous positions, as in AIM.
+    compares CLIP layer-23 keys instead).
     """
 
     num_passes: int = 2
     weighted: bool = False
+    positions: Literal["contiguous", "spread"] = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("contiguous", "spread"):
+            raise ValueError(f"positions must be 'contiguous' or 'spread', not {self.positions!r}")
 
     def tokens_per_image(self, num_tokens: int) -> int:
         return merged_token_count(num_tokens, self.num_passes)
+
+    def position_offsets(self, num_tokens: int) -> list[int]:
+        """Offsets of the merged tokens from the image's first position; the image spans ``num_tokens``
+        positions when spread, its merged count when contiguous."""
+        kept = self.tokens_per_image(num_tokens)
+        return spread_positions(num_tokens, kept) if self.positions == "spread" else list(range(kept))
 
     def apply(self, features: torch.Tensor) -> MergeResult:
         """``features``: ``(num_images, T, C)`` -> tokens ``(num_images, tokens_per_image(T), C)``."""

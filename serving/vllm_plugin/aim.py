@@ -7,15 +7,22 @@ count must be a pure function of the image's token count and the ratio. It is
 reference engine's :class:`~mmrag.serving.reference.methods.AIMMerge` with 1, 2, ... passes
 (``ceil(ceil(T/2)/2) == ceil(T/4)``, odd ``T`` included). No vLLM import here: the processor (frontend)
 and the model (worker) both call these functions, and the tests call them without vLLM.
+
+Positions: AIM's merged tokens take consecutive positions (``"contiguous"``, stock vLLM's layout). With
+``"spread"`` they sit across the image's original span and the text after keeps its positions
+(:func:`~mmrag.kernels.token_merge.spread_positions`): vLLM's per-request position table (its multimodal
+RoPE path, :func:`rope_overrides`) carries them, from :func:`prompt_positions`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from mmrag.kernels.token_merge import merge_tokens
+from mmrag.kernels.token_merge import merge_tokens, spread_positions
 
 __all__ = [
     "DEFAULT_KEEP_RATIO",
@@ -25,6 +32,8 @@ __all__ = [
     "check_keep_ratio",
     "merge_schedule",
     "merge_to_count",
+    "prompt_positions",
+    "rope_overrides",
 ]
 
 DEFAULT_KEEP_RATIO = 1.0
@@ -78,3 +87,45 @@ def merge_to_count(features: torch.Tensor, kept: int) -> torch.Tensor:
 def aim_merge(features: torch.Tensor, ratio: float) -> torch.Tensor:
     """``(F, T, C)`` -> ``(F, aim_kept_tokens(T, ratio), C)``."""
     return merge_to_count(features, aim_kept_tokens(features.shape[1], ratio))
+
+
+def prompt_positions(num_tokens: int, images: Sequence[tuple[int, int, int]]) -> tuple[list[int], int]:
+    """RoPE positions of a prompt whose merged images keep their original spans, and the shift decoding adds.
+
+    Args:
+        num_tokens: prompt length (merged placeholders counted).
+        images: ``(offset, kept, full)`` per image: where its ``kept`` placeholders start in the prompt and
+            how many tokens it had before the merge.
+
+    Returns:
+        One position per prompt token, and ``last + 1 - num_tokens`` (vLLM's ``mrope_position_delta``: token
+        ``i`` after the prompt sits at position ``i + delta``).
+    """
+    positions: list[int] = []
+    shift = cursor = 0
+    for offset, kept, full in sorted(images):
+        positions += range(cursor + shift, offset + shift)
+        positions += [offset + shift + p for p in spread_positions(full, kept)]
+        shift += full - kept
+        cursor = offset + kept
+    positions += range(cursor + shift, num_tokens + shift)
+    return positions, shift
+
+
+def rope_overrides(text_config: dict[str, Any]) -> dict[str, Any]:
+    """``hf_overrides`` that move a Llama text model onto vLLM's multimodal RoPE, with one section per axis.
+
+    vLLM takes per-request positions only on that path (``SupportsMRoPE``); the model gives all three axes
+    the same positions, which makes it ordinary RoPE whatever the sections. Only plain RoPE (no scaling)
+    maps this way; any other ``rope_type`` is refused.
+    """
+    # transformers 5 writes rope_parameters; older checkpoints rope_theta and rope_scaling.
+    legacy = text_config.get("rope_scaling") or {"rope_type": "default"}
+    rope = dict(text_config.get("rope_parameters") or {**legacy, "rope_theta": text_config.get("rope_theta", 1e4)})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"compression.aim_positions=spread needs plain RoPE, the model's is {kind!r}")
+    head_dim = text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"]
+    half = head_dim // 2
+    rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+    return {"text_config": {"rope_parameters": rope}}

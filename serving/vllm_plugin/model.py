@@ -14,6 +14,10 @@ note ``vllm_seams.md`` section A.
   the per-image integer field ``aim_kept_tokens``; :meth:`AimLlava.embed_multimodal` merges each image
   to exactly that count, which is what vLLM scatters into the placeholders. Images given as
   precomputed ``image_embeds`` carry no such field and pass unmerged (their count is their length).
+- **Positions.** With ``compression.aim_positions: spread`` the text config carries an M-RoPE section
+  (:func:`~mmrag.serving.vllm_plugin.aim.rope_overrides`), which puts the model on vLLM's per-request
+  position table, and :meth:`AimLlava.get_mrope_input_positions` spreads each merged image over its
+  original span (``aim_full_tokens``, the stock count, travels with each image like the kept count).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
+from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -29,7 +34,7 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -39,12 +44,14 @@ from mmrag.serving.vllm_plugin.aim import (
     aim_kept_tokens,
     check_keep_ratio,
     merge_to_count,
+    prompt_positions,
 )
 
-__all__ = ["KEPT_TOKENS_FIELD", "AimLlava"]
+__all__ = ["FULL_TOKENS_FIELD", "KEPT_TOKENS_FIELD", "AimLlava"]
 
-# Per-image processor output carrying the kept count to the model (an int: never cast to bf16).
+# Per-image processor outputs carrying the kept and the stock count to the model (ints: never cast to bf16).
 KEPT_TOKENS_FIELD = "aim_kept_tokens"
+FULL_TOKENS_FIELD = "aim_full_tokens"
 
 
 class AimLlavaProcessingInfo(LlavaProcessingInfo):
@@ -75,7 +82,9 @@ class AimLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         images = mm_items.get("image")
         if isinstance(images, ImageProcessorItems) and len(images) > 0:
             kept = [self._image_tokens(images, i, ratio) for i in range(len(images))]
+            full = [self._image_tokens(images, i, 1.0) for i in range(len(images))]
             outputs[KEPT_TOKENS_FIELD] = torch.tensor(kept, dtype=torch.int64)
+            outputs[FULL_TOKENS_FIELD] = torch.tensor(full, dtype=torch.int64)
         return outputs
 
     def _image_tokens(self, images: ImageProcessorItems, item_idx: int, ratio: float) -> int:
@@ -87,6 +96,7 @@ class AimLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     ) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[KEPT_TOKENS_FIELD] = MultiModalFieldConfig.batched("image")
+        fields[FULL_TOKENS_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(
@@ -110,10 +120,29 @@ class AimLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 @MULTIMODAL_REGISTRY.register_processor(
     AimLlavaMultiModalProcessor, info=AimLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class AimLlava(LlavaForConditionalGeneration):
-    """LLaVA whose image embeddings are merged per image to the count the processor reserved."""
+class AimLlava(LlavaForConditionalGeneration, SupportsMRoPE):
+    """LLaVA whose image embeddings are merged per image to the count the processor reserved.
+
+    vLLM asks for :meth:`get_mrope_input_positions` only when the text config declares an M-RoPE section
+    (``aim_positions: spread``); otherwise positions are vLLM's usual consecutive ones.
+    """
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """``(3, L)`` positions, the three rows equal (plain RoPE), and the decode shift."""
+        images = []
+        for feature in mm_features:
+            span = feature.mm_position
+            full = span.length
+            if feature.data is not None and FULL_TOKENS_FIELD in feature.data:
+                full = int(feature.data[FULL_TOKENS_FIELD].data)
+            images.append((span.offset, span.length, full))  # no stock count (embeddings, xRAG): unmerged
+        positions, delta = prompt_positions(len(input_tokens), images)
+        return torch.tensor(positions, dtype=torch.int64).expand(3, -1).clone(), delta
 
     def embed_multimodal(self, **kwargs: object):
+        kwargs.pop(FULL_TOKENS_FIELD, None)
         kept = kwargs.pop(KEPT_TOKENS_FIELD, None)
         embeds = super().embed_multimodal(**kwargs)
         if kept is None or len(embeds) == 0:

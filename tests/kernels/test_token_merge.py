@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmrag.kernels.token_merge import bipartite_soft_matching, merge_tokens, merged_token_count
+from mmrag.kernels.token_merge import bipartite_soft_matching, merge_tokens, merged_token_count, spread_positions
 
 FAST = settings(max_examples=40, deadline=None, database=None)
 
@@ -144,3 +147,31 @@ def test_ties_are_deterministic() -> None:
     match = bipartite_soft_matching(x, 3)
     assert match.src_idx[0].tolist() == [0, 1, 2]
     assert match.unmerged_idx[0].tolist() == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "kept", "expected"),
+    [
+        (16, 8, [1, 3, 5, 7, 9, 11, 13, 15]),
+        (16, 4, [2, 6, 10, 14]),
+        (16, 1, [8]),
+        (5, 5, [0, 1, 2, 3, 4]),
+        (5, 2, [1, 3]),
+    ],
+)
+def test_spread_positions_centre_each_share_of_the_span(tokens: int, kept: int, expected: list[int]) -> None:
+    assert spread_positions(tokens, kept) == expected
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 16, 49, 196, 576])
+def test_spread_positions_are_increasing_inside_the_span(tokens: int) -> None:
+    for kept in range(1, tokens + 1):
+        offsets = spread_positions(tokens, kept)
+        assert len(offsets) == kept and offsets[0] >= 0 and offsets[-1] < tokens
+        assert all(a < b for a, b in itertools.pairwise(offsets))
+
+
+def test_spread_positions_refuse_impossible_counts() -> None:
+    for tokens, kept in ((16, 0), (16, 17)):
+        with pytest.raises(ValueError, match="cannot place"):
+            spread_positions(tokens, kept)

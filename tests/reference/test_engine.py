@@ -121,6 +121,22 @@ def test_batch_and_method_combinations_are_refused(tiny_llava, text_prompt) -> N
 # -- AIM stage (a) ------------------------------------------------------------------------------
 
 
+def _merged_prompt(model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor, passes: int):
+    """The prompt with each image's run cut to its merged count, and its embeddings holding the merged
+    tokens: what the engine should feed the LLM. Also the kept positions' original indices."""
+    kept = 16 >> passes
+    with torch.no_grad():
+        features = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+        merged = merge_tokens(features, num_passes=passes).tokens
+    image_pos = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0].view(-1, 16)
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[image_pos[:, kept:].reshape(-1)] = False
+    short_ids = ids[:, keep]
+    embeds = model.get_input_embeddings()(short_ids).detach()
+    embeds[short_ids == IMAGE_TOKEN] = merged.reshape(-1, merged.shape[-1])
+    return short_ids, embeds, keep.nonzero()[:, 0]
+
+
 def test_aim_merge_equals_transformers_on_the_merged_prompt(tiny_llava, two_image_prompt) -> None:
     ids, pixels = two_image_prompt["input_ids"], two_image_prompt["pixel_values"]
     engine = ReferenceEngine(tiny_llava, ReferenceMethods(merge=AIMMerge(num_passes=2)))
@@ -128,18 +144,36 @@ def test_aim_merge_equals_transformers_on_the_merged_prompt(tiny_llava, two_imag
     assert prefill.input_ids.numel() == ids.shape[1] - 2 * (16 - 4)
     assert int(prefill.is_image.sum()) == 2 * 4
 
+    short_ids, embeds, _ = _merged_prompt(tiny_llava, ids, pixels, passes=2)
     with torch.no_grad():
-        features = torch.stack(tiny_llava.model.get_image_features(pixel_values=pixels).pooler_output)
-        merged = merge_tokens(features, num_passes=2).tokens
-        image_pos = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0].view(2, 16)
-        keep = torch.ones(ids.shape[1], dtype=torch.bool)
-        keep[image_pos[:, 4:].reshape(-1)] = False
-        short_ids = ids[:, keep]
-        embeds = tiny_llava.get_input_embeddings()(short_ids)
-        embeds[short_ids == IMAGE_TOKEN] = merged.reshape(-1, merged.shape[-1])
         expected = tiny_llava(inputs_embeds=embeds).logits[0]
     assert torch.equal(prefill.input_ids, short_ids[0])
     assert torch.equal(prefill.logits, expected)
+    assert prefill.cache.next_position == short_ids.shape[1]
+
+
+def test_aim_merge_spread_keeps_the_images_spans(tiny_llava, two_image_prompt) -> None:
+    """Spread: the 4 merged tokens of a 16-token image sit at offsets 2, 6, 10, 14 of its span, the text
+    keeps its original positions, and decoding continues after the unmerged prompt's last position."""
+    ids, pixels = two_image_prompt["input_ids"], two_image_prompt["pixel_values"]
+    engine = ReferenceEngine(tiny_llava, ReferenceMethods(merge=AIMMerge(num_passes=2, positions="spread")))
+    prefill = engine.prefill(ids, pixels)
+    short_ids, embeds, original = _merged_prompt(tiny_llava, ids, pixels, passes=2)
+    starts = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0].view(-1, 16)[:, 0]
+    positions = original.clone()
+    for start in starts.tolist():
+        run = (original >= start) & (original < start + 4)  # the kept: the run's first 4 placeholders
+        positions[run] = start + torch.tensor([2, 6, 10, 14])
+    next_token = 7
+    with torch.no_grad():
+        expected = tiny_llava(inputs_embeds=embeds, position_ids=positions[None]).logits[0]
+        step_embeds = torch.cat([embeds, tiny_llava.get_input_embeddings()(torch.tensor([[next_token]]))], dim=1)
+        step_positions = torch.cat([positions, torch.tensor([ids.shape[1]])])[None]
+        expected_step = tiny_llava(inputs_embeds=step_embeds, position_ids=step_positions).logits[0, -1]
+    assert torch.equal(prefill.input_ids, short_ids[0])
+    torch.testing.assert_close(prefill.logits, expected, rtol=0, atol=1e-6)
+    assert prefill.cache.next_position == ids.shape[1]
+    torch.testing.assert_close(engine.decode_step(prefill.cache, next_token), expected_step, rtol=1e-5, atol=1e-5)
 
 
 # -- AIM stage (b) ------------------------------------------------------------------------------

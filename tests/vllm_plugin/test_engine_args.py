@@ -21,6 +21,16 @@ def test_llava_checkpoints_get_the_plugin_model_and_the_ratio(tiny_llava_path) -
     assert default.hf_overrides["aim_keep_ratio"] == 1.0  # the default deployment: plugin at ratio 1 (stock)
 
 
+def test_spread_positions_move_the_text_model_onto_per_request_positions(tiny_llava_path) -> None:
+    args = build_engine_args(_config(aim_keep_ratio=0.5, aim_positions="spread"), str(tiny_llava_path))
+    rope = args.hf_overrides["text_config"]["rope_parameters"]
+    head_dim = json.loads((tiny_llava_path / "config.json").read_text())["text_config"]["head_dim"]
+    assert sum(rope["mrope_section"]) == head_dim // 2
+    assert "text_config" not in build_engine_args(_config(aim_keep_ratio=0.5), str(tiny_llava_path)).hf_overrides
+    with pytest.raises(ValueError, match="aim_positions=spread cannot be combined"):
+        _config(aim_positions="spread", lookm={"enabled": True})
+
+
 def test_plugin_off_keeps_the_stock_class(tiny_llava_path) -> None:
     assert not aim_enabled(_config(aim_plugin=False), str(tiny_llava_path))
     assert not build_engine_args(_config(aim_plugin=False), str(tiny_llava_path)).hf_overrides
