@@ -231,17 +231,9 @@ class CompressionConfig(_Strict):
     aim_positions: Literal["contiguous", "spread"] = Field(
         default="contiguous",
         description="Where merged visual tokens sit: 'contiguous' (AIM: consecutive positions, later text moves "
-        "closer) or 'spread' (across the image's original span; later text keeps its positions). Not with LOOK-M.",
+        "closer) or 'spread' (across the image's original span; later text keeps its positions).",
     )
     lookm: LookMConfig = Field(default_factory=LookMConfig)
-
-    @model_validator(mode="after")
-    def _spread_without_lookm(self) -> CompressionConfig:
-        # LOOK-M's worker shifts slots by logical minus physical position; spread positions add a second
-        # offset it does not know of.
-        if self.aim_positions == "spread" and self.lookm.enabled:
-            raise ValueError("compression.aim_positions=spread cannot be combined with compression.lookm.enabled")
-        return self
 
 
 class MmragConfig(_Strict):

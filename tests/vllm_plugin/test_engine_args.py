@@ -27,8 +27,6 @@ def test_spread_positions_move_the_text_model_onto_per_request_positions(tiny_ll
     head_dim = json.loads((tiny_llava_path / "config.json").read_text())["text_config"]["head_dim"]
     assert sum(rope["mrope_section"]) == head_dim // 2
     assert "text_config" not in build_engine_args(_config(aim_keep_ratio=0.5), str(tiny_llava_path)).hf_overrides
-    with pytest.raises(ValueError, match="aim_positions=spread cannot be combined"):
-        _config(aim_positions="spread", lookm={"enabled": True})
 
 
 def test_plugin_off_keeps_the_stock_class(tiny_llava_path) -> None:

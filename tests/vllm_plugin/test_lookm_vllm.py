@@ -238,3 +238,42 @@ def test_preempted_requests_recompute_and_return_every_block() -> None:
         assert not scheduler._offsets and not scheduler._planned
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_aim_spread_then_lookm_matches_the_reference_engine() -> None:
+    """AIM 1/2 with spread positions in front of LOOK-M: positions come from vLLM's M-RoPE table, slots from
+    the token index LOOK-M shifts, so the two compose; the reference engine running both is the oracle."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from mmrag.serving.models.trained import trained_model_path
+    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
+    from mmrag.serving.reference.methods import AIMMerge
+    from mmrag.serving.vllm_plugin.aim import rope_overrides
+
+    path = trained_model_path()
+    text_config = json.loads((path / "config.json").read_text())["text_config"]
+    overrides = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 0.5}
+    llm = _lookm_llm(hf_overrides={**overrides, **rope_overrides(text_config)})
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        tasks = _tasks()
+        outs = _generate(llm, [_prompt(task, processor) for task in tasks])
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    merge = AIMMerge(num_passes=1, positions="spread")
+    both = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=merge, lookm=SETTINGS))
+    contiguous = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=AIMMerge(num_passes=1), lookm=SETTINGS))
+    same, diff, same_as_contiguous = 0, 0.0, 0
+    for task, out in zip(tasks, outs, strict=True):
+        tokens, expected = _reference_logprobs(both, task, processor.tokenizer, STEPS)
+        same_as_contiguous += (
+            list(out.outputs[0].token_ids) == _reference_logprobs(contiguous, task, processor.tokenizer, STEPS)[0]
+        )
+        if list(out.outputs[0].token_ids) == tokens:
+            same += 1
+            diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected).abs().max()))
+    print(f"same tokens {same} of {len(tasks)} (contiguous: {same_as_contiguous}); max |dlogprob| {diff:.3g}")
+    assert same >= len(tasks) - 1 and diff < LOGPROB_ATOL
+    assert same_as_contiguous < same  # the positions are seen: contiguous ones decode otherwise
