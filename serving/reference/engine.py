@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from mmrag.kernels.token_merge import spread_positions
 from mmrag.serving.reference.cache import LayerKV, ReferenceCache
 from mmrag.serving.reference.methods import AIMMerge, AIMPrune, KVBaseline, LookM
 
@@ -133,19 +134,18 @@ class ReferenceEngine:
         self, ids: torch.Tensor, num_images: int, merge: AIMMerge
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the first ``merge.tokens_per_image`` placeholders of each image's run (runs of equal length);
-        also the positions the kept tokens take (``merge.positions``)."""
+        also the positions the kept prompt takes (``merge.positions``)."""
         image_pos = (ids == self.image_token_id).nonzero()[:, 0]
         if image_pos.numel() % num_images:
             raise ValueError(f"{image_pos.numel()} image tokens for {num_images} images")
         runs = image_pos.view(num_images, -1)
-        offsets = torch.tensor(merge.position_offsets(runs.shape[1]), device=ids.device)
-        kept = runs[:, : offsets.numel()]
-        positions = torch.arange(ids.numel(), device=ids.device)
-        positions[kept] = runs[:, :1] + offsets
+        kept = merge.tokens_per_image(runs.shape[1])
         keep = torch.ones_like(ids, dtype=torch.bool)
-        keep[runs[:, offsets.numel() :].reshape(-1)] = False
+        keep[runs[:, kept:].reshape(-1)] = False
         if merge.positions == "contiguous":
             return ids[keep], torch.arange(int(keep.sum()), device=ids.device)
+        positions = torch.arange(ids.numel(), device=ids.device)  # the unmerged prompt's, text included
+        positions[runs[:, :kept]] = runs[:, :1] + torch.tensor(spread_positions(runs.shape[1], kept), device=ids.device)
         return ids[keep], positions[keep]
 
     # -- one layer ------------------------------------------------------------------------------

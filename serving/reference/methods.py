@@ -26,7 +26,7 @@ from mmrag.kernels.kv_baselines import (
     score_keep_indices,
 )
 from mmrag.kernels.lookm import LookMBudget, MergeStrategy, merge_evicted, text_prior_keep_indices
-from mmrag.kernels.token_merge import MergeResult, merge_tokens, merged_token_count, spread_positions
+from mmrag.kernels.token_merge import MergeResult, merge_tokens, merged_token_count
 
 __all__ = ["AIMMerge", "AIMPrune", "KVBaseline", "LookM"]
 
@@ -56,12 +56,6 @@ class AIMMerge:
 
     def tokens_per_image(self, num_tokens: int) -> int:
         return merged_token_count(num_tokens, self.num_passes)
-
-    def position_offsets(self, num_tokens: int) -> list[int]:
-        """Offsets of the merged tokens from the image's first position; the image spans ``num_tokens``
-        positions when spread, its merged count when contiguous."""
-        kept = self.tokens_per_image(num_tokens)
-        return spread_positions(num_tokens, kept) if self.positions == "spread" else list(range(kept))
 
     def apply(self, features: torch.Tensor) -> MergeResult:
         """``features``: ``(num_images, T, C)`` -> tokens ``(num_images, tokens_per_image(T), C)``."""
