@@ -100,6 +100,6 @@ def test_vllm_spread_answers_like_the_reference_engine(spread_llm, ratio: float)
     agree = sum(g == e for g, e in zip(got, expected, strict=True))
     assert agree >= len(tasks) - 1, list(zip(got, expected, strict=True))
     # What spreading is for: the merged images still say which colour and shape is in image k (measured on
-    # 48 held-out colour tasks: 1.00 at 1/2 and 0.98 at 1/4 spread, 0.60 and 0.50 contiguous).
+    # 48 held-out colour tasks: 1.00 at 1/2 and 0.98 at 1/4 spread, 0.60 and 0.50 contiguous, in vLLM).
     right = sum(g == t.answer for g, t in zip(got, tasks, strict=True))
     assert right >= 0.8 * len(tasks), list(zip(got, [t.answer for t in tasks], strict=True))
