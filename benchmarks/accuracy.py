@@ -200,63 +200,65 @@ VLLM_ROWS = {
 def _vllm_rows(model_path: Path, tasks: dict[str, list], max_images: int) -> dict[str, dict[str, Any]]:
     """The image families through vLLM (plugin AIM class), one row per keep ratio; KV = prompt tokens.
     One engine per position layout (it is a deployment setting: the spread one runs vLLM's M-RoPE path)."""
-    import json
     import os
 
-    from PIL import Image
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from mmrag.serving.tasks import IMAGE_FAMILIES
-    from mmrag.serving.vllm_plugin.aim import rope_overrides
+    from mmrag.serving.vllm_plugin.aim import aim_overrides
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    text_config = json.loads((model_path / "config.json").read_text())["text_config"]
-    params = SamplingParams(temperature=0.0, max_tokens=8)
     rows = {}
     for layout in ("contiguous", "spread"):
-        overrides = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0}
-        if layout == "spread":
-            overrides.update(rope_overrides(text_config))
         llm = LLM(
             model=str(model_path),
             enforce_eager=True,
             max_model_len=1024,
             seed=0,
             limit_mm_per_prompt={"image": max_images},
-            hf_overrides=overrides,
+            hf_overrides=aim_overrides(model_path, 1.0, layout),
         )
-        layers = llm.llm_engine.model_config.hf_config.text_config.num_hidden_layers
-        kv_heads = llm.llm_engine.model_config.hf_config.text_config.num_key_value_heads
         try:
             for name, (positions, ratio) in VLLM_ROWS.items():
-                if positions != layout:
-                    continue
-                hits, kept = {}, 0
-                for family in IMAGE_FAMILIES:
-                    prompts, fed_tokens = [], 0
-                    for t in tasks[family]:
-                        prefill_ids, fed = two_turns(t, tokenizer, tokens_per_image=1)  # vLLM expands each
-                        fed_tokens += len(fed)
-                        prompts.append(
-                            {
-                                "prompt_token_ids": prefill_ids + fed,
-                                "multi_modal_data": {"image": [Image.fromarray(px) for px in t.images]},
-                                "mm_processor_kwargs": {"aim_keep_ratio": ratio},
-                            }
-                        )
-                    outs = llm.generate(prompts, params, use_tqdm=False)
-                    hits[family] = sum(
-                        o.outputs[0].finish_reason == "stop" and o.outputs[0].text == t.answer
-                        for o, t in zip(outs, tasks[family], strict=True)
-                    ) / len(outs)
-                    # The reference engine counts the prefill's entries: the second turn is not part of them.
-                    kept += (sum(len(o.prompt_token_ids) for o in outs) - fed_tokens) * layers * kv_heads
-                rows[name] = {"accuracy": hits, "mean": sum(hits.values()) / len(hits), "kv_entries": kept}
+                if positions == layout:
+                    rows[name] = _vllm_row(llm, tokenizer, tasks, ratio)
         finally:
             llm.llm_engine.engine_core.shutdown()
     return rows
+
+
+def _vllm_row(llm, tokenizer, tasks: dict[str, list], ratio: float) -> dict[str, Any]:
+    """Exact match per image family at one per-request keep ratio, and the prefill's KV entries."""
+    from PIL import Image
+    from vllm import SamplingParams
+
+    from mmrag.serving.tasks import IMAGE_FAMILIES
+
+    text_config = llm.llm_engine.model_config.hf_config.text_config
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    hits, kept = {}, 0
+    for family in IMAGE_FAMILIES:
+        prompts, fed_tokens = [], 0
+        for t in tasks[family]:
+            prefill_ids, fed = two_turns(t, tokenizer, tokens_per_image=1)  # vLLM expands each
+            fed_tokens += len(fed)
+            prompts.append(
+                {
+                    "prompt_token_ids": prefill_ids + fed,
+                    "multi_modal_data": {"image": [Image.fromarray(px) for px in t.images]},
+                    "mm_processor_kwargs": {"aim_keep_ratio": ratio},
+                }
+            )
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        hits[family] = sum(
+            o.outputs[0].finish_reason == "stop" and o.outputs[0].text == t.answer
+            for o, t in zip(outs, tasks[family], strict=True)
+        ) / len(outs)
+        # The reference engine counts the prefill's entries: the second turn is not part of them.
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs) - fed_tokens
+        kept += prompt_tokens * text_config.num_hidden_layers * text_config.num_key_value_heads
+    return {"accuracy": hits, "mean": sum(hits.values()) / len(hits), "kv_entries": kept}
 
 
 def _knowledge(engine, tokenizer, tasks, tokens_per_image: int) -> dict[str, float]:

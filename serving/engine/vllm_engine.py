@@ -32,7 +32,7 @@ from mmrag.serving.engine.protocol import (
 )
 from mmrag.serving.openai.errors import EngineUnavailableError, InvalidRequestError
 from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
-from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, rope_overrides
+from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, aim_overrides
 from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY as LOOKM_REQUEST_KEY
 from mmrag.serving.vllm_plugin.lookm.budget import plan_compaction, settings_as_additional_config
 from mmrag.serving.xrag.projector import XRAG_TOKEN
@@ -57,18 +57,10 @@ def build_engine_args(config: MmragConfig, model_path: str) -> AsyncEngineArgs:
         **config.engine.engine_kwargs,
     }
     if aim_enabled(config, model_path):
-        from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE
-
-        # The plugin's class for this checkpoint, and the deployment's ratio on its config (every
-        # process sees hf_overrides: the frontend's processor and the workers' model).
         kwargs["hf_overrides"] = {
             **(kwargs.get("hf_overrides") or {}),
-            "architectures": [AIM_ARCHITECTURE],
-            KEEP_RATIO_KEY: config.compression.aim_keep_ratio,
+            **aim_overrides(model_path, config.compression.aim_keep_ratio, config.compression.aim_positions),
         }
-        if config.compression.aim_positions == "spread":  # per-request positions: vLLM's M-RoPE path
-            text_config = json.loads((Path(model_path) / "config.json").read_text()).get("text_config") or {}
-            kwargs["hf_overrides"].update(rope_overrides(text_config))
     if config.retrieval.xrag.projector is not None:
         # The xRAG class extends the AIM one: one architecture serves both.
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **xrag_overrides(config, model_path)}

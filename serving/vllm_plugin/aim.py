@@ -16,8 +16,10 @@ RoPE path, :func:`rope_overrides`) carries them, from :func:`prompt_positions`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "KEEP_RATIO_KEY",
     "aim_kept_tokens",
     "aim_merge",
+    "aim_overrides",
     "check_keep_ratio",
     "merge_schedule",
     "merge_to_count",
@@ -129,3 +132,16 @@ def rope_overrides(text_config: dict[str, Any]) -> dict[str, Any]:
     half = head_dim // 2
     rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
     return {"text_config": {"rope_parameters": rope}}
+
+
+def aim_overrides(model_path: str | Path, keep_ratio: float, positions: str = "contiguous") -> dict[str, Any]:
+    """``hf_overrides`` serving a LLaVA checkpoint as the plugin's AIM model: the class, the deployment's
+    keep ratio, and for ``positions="spread"`` the M-RoPE section (:func:`rope_overrides`). Every vLLM
+    process sees them: the frontend's processor and the workers' model."""
+    from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE
+
+    overrides: dict[str, Any] = {"architectures": [AIM_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio}
+    if positions == "spread":
+        text_config = json.loads((Path(model_path) / "config.json").read_text()).get("text_config") or {}
+        overrides.update(rope_overrides(text_config))
+    return overrides

@@ -8,7 +8,6 @@ rows (plain RoPE) and lays each merged image over its original span. The referen
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -26,10 +25,9 @@ def spread_llm():
     from vllm import LLM
 
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.vllm_plugin.aim import rope_overrides
+    from mmrag.serving.vllm_plugin.aim import aim_overrides
 
     path = trained_model_path()
-    text_config = json.loads((path / "config.json").read_text())["text_config"]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     llm = LLM(
         model=str(path),
@@ -37,11 +35,7 @@ def spread_llm():
         max_model_len=1024,
         seed=0,
         limit_mm_per_prompt={"image": 6},
-        hf_overrides={
-            "architectures": ["AimLlavaForConditionalGeneration"],
-            "aim_keep_ratio": 1.0,
-            **rope_overrides(text_config),
-        },
+        hf_overrides=aim_overrides(path, 1.0, "spread"),
     )
     yield llm
     llm.llm_engine.engine_core.shutdown()

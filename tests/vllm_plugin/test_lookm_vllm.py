@@ -243,19 +243,15 @@ def test_preempted_requests_recompute_and_return_every_block() -> None:
 def test_aim_spread_then_lookm_matches_the_reference_engine() -> None:
     """AIM 1/2 with spread positions in front of LOOK-M: positions come from vLLM's M-RoPE table, slots from
     the token index LOOK-M shifts, so the two compose; the reference engine running both is the oracle."""
-    import json
-
     from transformers import AutoProcessor
 
     from mmrag.serving.models.trained import trained_model_path
     from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.reference.methods import AIMMerge
-    from mmrag.serving.vllm_plugin.aim import rope_overrides
+    from mmrag.serving.vllm_plugin.aim import aim_overrides
 
     path = trained_model_path()
-    text_config = json.loads((path / "config.json").read_text())["text_config"]
-    overrides = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 0.5}
-    llm = _lookm_llm(hf_overrides={**overrides, **rope_overrides(text_config)})
+    llm = _lookm_llm(hf_overrides=aim_overrides(path, 0.5, "spread"))
     try:
         processor = AutoProcessor.from_pretrained(path)
         tasks = _tasks()
