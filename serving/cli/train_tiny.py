@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train_tiny(out, config_from_args(args), resume=not args.no_resume)
     accuracy = " ".join(f"{k} {v:.3f}" for k, v in (summary["heldout"] or {}).items())
     print(f"wrote {out} in {summary['train_seconds']:.0f} s; held-out exact match: {accuracy}")
-    for family, by_count in (summary["heldout_by_images"] or {}).items():
-        print(f"  {family} by number of images: " + " ".join(f"{n}: {v:.2f}" for n, v in by_count.items()))
+    for family, by_count in (summary["heldout_by_context"] or {}).items():
+        what = "documents" if family == "knowledge" else "images"
+        print(f"  {family} by number of {what}: " + " ".join(f"{n}: {v:.2f}" for n, v in by_count.items()))
     return 0
