@@ -66,6 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.precision,
         help="Autocast dtype (default auto: bf16 where the CPU has bf16 instructions, else fp32).",
     )
+    parser.add_argument(
+        "--device",
+        default=defaults.device,
+        help="cpu (default; how the shipped model was trained) or cuda[:N], for trying recipes at more steps.",
+    )
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=defaults.data_workers,
+        help="Processes building batches ahead of the training loop (default 0: in the loop; a GPU needs some).",
+    )
     parser.add_argument("--no-resume", action="store_true", help="Ignore a checkpoint left by an interrupted run.")
 
 
@@ -99,6 +110,8 @@ def config_from_args(args: argparse.Namespace):
         prompt_loss=not args.no_prompt_loss,
         vision_pretrain_steps=args.vision_pretrain_steps,
         precision=args.precision,
+        device=args.device,
+        data_workers=args.data_workers,
     )
 
 

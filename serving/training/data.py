@@ -105,6 +105,11 @@ class Batch:
     labels: torch.Tensor
     pixel_values: torch.Tensor | None
 
+    def to(self, device: torch.device | str) -> Batch:
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=True)
+        move = [t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)]
+        return Batch(*move, pixels)
+
 
 def collate(items: Sequence[EncodedTask], pad_id: int) -> Batch:
     """Right-padded; pixel values concatenated in item order (the order LLaVA scatters them in)."""

@@ -43,7 +43,8 @@ def _pooled(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def pretrain_vision(
     tower: nn.Module, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True
 ) -> dict[str, float]:
-    """Train ``tower`` in place on shape + colour classification; returns held-out accuracies."""
+    """Train ``tower`` in place (on the device it sits on) on shape + colour classification; returns held-out
+    accuracies."""
     # Its own torch generator state: a run resumed after this stage (which it skips) continues with the
     # same global state as the uninterrupted run.
     with torch.random.fork_rng():
@@ -56,13 +57,14 @@ def _pretrain(
 ) -> dict[str, float]:
     from tqdm import tqdm
 
-    head = nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLOURS))
+    device = next(tower.parameters()).device
+    head = nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLOURS), device=device)
     optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
     rng = random.Random(f"{seed}:vision-pretraining")
-    heldout = _images(random.Random(f"{seed}:vision-heldout"), 512)
+    heldout = [t.to(device) for t in _images(random.Random(f"{seed}:vision-heldout"), 512)]
     tower.train()
     for _ in tqdm(range(steps), disable=not progress, desc="vision"):
-        pixels, shapes, colours = _images(rng, batch_size)
+        pixels, shapes, colours = (t.to(device) for t in _images(rng, batch_size))
         logits = head(_pooled(tower, pixels))
         loss = nn.functional.cross_entropy(logits[:, : len(SHAPES)], shapes) + nn.functional.cross_entropy(
             logits[:, len(SHAPES) :], colours

@@ -141,6 +141,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert set(whole["heldout_by_context"]["knowledge"]) <= {"1", "2", "3"}  # documents, not images
     assert not (tmp_path / "parts" / "train_state.pt").exists()
     assert whole["precision"] == ("bf16" if native_bf16() else "fp32")
+    # Batches built ahead in worker processes are the batches built in the loop.
+    ahead = train_tiny(tmp_path / "ahead", dataclasses.replace(SMALL, data_workers=2), progress=False)
+    assert _digest(tmp_path / "ahead") == _digest(tmp_path / "whole")
+    assert [h["loss"] for h in ahead["history"]] == [h["loss"] for h in whole["history"]]
 
 
 def test_curriculum_holds_two_images_then_ramps_to_the_most():
@@ -174,6 +178,10 @@ def test_precision_follows_the_cpu_unless_chosen():
     assert (resolve_precision("bf16"), resolve_precision("fp32")) == ("bf16", "fp32")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="data_workers"):
+        TrainConfig(data_workers=-1)
 
 
 @pytest.mark.slow
@@ -183,3 +191,16 @@ def test_the_other_precision_trains_and_is_recorded(tmp_path):
     summary = train_tiny(tmp_path / "other", dataclasses.replace(SMALL, precision=other), progress=False)
     assert summary["precision"] == other and summary["config"]["precision"] == other
     assert all(math.isfinite(h["loss"]) for h in summary["history"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_and_writes_a_cpu_checkpoint(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    config = dataclasses.replace(SMALL, device="cuda", data_workers=2)
+    summary = train_tiny(tmp_path / "gpu", config, progress=False)
+    assert summary["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert all(math.isfinite(h["loss"]) for h in summary["history"])
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "gpu")
+    assert next(model.parameters()).device.type == "cpu"
