@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "Train the small LLaVA on generated multi-image and knowledge tasks (CPU, seeded, resumable)."
+HELP = "Train the small LLaVA on generated multi-image and knowledge tasks (seeded, resumable; CPU or CUDA)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
