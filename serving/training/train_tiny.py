@@ -115,7 +115,8 @@ class TrainConfig:
     # The shipped model was trained in bf16 (the run records which it used).
     precision: str = "auto"
     # Where the model trains. The shipped model was trained on the CPU; "cuda" is for trying recipes at more
-    # steps than the CPU budget allows (results differ from a CPU run in the last bits, not in the recipe).
+    # steps than the CPU budget allows. The arithmetic differs in the last bits, so a GPU run is another draw
+    # of the same recipe (one seed ended 0.76 there against 0.79 here: docs/training-log.md, "On a GPU").
     device: str = "cpu"
     # Processes building the steps' batches ahead of the training loop (0: in the loop). Building one takes
     # about 30 ms here, against 0.6 s a step on the CPU; on a GPU it is the bottleneck without them.
