@@ -102,6 +102,10 @@ class MilvusStore:
                     token=config.resolved_token() or "",
                     db_name=config.db_name,
                     timeout=config.connect_timeout_s,
+                    # A Lite server listens on a free port that a later Lite server may be given again;
+                    # pymilvus shares connections by address and never closes shared ones, so a shared
+                    # channel would outlive its server and be handed to the next one on that port.
+                    dedicated=self._lite_path is not None,
                 )
         except Exception:
             self._release_lite()

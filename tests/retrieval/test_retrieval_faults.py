@@ -130,6 +130,19 @@ def test_embedded_server_gone_then_reconnect(filled, encoder):
     retriever.close()
 
 
+def test_closing_a_lite_store_closes_its_connection(rconfig):
+    # A Lite server's port is recycled by later servers: a connection left open would be handed to them.
+    from pymilvus.client.connection_manager import ConnectionManager
+
+    manager = ConnectionManager.get_instance()
+    before = manager.get_stats()["total_connections"]
+    store = MilvusStore(rconfig)
+    assert not store.has_collection("anything")
+    assert manager.get_stats()["total_connections"] == before + 1
+    store.close()
+    assert manager.get_stats()["total_connections"] == before
+
+
 def test_lite_file_held_by_another_process(filled):
     holder = subprocess.Popen(
         [
