@@ -61,6 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.vision_pretrain_steps}; 0: trained end to end, which never learnt shape; see the README).",
     )
     parser.add_argument(
+        "--induction-pretrain-steps",
+        type=int,
+        default=defaults.induction_pretrain_steps,
+        help="Warm the LM up for N steps on repeated runs of random tokens, for the induction heads reading a "
+        f"document's value takes (default {defaults.induction_pretrain_steps}; docs/training-log.md).",
+    )
+    parser.add_argument(
+        "--induction-aux-weight",
+        type=float,
+        default=defaults.induction_aux_weight,
+        help="Weight of the repeated-run loss added to every training step "
+        f"(default {defaults.induction_aux_weight:g}: none).",
+    )
+    parser.add_argument(
         "--precision",
         choices=("auto", "bf16", "fp32"),
         default=defaults.precision,
@@ -109,6 +123,8 @@ def config_from_args(args: argparse.Namespace):
         family_weights={**TrainConfig().family_weights, **dict(args.family_weight)},
         prompt_loss=not args.no_prompt_loss,
         vision_pretrain_steps=args.vision_pretrain_steps,
+        induction_pretrain_steps=args.induction_pretrain_steps,
+        induction_aux_weight=args.induction_aux_weight,
         precision=args.precision,
         device=args.device,
         data_workers=args.data_workers,

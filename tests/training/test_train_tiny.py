@@ -147,6 +147,24 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert [h["loss"] for h in ahead["history"]] == [h["loss"] for h in whole["history"]]
 
 
+@pytest.mark.slow
+def test_runs_with_the_warmup_and_the_auxiliary_loss_resume_to_the_same_weights(tmp_path):
+    config = dataclasses.replace(
+        SMALL, induction_pretrain_steps=3, induction_pretrain_batch=4, induction_aux_weight=0.5
+    )
+    whole = train_tiny(tmp_path / "whole", config, progress=False)
+    assert set(whole["induction_pretraining"]) == {"repeat_accuracy", "repeat_accuracy_small_alphabet"}
+    assert train_tiny(tmp_path / "parts", config, progress=False, stop_after=2) is None
+    resumed = train_tiny(tmp_path / "parts", config, progress=False)
+    assert _digest(tmp_path / "whole") == _digest(tmp_path / "parts")
+    assert [h["loss"] for h in whole["history"]] == [h["loss"] for h in resumed["history"]]
+    assert resumed["induction_pretraining"] == whole["induction_pretraining"]
+    train_tiny(tmp_path / "plain", SMALL, progress=False)  # the warm-up changes what is trained
+    assert _digest(tmp_path / "plain") != _digest(tmp_path / "whole")
+    with pytest.raises(ValueError, match="induction"):
+        TrainConfig(induction_aux_weight=-1)
+
+
 def test_curriculum_holds_two_images_then_ramps_to_the_most():
     def schedule(hold: float) -> list[int]:
         config = TrainConfig(

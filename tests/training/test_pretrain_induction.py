@@ -1,0 +1,56 @@
+"""The LM's induction warm-up: what its sequences hold, and that it forms induction."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mmrag.serving.training.data import IGNORE
+from mmrag.serving.training.pretrain_induction import SEQUENCE_LENGTH, induction_batch, pretrain_induction
+
+TOKENS = range(4, 64)
+
+
+def test_a_run_is_repeated_at_a_random_offset_and_only_the_repeat_is_labelled():
+    ids, labels = induction_batch(random.Random(0), 40, TOKENS)
+    assert ids.shape == labels.shape == (40, SEQUENCE_LENGTH)
+    assert set(ids.flatten().tolist()) <= set(TOKENS)
+    offsets = set()
+    for row in range(40):
+        scored = (labels[row] != IGNORE).nonzero().flatten().tolist()
+        length = scored[0] - 1  # the first label predicts the repeat's second token
+        run = ids[row, :length].tolist()
+        assert ids[row, length : 2 * length].tolist() == run
+        assert scored == list(range(length + 1, 2 * length))
+        assert labels[row, length + 1 : 2 * length].tolist() == run[1:]
+        if row % 2:  # the small alphabet: one token does not tell where to copy from
+            assert set(ids[row].tolist()) <= set(TOKENS[:8])
+        offsets.add(length)
+    assert len(offsets) > 5  # no fixed distance to copy from
+
+
+@pytest.mark.slow
+def test_the_warmup_forms_induction():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config)
+    before = pretrain_induction(model, steps=0, batch_size=32, lr=1e-3, seed=0, token_ids=TOKENS, progress=False)
+    after = pretrain_induction(model, steps=600, batch_size=32, lr=1e-3, seed=0, token_ids=TOKENS, progress=False)
+    chance = 1 / len(TOKENS)
+    assert before["repeat_accuracy"] < 3 * chance
+    # Measured 0.91 (0.54 on the small alphabet, where the match must span several tokens).
+    assert after["repeat_accuracy"] > 0.5
+    assert after["repeat_accuracy_small_alphabet"] > before["repeat_accuracy_small_alphabet"]
