@@ -36,17 +36,8 @@ def test_the_warmup_forms_induction():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, head_dim=32, max_position_embeddings=256, **shape))
     before = pretrain_induction(model, steps=0, batch_size=32, lr=1e-3, seed=0, token_ids=TOKENS, progress=False)
     after = pretrain_induction(model, steps=600, batch_size=32, lr=1e-3, seed=0, token_ids=TOKENS, progress=False)
     chance = 1 / len(TOKENS)
