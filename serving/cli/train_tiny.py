@@ -8,7 +8,6 @@ HELP = "Train the small LLaVA on generated multi-image and knowledge tasks (seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mmrag.serving.tasks import NEEDLE_ANSWERS
     from mmrag.serving.training.train_tiny import TrainConfig
 
     defaults = TrainConfig()
@@ -48,13 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="How often a family is drawn after the binding phase, relative to the others; repeatable (default "
         + ", ".join(f"{family}={weight:g}" for family, weight in defaults.family_weights.items())
         + ").",
-    )
-    parser.add_argument(
-        "--needle-answer",
-        choices=NEEDLE_ANSWERS,
-        default=defaults.needle_answer,
-        help="How needle questions are answered: the image's number (index, default) or each image checked in "
-        "turn, 'Image 1: no. Image 2: yes.' (scan; docs/training-log.md).",
     )
     parser.add_argument(
         "--no-prompt-loss",
@@ -130,7 +122,6 @@ def config_from_args(args: argparse.Namespace):
         curriculum_fraction=args.curriculum_fraction,
         family_weights={**TrainConfig().family_weights, **dict(args.family_weight)},
         prompt_loss=not args.no_prompt_loss,
-        needle_answer=args.needle_answer,
         vision_pretrain_steps=args.vision_pretrain_steps,
         induction_pretrain_steps=args.induction_pretrain_steps,
         induction_aux_weight=args.induction_aux_weight,

@@ -1,25 +1,5 @@
 """Procedural tasks for training and evaluating the project's own small MLLM (no datasets download here)."""
 
-from mmrag.serving.tasks.families import (
-    FAMILIES,
-    IMAGE_FAMILIES,
-    NEEDLE_ANSWERS,
-    NeedleAnswer,
-    Task,
-    document_source,
-    make_task,
-    needle_answer,
-    split_of,
-)
+from mmrag.serving.tasks.families import FAMILIES, IMAGE_FAMILIES, Task, document_source, make_task, split_of
 
-__all__ = [
-    "FAMILIES",
-    "IMAGE_FAMILIES",
-    "NEEDLE_ANSWERS",
-    "NeedleAnswer",
-    "Task",
-    "document_source",
-    "make_task",
-    "needle_answer",
-    "split_of",
-]
+__all__ = ["FAMILIES", "IMAGE_FAMILIES", "Task", "document_source", "make_task", "split_of"]

@@ -22,20 +22,15 @@ from mmrag.serving.tasks.render import COLOURS, SHAPES, ShapeImage, render
 __all__ = [
     "FAMILIES",
     "IMAGE_FAMILIES",
-    "NEEDLE_ANSWERS",
-    "NeedleAnswer",
     "Split",
     "Task",
     "document_source",
     "make_task",
-    "needle_answer",
     "split_of",
 ]
 
 Split = Literal["train", "heldout"]
 HELDOUT_BUCKETS = 10  # of 100
-NeedleAnswer = Literal["index", "scan"]
-NEEDLE_ANSWERS: tuple[NeedleAnswer, ...] = ("index", "scan")
 
 
 @dataclass(frozen=True)
@@ -141,19 +136,6 @@ def _compare(rng: random.Random, n: int) -> tuple[list[ShapeImage], str, str]:
     return images, f"Do Image {i + 1} and Image {j + 1} show the same colour?", "yes" if same else "no"
 
 
-def needle_answer(k: int, style: NeedleAnswer = "index") -> str:
-    """The answer to "Which image shows the X?" when image ``k`` (from 1) does.
-
-    ``index`` is the index alone. ``scan`` goes through the images in order, "no" until the one that shows
-    it: ``Image 1: no. Image 2: yes.``. Each step asks what image k shows and compares it with the question,
-    which the trained model answers at every number of images, where the index alone asks for the lookup the
-    other way (from what an image shows to its label), which it does not learn (docs/training-log.md).
-    """
-    if style == "index":
-        return str(k)
-    return " ".join([*(f"Image {i}: no." for i in range(1, k)), f"Image {k}: yes."])
-
-
 ImageFamily = Callable[[random.Random, int], tuple[list[ShapeImage], str, str]]
 IMAGE_FAMILIES: dict[str, tuple[ImageFamily, int]] = {  # family -> (builder, fewest images)
     "colour": (_colour, 1),
@@ -168,9 +150,7 @@ def _image_signature(family: str, question: str, images: list[ShapeImage]) -> st
     return f"{family}|{question}|" + ",".join(f"{im.colour}-{im.shape}" for im in images)
 
 
-def _image_follow_ups(
-    images: list[ShapeImage], split: Split, needle_style: NeedleAnswer
-) -> tuple[tuple[str, str], ...]:
+def _image_follow_ups(images: list[ShapeImage], split: Split) -> tuple[tuple[str, str], ...]:
     """Every question of every family that these images answer, kept if it falls in ``split``."""
     n = len(images)
     asked: list[tuple[str, str, str]] = []
@@ -180,7 +160,7 @@ def _image_follow_ups(
             ("shape", f"What shape is in Image {k}?", im.shape),
         ]
         if images.count(im) == 1:
-            asked.append(("needle", f"Which image shows the {im.colour} {im.shape}?", needle_answer(k, needle_style)))
+            asked.append(("needle", f"Which image shows the {im.colour} {im.shape}?", str(k)))
     for colour in COLOURS:
         hits = sum(im.colour == colour for im in images)
         asked.append(("count", f"How many images show a {colour} shape?", str(hits)))
@@ -191,9 +171,7 @@ def _image_follow_ups(
     return tuple((q, a) for family, q, a in asked if split_of(_image_signature(family, q, images)) == split)
 
 
-def _image_task(
-    family: str, rng: random.Random, split: Split, max_images: int, image_size: int, needle_style: NeedleAnswer
-) -> Task:
+def _image_task(family: str, rng: random.Random, split: Split, max_images: int, image_size: int) -> Task:
     builder, fewest = IMAGE_FAMILIES[family]
     while True:
         n = rng.randint(fewest, max(fewest, max_images))
@@ -201,9 +179,7 @@ def _image_task(
         signature = _image_signature(family, question, images)
         if split_of(signature) == split:
             pixels = tuple(render(im, rng, image_size) for im in images)
-            follow_ups = tuple(qa for qa in _image_follow_ups(images, split, needle_style) if qa[0] != question)
-            if family == "needle":
-                answer = needle_answer(int(answer), needle_style)
+            follow_ups = tuple(qa for qa in _image_follow_ups(images, split) if qa[0] != question)
             parts = _image_parts(n, question)
             return Task(family, split, parts, answer, pixels, tuple(images), signature=signature, follow_ups=follow_ups)
 
@@ -332,16 +308,11 @@ def make_task(
     max_images: int = 6,
     max_documents: int = 4,
     image_size: int = 32,
-    needle_style: NeedleAnswer = "index",
 ) -> Task:
-    """The ``index``-th task of ``family`` in ``split``; same arguments, same task (pixels included).
-    ``needle_style``: how needle questions are answered (:func:`needle_answer`), in the task and the
-    follow-ups of every image family."""
+    """The ``index``-th task of ``family`` in ``split``; same arguments, same task (pixels included)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}")
-    if needle_style not in NEEDLE_ANSWERS:
-        raise ValueError(f"needle_style must be one of {', '.join(NEEDLE_ANSWERS)}, not {needle_style!r}")
     rng = random.Random(f"{seed}:{family}:{split}:{index}")
     if family == "knowledge":
         return _knowledge_task(rng, split, max_documents)
-    return _image_task(family, rng, split, max_images, image_size, needle_style)
+    return _image_task(family, rng, split, max_images, image_size)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mmrag.serving.models.tiny import TinyLlavaSpec, build_model, write_checkpoint
-from mmrag.serving.tasks import FAMILIES, NEEDLE_ANSWERS, NeedleAnswer, make_task
+from mmrag.serving.tasks import FAMILIES, make_task
 from mmrag.serving.training.data import Batch, collate, encode_task
 from mmrag.serving.training.pretrain_induction import induction_batch, induction_loss, pretrain_induction
 from mmrag.serving.training.pretrain_vision import pretrain_vision
@@ -97,9 +97,6 @@ class TrainConfig:
     binding_fraction: float = 0.0
     curriculum_hold: float = 0.0
     curriculum_fraction: float = 0.4
-    # How needle questions are answered (tasks.needle_answer): "index", the image's number (the shipped model:
-    # 0.53), or "scan", "Image 1: no. Image 2: yes.", a check of each image in turn (docs/training-log.md).
-    needle_answer: str = "index"
     # Harder families drawn more often; knowledge keeps text RAG working for the retrieval issues.
     family_weights: dict[str, float] = field(
         default_factory=lambda: {"colour": 1, "shape": 1, "needle": 1.5, "count": 1.5, "compare": 1.5, "knowledge": 1}
@@ -141,8 +138,6 @@ class TrainConfig:
             raise ValueError(f"device must be cpu or cuda[:N], not {self.device!r}")
         if min(self.induction_pretrain_steps, self.induction_pretrain_batch, self.induction_aux_weight) < 0:
             raise ValueError("induction_pretrain_steps, induction_pretrain_batch and induction_aux_weight must be >= 0")
-        if self.needle_answer not in NEEDLE_ANSWERS:
-            raise ValueError(f"needle_answer must be one of {', '.join(NEEDLE_ANSWERS)}, not {self.needle_answer!r}")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, not {self.data_workers}")
         if not 0 <= self.binding_fraction <= self.curriculum_hold <= self.curriculum_fraction <= 1:
@@ -171,13 +166,7 @@ def _tokenizer_corpus(config: TrainConfig) -> list[str]:
     texts = []
     for family in FAMILIES:
         for index in range(300):
-            task = make_task(
-                family,
-                10_000_000 + index,
-                seed=config.seed,
-                max_images=config.max_images,
-                needle_style=config.needle_answer,
-            )
+            task = make_task(family, 10_000_000 + index, seed=config.seed, max_images=config.max_images)
             texts += [p for p in task.parts if isinstance(p, str)] + [task.answer]
             if task.documents:
                 texts.append(context_text(task.documents, task.sources))
@@ -224,7 +213,6 @@ def _batches_at(config: TrainConfig, step: int, tokenizer, tokens_per_image: int
             seed=config.seed,
             max_images=config.max_images_at(step),
             max_documents=config.max_documents,
-            needle_style=config.needle_answer,
         )
         extra = rng.sample(task.follow_ups, min(config.follow_ups, len(task.follow_ups)))
         items.append(encode_task(task, tokenizer, tokens_per_image, extra, prompt_loss=config.prompt_loss))
@@ -348,7 +336,6 @@ def heldout_results(
     batch_size: int = 32,
     precision: str = "auto",
     families: Sequence[str] = FAMILIES,
-    needle_style: NeedleAnswer = "index",
 ) -> dict[str, list[tuple[int, bool]]]:
     """Per family, ``(context size, answered exactly)`` for tasks ``0..per_family-1`` of ``split``, full context:
     what both the accuracy per family and the accuracy by context size are read from. The context size is the
@@ -361,15 +348,7 @@ def heldout_results(
         results[family] = []
         for start in range(0, per_family, batch_size):
             tasks = [
-                make_task(
-                    family,
-                    i,
-                    split=split,
-                    seed=seed,
-                    max_images=max_images,
-                    max_documents=max_documents,
-                    needle_style=needle_style,
-                )
+                make_task(family, i, split=split, seed=seed, max_images=max_images, max_documents=max_documents)
                 for i in range(start, min(per_family, start + batch_size))
             ]
             batch = collate([encode_task(t, tokenizer, tokens_per_image) for t in tasks], tokenizer.pad_token_id)
@@ -488,7 +467,6 @@ def train_tiny(
                 max_images=config.max_images,
                 max_documents=config.max_documents,
                 precision=precision,
-                needle_style=config.needle_answer,
             )
             accuracy = family_accuracy(results)
             history.append(

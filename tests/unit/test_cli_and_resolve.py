@@ -22,8 +22,6 @@ def test_every_command_is_registered_and_parses():
 
     assert config_from_args(parser.parse_args(["train-tiny"])).prompt_loss
     assert not config_from_args(parser.parse_args(["train-tiny", "--no-prompt-loss"])).prompt_loss
-    assert config_from_args(parser.parse_args(["train-tiny"])).needle_answer == "index"
-    assert config_from_args(parser.parse_args(["train-tiny", "--needle-answer", "scan"])).needle_answer == "scan"
 
 
 def test_train_tiny_family_weights_override_the_defaults_one_by_one(capsys):

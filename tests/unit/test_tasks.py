@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, document_source, make_task, needle_answer, split_of
+from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, document_source, make_task, split_of
 from mmrag.serving.tasks.chat import context_text, openai_messages
 
 
@@ -50,25 +50,6 @@ def test_answers_follow_the_inputs():
         brightest = pixels[np.argmax(pixels.max(1) - pixels.min(1))]
         nearest = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - brightest).sum())
         assert nearest == task.answer
-
-
-def test_a_scanned_needle_answer_says_no_to_each_image_before_the_one_shown():
-    assert needle_answer(3, "scan") == "Image 1: no. Image 2: no. Image 3: yes."
-    assert (needle_answer(1, "scan"), needle_answer(4)) == ("Image 1: yes.", "4")
-    for i in range(30):
-        index, scan = make_task("needle", i, max_images=6), make_task("needle", i, max_images=6, needle_style="scan")
-        # The same task (images, question, split), answered the other way, in its follow-ups too.
-        assert (scan.shown, scan.question, scan.signature) == (index.shown, index.question, index.signature)
-        assert scan.answer == needle_answer(int(index.answer), "scan")
-        *before, hit = scan.answer.split(". ")
-        asked = scan.question.removeprefix("Which image shows the ").rstrip("?")
-        assert all(f"{im.colour} {im.shape}" != asked for im in scan.shown[: len(before)])
-        assert f"{scan.shown[len(before)].colour} {scan.shown[len(before)].shape}" == asked and hit.endswith("yes.")
-        assert [q for q, _ in scan.follow_ups] == [q for q, _ in index.follow_ups]
-        scans = {needle_answer(k, "scan") for k in range(1, 7)}
-        assert {a for q, a in scan.follow_ups if q.startswith("Which")} <= scans
-    with pytest.raises(ValueError, match="needle_style"):
-        make_task("needle", 0, needle_style="list")
 
 
 def test_images_are_placed_after_their_marker():
