@@ -46,7 +46,8 @@ BINDING_FAMILY = "colour"
 
 def trained_spec(seed: int, vocab_size: int) -> TinyLlavaSpec:
     """The trained model's shape: 4 LM layers (binding "Image k" to its tokens takes several hops), 128
-    wide: at 0.17 s a step here against 0.29 s at 256, a 25-minute budget buys 9000 steps, not 5000."""
+    wide. 8 layers, or 256 wide with 4 heads, cost 1.2-1.6x a step, and at 1500 steps neither bound the
+    images nor read needle or knowledge better (docs/training-log.md, "A deeper or a wider LM")."""
     return TinyLlavaSpec(
         seed=seed,
         image_size=32,
