@@ -8,7 +8,7 @@ any of our code.
 
 from setuptools import find_namespace_packages, find_packages, setup
 
-ROOTS = ("serving", "kernels", "deployments", "benchmarks")
+ROOTS = ("serving", "kernels", "deployments", "benchmarks", "training")
 
 packages = find_packages(include=[f"{r}*" for r in ROOTS if r != "kernels"])
 packages += find_namespace_packages(include=["kernels", "kernels.*"], exclude=["*__pycache__*"])

@@ -1,7 +1,7 @@
 """``mmrag bench accuracy``: does compression keep the answer? Held-out exact match of the trained MLLM.
 
 The model is the project's trained small LLaVA (:mod:`mmrag.serving.models.trained`, ``mmrag train-tiny``);
-the tasks are the held-out split of :mod:`mmrag.serving.tasks` (never seen in training), up to 6 images of
+the tasks are the held-out split of :mod:`mmrag.training.tasks` (never seen in training), up to 6 images of
 16 visual tokens per prompt. Every method runs in the reference engine on the same tasks, greedy, and an
 answer counts when it is exactly the expected one (eos included).
 
@@ -54,7 +54,6 @@ HELP = "Held-out accuracy of the trained MLLM: full context vs AIM, LOOK-M and n
 BUDGETS = (0.1, 0.2, 0.4)
 QUICK_BUDGETS = (0.2,)
 MERGES = ("pivotal", "averaged", "weighted", None)
-BASELINES = ("random", "recent", "scores")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_grid(quick: bool) -> dict[str, Any]:
-    """Row name -> :class:`~mmrag.serving.reference.engine.ReferenceMethods`."""
-    from mmrag.serving.reference.engine import ReferenceMethods
-    from mmrag.serving.reference.methods import AIMMerge, AIMPrune, KVBaseline, LookM
+    """Row name -> :class:`~mmrag.kernels.reference.engine.ReferenceMethods`."""
+    from mmrag.kernels.methods import KV_METHODS, make_kv_method
+    from mmrag.kernels.methods.aim import AIMMerge, AIMPrune
+    from mmrag.kernels.methods.lookm import LookM
+    from mmrag.kernels.reference.engine import ReferenceMethods
 
     prune = AIMPrune(start_layer=1, end_layer=3)
     grid = {"full": ReferenceMethods()}
@@ -81,9 +82,9 @@ def method_grid(quick: bool) -> dict[str, Any]:
     grid["aim_prune"] = ReferenceMethods(prune=prune)
     for budget in QUICK_BUDGETS if quick else BUDGETS:
         for merge in ("pivotal", None) if quick else MERGES:
-            grid[f"lookm_{merge or 'evict'}@{budget}"] = ReferenceMethods(lookm=LookM(merge=merge, image_budget=budget))
-        for rule in BASELINES:
-            grid[f"{rule}@{budget}"] = ReferenceMethods(lookm=KVBaseline(rule=rule, image_budget=budget))
+            grid[f"lookm_{merge or 'evict'}@{budget}"] = ReferenceMethods(kv=LookM(merge=merge, image_budget=budget))
+        for name in [n for n in KV_METHODS if n != "lookm"]:  # every registered control, at LOOK-M's budget
+            grid[f"{name}@{budget}"] = ReferenceMethods(kv=make_kv_method(name, image_budget=budget))
     return grid
 
 
@@ -92,7 +93,7 @@ def two_turns(task, tokenizer, tokens_per_image: int) -> tuple[list[int], list[i
     task's question in a second user turn, up to the generation prompt."""
     from dataclasses import replace
 
-    from mmrag.serving.training.data import encode_answer, encode_prompt, encode_turn
+    from mmrag.training.data import encode_answer, encode_prompt, encode_turn
 
     first = f"What colour is the shape in Image {len(task.images)}?"
     opening = replace(task, parts=(*task.parts[:-1], first))
@@ -123,10 +124,10 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from mmrag.benchmarks.common import plot_path, write_result
+    from mmrag.kernels.reference.engine import ReferenceEngine
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.reference.engine import ReferenceEngine
-    from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, make_task
-    from mmrag.serving.training.data import pixel_values
+    from mmrag.training.data import pixel_values
+    from mmrag.training.tasks import FAMILIES, IMAGE_FAMILIES, make_task
 
     per_family = args.per_family or (6 if args.quick else 48)
     model_path = Path(args.model) if args.model else trained_model_path()
@@ -233,7 +234,7 @@ def _vllm_row(llm, tokenizer, tasks: dict[str, list], ratio: float) -> dict[str,
     from PIL import Image
     from vllm import SamplingParams
 
-    from mmrag.serving.tasks import IMAGE_FAMILIES
+    from mmrag.training.tasks import IMAGE_FAMILIES
 
     text_config = llm.llm_engine.model_config.hf_config.text_config
     params = SamplingParams(temperature=0.0, max_tokens=8)
@@ -263,7 +264,7 @@ def _vllm_row(llm, tokenizer, tasks: dict[str, list], ratio: float) -> dict[str,
 
 def _knowledge(engine, tokenizer, tasks, tokens_per_image: int) -> dict[str, float]:
     """Exact match on the text-only family, with the documents in the prompt and without them."""
-    from mmrag.serving.training.data import encode_prompt
+    from mmrag.training.data import encode_prompt
 
     scores = {}
     for label, with_documents in (("with_documents", True), ("without_documents", False)):

@@ -136,7 +136,7 @@ def phase_mmrag_batch(workdir: Path, settings: Settings) -> dict[str, Any]:
     from mmrag.serving.batch.records import BatchLine
     from mmrag.serving.batch.summary import BatchSummary
     from mmrag.serving.config import MmragConfig
-    from mmrag.serving.openai.server import LocalBackend
+    from mmrag.serving.pipeline import LocalBackend
 
     config = MmragConfig.model_validate(CONFIG)
     concurrency = settings.concurrency or BatchOptions().concurrency  # set by run(); None when run alone
@@ -216,7 +216,7 @@ def phase_vllm_llm_chat(workdir: Path, settings: Settings) -> dict[str, Any]:
 def phase_server_one_by_one(workdir: Path, settings: Settings) -> dict[str, Any]:
     import httpx
 
-    from mmrag.serving.config import cache_dir
+    from mmrag.serving.paths import cache_dir
     from mmrag.serving.server_process import running_server
 
     bodies = json.loads((workdir / "bodies.json").read_text())[: settings.server_requests]

@@ -1,9 +1,9 @@
 """``mmrag bench fidelity``: what AIM and LOOK-M cost in fidelity and save in compute, against the full context.
 
-Every method and budget of :func:`mmrag.serving.reference.fidelity.default_grid` (AIM merge ratios, AIM
+Every method and budget of :func:`mmrag.kernels.reference.fidelity.default_grid` (AIM merge ratios, AIM
 pruning, the two stacked, LOOK-M's three merges and plain eviction at the default budget, pivotal at two
 larger budgets), plus ``full`` (no method: the baseline, compared with itself), runs in the reference engine
-on the same multi-image prompts. The measures are :func:`~mmrag.serving.reference.fidelity.evaluate`'s,
+on the same multi-image prompts. The measures are :func:`~mmrag.kernels.reference.fidelity.evaluate`'s,
 means over the prompts, each against the full context measured in the same run:
 
 - ``top1_agreement``: share of the full engine's greedy tokens the method also ranks first (teacher forced);
@@ -147,8 +147,8 @@ def _measure(
     model_dir: Path, prompts: list[dict[str, Any]], variants: list[str], new_tokens: int
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
     """Per variant, the :func:`evaluate` table of ``full`` + the default grid, with peak memory added."""
-    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
-    from mmrag.serving.reference.fidelity import default_grid, evaluate
+    from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
+    from mmrag.kernels.reference.fidelity import default_grid, evaluate
 
     pairs = [(p["input_ids"], p["pixel_values"]) for p in prompts]
     tables: dict[str, dict[str, dict[str, float]]] = {}

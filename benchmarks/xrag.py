@@ -40,8 +40,8 @@ def prompt_for(task, mode: str, tokenizer, vectors: dict[str, Any]) -> dict[str,
 
     import numpy as np
 
-    from mmrag.serving.tasks.chat import template_messages
-    from mmrag.serving.training.train_projector import xrag_view
+    from mmrag.training.tasks.chat import template_messages
+    from mmrag.training.train_projector import xrag_view
 
     shown = {"none": dataclasses.replace(task, documents=()), "text": task, "xrag": xrag_view(task)}[mode]
     text = tokenizer.apply_chat_template(template_messages(shown), tokenize=False, add_generation_prompt=True)
@@ -55,7 +55,7 @@ def with_documents(task, count: int, pool: list):
     """``task`` with ``count`` documents: its relevant one first, then others' (distractors)."""
     import dataclasses
 
-    from mmrag.serving.tasks import document_source
+    from mmrag.training.tasks import document_source
 
     others = [d for t in pool for d in t.documents if t is not task and d != task.documents[task.relevant]]
     documents = (task.documents[task.relevant], *others[: count - 1])
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.serving.models.trained import trained_model_path, trained_projector_path
     from mmrag.serving.retrieval.config import EncoderConfig
     from mmrag.serving.retrieval.encoders import load_encoder
-    from mmrag.serving.tasks import make_task
-    from mmrag.serving.training.train_projector import encode_documents
+    from mmrag.training.tasks import make_task
+    from mmrag.training.train_projector import encode_documents
 
     n_tasks = args.tasks or (24 if args.quick else 256)
     repeats = args.repeats or (4 if args.quick else 24)
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _accuracy(llm, params, tasks, tokenizer, vectors) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Exact match per mode, overall and per asked attribute (colour, place, number)."""
-    from mmrag.serving.tasks.families import ATTRIBUTES
+    from mmrag.training.tasks.families import ATTRIBUTES
 
     overall, by_attribute = {}, {}
     for mode in MODES:

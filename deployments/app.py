@@ -11,9 +11,10 @@ from typing import Any
 from ray.serve import Application
 
 from mmrag.deployments.ingress import OpenAIIngress
-from mmrag.deployments.llm import DEFAULT_ENGINE, LLMServer
+from mmrag.deployments.llm import LLMServer
 from mmrag.deployments.retriever import RetrieverServer, retriever_options
 from mmrag.serving.config import MmragConfig
+from mmrag.serving.engine.protocol import DEFAULT_ENGINE
 
 # Overload at the HTTP proxy (the ingress queue is full) answers 503 with a retry hint, never a hang.
 _BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}

@@ -13,8 +13,8 @@ from ray.serve.handle import DeploymentHandle
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest
+from mmrag.serving.errors import EngineUnavailableError, OpenAIError, OverloadedError
 from mmrag.serving.logs import configure_logging
-from mmrag.serving.openai.errors import EngineUnavailableError, OpenAIError, OverloadedError
 from mmrag.serving.openai.server import create_app
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,22 +9,11 @@ from typing import Any
 from ray import serve
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest
+from mmrag.serving.engine.protocol import DEFAULT_ENGINE, GenerationDelta, GenerationRequest, load_engine_class
 from mmrag.serving.logs import configure_logging
 from mmrag.serving.models.resolve import resolve_model_path
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_ENGINE = "mmrag.serving.engine.vllm_engine:VllmEngine"
-
-
-def load_engine_class(import_path: str) -> type[Engine]:
-    module, _, name = import_path.partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, Engine)):
-        raise TypeError(f"{import_path} is not an Engine subclass")
-    return cls
-
 
 @serve.deployment(name="LLMServer")
 class LLMServer:

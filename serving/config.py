@@ -202,8 +202,8 @@ class LookMConfig(_Strict):
     )
 
     def settings(self) -> Any:
-        """The reference engine's :class:`~mmrag.serving.reference.methods.LookM` with these values."""
-        from mmrag.serving.reference.methods import LookM
+        """The reference engine's :class:`~mmrag.kernels.methods.lookm.LookM` with these values."""
+        from mmrag.kernels.methods.lookm import LookM
 
         return LookM(
             heavy_ratio=self.heavy_ratio,
@@ -271,8 +271,3 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a mapping")
     node[leaf] = yaml.safe_load(raw)
-
-
-def cache_dir() -> Path:
-    """Where generated artefacts live (the tiny model): ``$MMRAG_CACHE_DIR`` or ``~/.cache/mmrag``."""
-    return Path(os.environ.get("MMRAG_CACHE_DIR", Path.home() / ".cache" / "mmrag"))

@@ -25,7 +25,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from mmrag.serving.config import LimitsConfig
-from mmrag.serving.openai.errors import InvalidRequestError, PayloadTooLargeError
+from mmrag.serving.errors import InvalidRequestError, PayloadTooLargeError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest, TokenLogprob
-from mmrag.serving.openai.errors import InvalidRequestError
+from mmrag.serving.errors import InvalidRequestError
 
 
 class FakeEngine(Engine):

@@ -1,8 +1,9 @@
-"""One batch line through the server's chain, in-process: validation, images, retrieval, engine.
+"""One batch line through the chat pipeline, in-process: the adapter ``mmrag batch`` runs per line.
 
-The steps are the HTTP handler's (``serving/openai/server.py``) minus HTTP: the same parsing and limits,
-the same image loader, the same retrieval stage and the same engine, so a line gets the answer (or the
-error) the server would give. ``stream`` in a body is ignored: a batch answer is always a whole completion.
+The steps are :class:`~mmrag.serving.pipeline.ChatPipeline`'s, as for the HTTP app: the same parsing and
+limits, the same image loader, the same retrieval stage and the same engine, so a line gets the answer (or
+the error) the server would give. ``stream`` in a body is ignored: a batch answer is always a whole
+completion.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from typing import Any
 
 from mmrag.serving.batch.records import BatchLine, failure_record, success_record
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import GenerationRequest
-from mmrag.serving.openai import chat
-from mmrag.serving.openai.errors import OpenAIError, PayloadTooLargeError
-from mmrag.serving.openai.protocol import ChatCompletionRequest, new_completion_id, now
-from mmrag.serving.openai.server import ChatBackend, parse_chat_request, retrieve_for
+from mmrag.serving.errors import OpenAIError
+from mmrag.serving.openai.protocol import new_completion_id
+from mmrag.serving.pipeline import ChatBackend, ChatPipeline, PreparedChat
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
 
 logger = logging.getLogger(__name__)
@@ -30,15 +29,12 @@ class PreparedLine:
     """A line ready for the engine (what crosses from the retriever pool to the LLM pool on Ray)."""
 
     line: BatchLine
-    request_id: str
-    request: ChatCompletionRequest
-    generation: GenerationRequest
+    chat: PreparedChat
 
 
 class BatchChain:
     def __init__(self, config: MmragConfig, backend: ChatBackend):
-        self.config = config
-        self.backend = backend
+        self.pipeline = ChatPipeline(config, backend)
 
     async def answer(self, line: BatchLine) -> dict[str, Any]:
         prepared = await self.prepare(line)
@@ -48,31 +44,19 @@ class BatchChain:
 
     async def prepare(self, line: BatchLine) -> PreparedLine | dict[str, Any]:
         """Validation, image loading and retrieval; a failure comes back as the line's output record."""
-        request_id = new_completion_id()
         try:
-            body = json.dumps(line.body).encode()
-            if len(body) > self.config.limits.max_request_bytes:  # the server's HTTP body cap
-                raise PayloadTooLargeError(f"request body larger than {self.config.limits.max_request_bytes} bytes")
-            request = parse_chat_request(body)
-            generation = await chat.prepare_generation(request, self.config, request_id=request_id)
-            generation.retrieval = await retrieve_for(request, generation, self.config, self.backend)
+            request = self.pipeline.parse(json.dumps(line.body).encode())
+            return PreparedLine(line, await self.pipeline.prepare(request))
         except Exception as exc:
-            return failure_record(line, request_id, as_openai_error(exc, line))
-        return PreparedLine(line, request_id, request, generation)
+            return failure_record(line, new_completion_id(), as_openai_error(exc, line))
 
     async def generate(self, prepared: PreparedLine) -> dict[str, Any]:
-        request = prepared.request
+        chat = prepared.chat
         try:
-            completion = await chat.collect_completion(
-                self.backend.generate(prepared.generation),
-                n=request.n,
-                completion_id=prepared.request_id,
-                created=now(),
-                model=request.model,
-            )
+            completion = await self.pipeline.complete(chat)
         except Exception as exc:
-            return failure_record(prepared.line, prepared.request_id, as_openai_error(exc, prepared.line))
-        return success_record(prepared.line, prepared.request_id, completion.model_dump())
+            return failure_record(prepared.line, chat.completion_id, as_openai_error(exc, prepared.line))
+        return success_record(prepared.line, chat.completion_id, completion.model_dump())
 
 
 def as_openai_error(exc: Exception, line: BatchLine) -> OpenAIError:
@@ -84,18 +68,18 @@ def as_openai_error(exc: Exception, line: BatchLine) -> OpenAIError:
 
 
 class LazyRetriever:
-    """The retriever stage, built on the first request that retrieves: a batch without retrieval never
+    """The retrieval stage, built on the first request that retrieves: a batch without retrieval never
     loads the encoder or opens Milvus (Milvus Lite allows one process per file)."""
 
     def __init__(self, config: MmragConfig):
         self._config = config
-        self._retriever: Any = None
+        self._stage: Any = None
         self._lock = asyncio.Lock()
 
     async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult:
         async with self._lock:
-            if self._retriever is None:
-                from mmrag.deployments.retriever import Retriever
+            if self._stage is None:
+                from mmrag.serving.retrieval.stage import RetrievalStage
 
-                self._retriever = await asyncio.to_thread(Retriever, self._config)
-        return await self._retriever.retrieve(options, query_text)
+                self._stage = await asyncio.to_thread(RetrievalStage, self._config)
+        return await self._stage.retrieve(options, query_text)

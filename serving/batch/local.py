@@ -34,7 +34,7 @@ async def answer_all(
 
 async def start_engine(config: MmragConfig, engine_cls: str | None) -> Engine:
     """The LLM stage's engine, loaded as ``deployments/llm.py`` loads it (vLLM unless ``engine_cls``)."""
-    from mmrag.deployments.llm import DEFAULT_ENGINE, load_engine_class
+    from mmrag.serving.engine.protocol import DEFAULT_ENGINE, load_engine_class
     from mmrag.serving.models.resolve import resolve_model_path
 
     engine_class = load_engine_class(engine_cls or DEFAULT_ENGINE)
@@ -59,7 +59,7 @@ async def run_local(
     concurrency: int,
     on_ready: Callable[[], None] = lambda: None,
 ) -> None:
-    from mmrag.serving.openai.server import LocalBackend
+    from mmrag.serving.pipeline import LocalBackend
 
     engine = await start_engine(config, engine_cls)
     on_ready()

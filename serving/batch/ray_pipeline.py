@@ -50,11 +50,11 @@ class PrepareStage(_ChainActor):
 
     def __init__(self, config: dict[str, Any]):
         from mmrag.serving.batch.chain import BatchChain, LazyRetriever
-        from mmrag.serving.openai.server import LocalBackend
+        from mmrag.serving.pipeline import LocalBackend
 
         super().__init__(config)
         # LocalBackend without an engine: this stage never generates.
-        self.chain = BatchChain(self.config, LocalBackend(None, LazyRetriever(self.config)))  # type: ignore[arg-type]
+        self.chain = BatchChain(self.config, LocalBackend(None, LazyRetriever(self.config)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lines = [BatchLine(**json.loads(text)) for text in batch["line"]]
@@ -70,7 +70,7 @@ class GenerateStage(_ChainActor):
     def __init__(self, config: dict[str, Any], engine_cls: str | None):
         from mmrag.serving.batch.chain import BatchChain
         from mmrag.serving.batch.local import start_engine
-        from mmrag.serving.openai.server import LocalBackend
+        from mmrag.serving.pipeline import LocalBackend
 
         super().__init__(config)
         self.engine = self.loop.run_until_complete(start_engine(self.config, engine_cls))

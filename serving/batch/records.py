@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmrag.serving.openai.errors import OpenAIError
+from mmrag.serving.errors import OpenAIError
 
 CHAT_URL = "/v1/chat/completions"
 

@@ -9,7 +9,7 @@ HELP = "Train the xRAG projector (paraphrase + self-distilled instruction stages
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mmrag.serving.cli.common import add_config_arguments
-    from mmrag.serving.training.train_projector import ProjectorTrainConfig
+    from mmrag.training.train_projector import ProjectorTrainConfig
 
     defaults = ProjectorTrainConfig()
     parser.add_argument("--model", default=None, help="LLM checkpoint directory (default: the shipped trained model).")
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.serving.cli.common import load_config
     from mmrag.serving.models.trained import TRAINED_MODEL_DIR, TRAINED_PROJECTOR_DIR
     from mmrag.serving.retrieval.encoders import load_encoder
-    from mmrag.serving.training.train_projector import ProjectorTrainConfig, train_projector
+    from mmrag.training.train_projector import ProjectorTrainConfig, train_projector
 
     retrieval = load_config(args).retrieval
     encoder = load_encoder(retrieval.xrag_encoder or retrieval.encoder)

@@ -8,7 +8,7 @@ HELP = "Train the small LLaVA on generated multi-image and knowledge tasks (seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mmrag.serving.training.train_tiny import TrainConfig
+    from mmrag.training.train_tiny import TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument("--out", default=None, help="Checkpoint directory (default: the shipped model's path).")
@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _family_weight(text: str) -> tuple[str, float]:
-    from mmrag.serving.tasks import FAMILIES
+    from mmrag.training.tasks import FAMILIES
 
     family, _, weight = text.partition("=")
     if family not in FAMILIES:
@@ -110,7 +110,7 @@ def _family_weight(text: str) -> tuple[str, float]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from mmrag.serving.training.train_tiny import TrainConfig
+    from mmrag.training.train_tiny import TrainConfig
 
     return TrainConfig(
         seed=args.seed,
@@ -133,7 +133,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from mmrag.serving.models.trained import TRAINED_MODEL_DIR
-    from mmrag.serving.training.train_tiny import train_tiny
+    from mmrag.training.train_tiny import train_tiny
 
     out = args.out or TRAINED_MODEL_DIR
     summary = train_tiny(out, config_from_args(args), resume=not args.no_resume)

@@ -2,20 +2,24 @@
 
 An :class:`Engine` takes a fully prepared chat (messages in chat-template form, decoded images, sampling
 options) and yields :class:`GenerationDelta` objects: the new text of one choice, and once per choice a
-finish reason. Invalid input is raised as :class:`~mmrag.serving.openai.errors.OpenAIError` *before* the
+finish reason. Invalid input is raised as :class:`~mmrag.serving.errors.OpenAIError` *before* the
 first delta, so callers can answer it with a clean 4xx even when streaming.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult
+
+if TYPE_CHECKING:
+    from mmrag.kernels.methods.base import KVMethod
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,20 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     # None: no log-probabilities; k >= 0: each sampled token's, with the k most likely alternatives.
     logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """A request's compression, parsed once from the request and the deployment's defaults
+    (:func:`mmrag.serving.pipeline.compression_settings`) and carried unchanged to vLLM's processes.
+
+    ``aim_keep_ratio``: share of each image's visual tokens kept by AIM's merge (1: no merge).
+    ``kv``: the KV method that compacts the prompt's cache after prefill (:mod:`mmrag.kernels.methods`);
+    None keeps the whole cache.
+    """
+
+    aim_keep_ratio: float = 1.0
+    kv: KVMethod | None = None
 
 
 @dataclass
@@ -47,10 +65,7 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Text RAG: the engine inserts these chunks into the prompt, within what its context leaves free.
     retrieval: RetrievalResult | None = None
-    # AIM stage (a): share of each image's visual tokens kept; None: the deployment's default.
-    aim_keep_ratio: float | None = None
-    # LOOK-M: False opts this request out of KV compaction; None: the deployment's setting.
-    lookm: bool | None = None
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
 
 
 @dataclass(frozen=True)
@@ -130,3 +145,16 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing
         """Release the model; the default has nothing to release."""
+
+
+# The engine every server and batch job runs unless told otherwise (tests name a fake one).
+DEFAULT_ENGINE = "mmrag.serving.engine.vllm_engine:VllmEngine"
+
+
+def load_engine_class(import_path: str) -> type[Engine]:
+    """``"module:Class"`` -> the :class:`Engine` subclass (imported only now: vLLM loads only where it runs)."""
+    module, _, name = import_path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise TypeError(f"{import_path} is not an Engine subclass")
+    return cls

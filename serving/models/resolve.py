@@ -8,7 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mmrag.serving.config import ModelConfig, cache_dir
+from mmrag.serving.config import ModelConfig
+from mmrag.serving.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

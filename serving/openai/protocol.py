@@ -74,6 +74,30 @@ class CompressionOptions(BaseModel):
         description="false: keep this request's whole KV cache on a deployment that runs LOOK-M "
         "(true asks for it, a 400 where the deployment does not run it).",
     )
+    kv: dict[str, Any] | None = Field(
+        default=None,
+        description='The KV method that compacts this prompt\'s cache after prefill: {"method": NAME, ...its '
+        "settings}, NAME one of the registered methods (lookm, random, recent, scores) or none.",
+    )
+
+    @field_validator("kv")
+    @classmethod
+    def _known_method(cls, kv: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Unknown methods, unknown settings and bad values are a 400 naming ``compression.kv``."""
+        from mmrag.kernels.methods import kv_method_from_dict
+
+        if kv is not None:
+            if not isinstance(kv.get("method"), str):
+                raise ValueError('needs "method": the name of a registered KV method, or "none"')
+            kv_method_from_dict(kv)
+        return kv
+
+    @property
+    def kv_method(self) -> Any:
+        """The :class:`~mmrag.kernels.methods.base.KVMethod` that ``kv`` names (None for ``none``)."""
+        from mmrag.kernels.methods import kv_method_from_dict
+
+        return None if self.kv is None else kv_method_from_dict(self.kv)
 
 
 class ChatCompletionRequest(BaseModel):

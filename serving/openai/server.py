@@ -1,9 +1,11 @@
-"""The OpenAI-compatible HTTP surface, as a FastAPI app over a :class:`ChatBackend`.
+"""The OpenAI-compatible HTTP surface: a FastAPI app, a thin adapter over the chat pipeline.
 
-The app knows nothing about Ray: the Serve ingress gives it a backend that calls the LLM deployment
-through a handle; tests give it one that calls an :class:`~mmrag.serving.engine.protocol.Engine`
-in-process. Every error leaves as ``{"error": {...}}`` with its status; an error after a stream has
-started is sent as a final SSE event, then ``[DONE]``.
+Requests go through :class:`~mmrag.serving.pipeline.ChatPipeline`; this module adds what is HTTP's:
+authentication, body reading, SSE streaming, status codes and Prometheus metrics. It knows nothing about
+Ray: the Serve ingress gives it a backend that calls the deployments through handles; tests give it a
+:class:`~mmrag.serving.pipeline.LocalBackend` over an in-process engine. Every error leaves as
+``{"error": {...}}`` with its status; an error after a stream has started is sent as a final SSE event,
+then ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -13,76 +15,21 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import Engine, GenerationDelta, GenerationRequest
+from mmrag.serving.engine.protocol import GenerationDelta
+from mmrag.serving.errors import AuthenticationError, EngineUnavailableError, OpenAIError, PayloadTooLargeError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
-from mmrag.serving.openai.errors import (
-    AuthenticationError,
-    EngineUnavailableError,
-    InvalidRequestError,
-    OpenAIError,
-    PayloadTooLargeError,
-    ServiceUnavailableError,
-)
-from mmrag.serving.openai.protocol import (
-    ChatCompletionRequest,
-    ModelCard,
-    ModelList,
-    format_error_location,
-    new_completion_id,
-    now,
-)
-from mmrag.serving.retrieval.errors import RetrievalError
-from mmrag.serving.retrieval.protocol import (
-    RetrievalOptions,
-    RetrievalResult,
-    query_text_from_messages,
-    resolve_options,
-)
+from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
+from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
 logger = logging.getLogger(__name__)
-
-
-class ChatBackend(Protocol):
-    """What the HTTP layer needs from the rest of the chain."""
-
-    async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult: ...
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
-
-    async def check_health(self) -> None: ...
-
-    async def engine_metrics(self) -> str: ...
-
-
-class LocalBackend:
-    """A backend over an engine in this process (tests, single-process tools)."""
-
-    def __init__(self, engine: Engine, retriever: Any = None):
-        self.engine = engine
-        self.retriever = retriever  # anything with ``async retrieve(options, query_text)``
-
-    async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult:
-        if self.retriever is None:
-            raise ServiceUnavailableError("retrieval is not configured on this server", param="retrieval")
-        return await self.retriever.retrieve(options, query_text)
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        return self.engine.generate(request)
-
-    async def check_health(self) -> None:
-        await self.engine.check_health()
-
-    async def engine_metrics(self) -> str:
-        return self.engine.metrics_text()
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
@@ -91,6 +38,7 @@ def error_response(error: OpenAIError) -> JSONResponse:
 
 def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     app = FastAPI(title="mmrag", version="0.1.0")
+    pipeline = ChatPipeline(config, backend)
     metrics = IngressMetrics()
     started = now()
     api_keys = [key.encode() for key in config.server.accepted_api_keys()]
@@ -153,19 +101,17 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
         return response
 
     async def _chat(http_request: Request, start: float) -> Response:
-        request = parse_chat_request(await read_body(http_request, config.limits.max_request_bytes))
-        completion_id = new_completion_id()
-        generation = await chat.prepare_generation(request, config, request_id=completion_id)
-        generation.retrieval = await retrieve_for(request, generation, config, backend)
-        deltas = backend.generate(generation)
-        ids = {"completion_id": completion_id, "created": now(), "model": request.model}
+        request = pipeline.parse(await read_body(http_request, config.limits.max_request_bytes))
+        prepared = await pipeline.prepare(request)
+        deltas = pipeline.generate(prepared)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             first = await _first_delta(deltas)  # raises before any byte is sent: a clean 4xx
             metrics.ttft.observe(time.perf_counter() - start)
+            ids = {"completion_id": prepared.completion_id, "created": now(), "model": request.model}
             events = sse_events(first, deltas, include_usage=include_usage, metrics=metrics, start=start, **ids)
             return StreamingResponse(events, media_type="text/event-stream")
-        completion = await chat.collect_completion(_timed(deltas, start), n=request.n, **ids)
+        completion = await pipeline.complete(prepared, _timed(deltas, start))
         metrics.observe_usage(completion.usage)
         return JSONResponse(completion.model_dump())
 
@@ -200,24 +146,6 @@ def openapi_with_chat_body(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-async def retrieve_for(
-    request: ChatCompletionRequest, generation: GenerationRequest, config: MmragConfig, backend: ChatBackend
-) -> RetrievalResult | None:
-    """Run the retrieval stage when the request (or the server default) asks for it."""
-    try:
-        if resolve_options(request.retrieval, config.retrieval).mode == "none":
-            return None
-        return await backend.retrieve(request.retrieval, query_text_from_messages(generation.messages))
-    except RetrievalError as exc:
-        raise as_openai_error(exc) from exc
-
-
-def as_openai_error(exc: RetrievalError) -> OpenAIError:
-    if exc.status_code < 500:
-        return InvalidRequestError(exc.message, param=exc.field or "retrieval")
-    return ServiceUnavailableError(f"retrieval unavailable: {exc.message}", param=exc.field or "retrieval")
-
-
 def _has_valid_key(request: Request, api_keys: list[bytes]) -> bool:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -236,22 +164,6 @@ async def read_body(http_request: Request, max_bytes: int) -> bytes:
         if len(body) > max_bytes:
             raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
     return bytes(body)
-
-
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        return ChatCompletionRequest.model_validate(payload)
-    except ValidationError as exc:
-        # The deepest location is the most specific one when a union reports every branch.
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = format_error_location(error["loc"])
-        raise InvalidRequestError(f"{param}: {error['msg']}", param=param or None) from exc
 
 
 async def _first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:

@@ -204,7 +204,7 @@ class RetrievalConfig(_Strict):
     def resolved_uri(self) -> str:
         if self.uri is not None:
             return self.uri
-        from mmrag.serving.config import cache_dir
+        from mmrag.serving.paths import cache_dir
 
         return str(cache_dir() / "milvus.db")
 

@@ -4,7 +4,7 @@ vLLM expands each ``<image>`` placeholder in the frontend, before the vision tow
 count must be a pure function of the image's token count and the ratio. It is
 ``max(1, ceil(T * ratio))``, reached by bipartite passes (:mod:`mmrag.kernels.token_merge`) of
 ``min(t // 2, t - kept)`` merges each. For ratios 1/2, 1/4, ... every pass halves, which is exactly the
-reference engine's :class:`~mmrag.serving.reference.methods.AIMMerge` with 1, 2, ... passes
+reference engine's :class:`~mmrag.kernels.methods.aim.AIMMerge` with 1, 2, ... passes
 (``ceil(ceil(T/2)/2) == ceil(T/4)``, odd ``T`` included). No vLLM import here: the processor (frontend)
 and the model (worker) both call these functions, and the tests call them without vLLM.
 

@@ -8,10 +8,10 @@ from mmrag.benchmarks.batch import make_bodies, summarise
 
 
 def test_bodies_are_valid_greedy_chat_requests():
-    from mmrag.serving.openai.server import parse_chat_request
+    from mmrag.serving.pipeline import parse_chat_body
 
     bodies = make_bodies(10, max_tokens=7)
-    requests = [parse_chat_request(json.dumps(b).encode()) for b in bodies]
+    requests = [parse_chat_body(json.dumps(b).encode()) for b in bodies]
     assert all(r.temperature == 0 and r.max_tokens == 7 for r in requests)
     assert len({r.messages[0].content for r in requests}) == 10
 

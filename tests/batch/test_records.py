@@ -15,7 +15,7 @@ from mmrag.serving.batch.records import (
     read_batch_input,
     success_record,
 )
-from mmrag.serving.openai.errors import InvalidRequestError
+from mmrag.serving.errors import InvalidRequestError
 from tests.batch.conftest import chat_line, write_jsonl
 
 

@@ -62,7 +62,7 @@ def test_tiny_vllm_batch(tmp_path):
 def test_xrag_batch_on_the_trained_model(tmp_path):
     """Knowledge questions answered from documents retrieved from Milvus Lite, one ``<xrag>`` token each."""
     from mmrag.serving.models.trained import trained_model_path, trained_projector_path
-    from mmrag.serving.tasks import make_task
+    from mmrag.training.tasks import make_task
 
     tasks = [make_task("knowledge", i, split="heldout", max_documents=1) for i in range(8)]
     corpus = tmp_path / "kb"

@@ -17,8 +17,8 @@ import pytest
 
 from mmrag.serving.models.trained import trained_model_path, trained_projector_path
 from mmrag.serving.server_process import running_server
-from mmrag.serving.tasks import make_task
-from mmrag.serving.tasks.chat import openai_messages
+from mmrag.training.tasks import make_task
+from mmrag.training.tasks.chat import openai_messages
 
 pytestmark = pytest.mark.e2e
 MODEL = "mmrag-tiny-mllm"

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from mmrag.serving.config import MmragConfig  # noqa: E402
-from mmrag.serving.openai.server import LocalBackend, create_app  # noqa: E402
+from mmrag.serving.openai.server import create_app  # noqa: E402
+from mmrag.serving.pipeline import LocalBackend  # noqa: E402
 from tests.fake_engine import FakeEngine  # noqa: E402
 
 # data: URLs only, so generated image URLs never make the server fetch anything from the network.

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.openai.server import LocalBackend, create_app
+from mmrag.serving.openai.server import create_app
+from mmrag.serving.pipeline import LocalBackend
 from tests.fake_engine import FakeEngine
 
 MODEL = "mmrag-tiny-llava"

@@ -9,7 +9,7 @@ import pytest
 
 from mmrag.benchmarks import accuracy
 from mmrag.serving.cli.bench import parse_benchmark_args
-from mmrag.serving.tasks import IMAGE_FAMILIES
+from mmrag.training.tasks import IMAGE_FAMILIES
 
 
 @pytest.mark.slow  # 2 tasks x 5 families x 15 reference rows, plus two vLLM engines (about 1.5 minutes here)

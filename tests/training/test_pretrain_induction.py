@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from mmrag.serving.training.data import IGNORE
-from mmrag.serving.training.pretrain_induction import SEQUENCE_LENGTH, induction_batch, pretrain_induction
+from mmrag.training.data import IGNORE
+from mmrag.training.pretrain_induction import SEQUENCE_LENGTH, induction_batch, pretrain_induction
 
 TOKENS = range(4, 64)
 

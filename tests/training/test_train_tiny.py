@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from mmrag.serving.tasks import FAMILIES, make_task
-from mmrag.serving.training.data import encode_prompt, encode_task, pixel_values
-from mmrag.serving.training.train_tiny import (
+from mmrag.training.data import encode_prompt, encode_task, pixel_values
+from mmrag.training.tasks import FAMILIES, make_task
+from mmrag.training.train_tiny import (
     TrainConfig,
     accuracy_by_context,
     evaluate,
@@ -51,7 +51,7 @@ def trained():
 def test_inputs_equal_the_processor(trained, family):
     from PIL import Image
 
-    from mmrag.serving.tasks.chat import template_messages
+    from mmrag.training.tasks.chat import template_messages
 
     _, model, processor = trained
     task = make_task(family, 3, split="heldout")

@@ -26,7 +26,7 @@ def test_every_command_is_registered_and_parses():
 
 def test_train_tiny_family_weights_override_the_defaults_one_by_one(capsys):
     from mmrag.serving.cli.train_tiny import config_from_args
-    from mmrag.serving.training.train_tiny import TrainConfig
+    from mmrag.training.train_tiny import TrainConfig
 
     parser = build_parser()
     args = parser.parse_args(["train-tiny", "--family-weight", "colour=4", "--family-weight", "needle=0"])

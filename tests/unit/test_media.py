@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from mmrag.serving.config import LimitsConfig
+from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
 from mmrag.serving.media import ImagePolicy, is_public_address, load_image
-from mmrag.serving.openai.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
 
 
 def png_bytes(size=(8, 8)) -> bytes:

@@ -1,14 +1,14 @@
 import pytest
 
-from mmrag.serving.openai.errors import InvalidRequestError, OverloadedError
+from mmrag.serving.errors import InvalidRequestError, OverloadedError
 from mmrag.serving.openai.protocol import ChatCompletionRequest
-from mmrag.serving.openai.server import parse_chat_request
+from mmrag.serving.pipeline import parse_chat_body
 
 
 def parse(payload) -> ChatCompletionRequest:
     import json
 
-    return parse_chat_request(json.dumps(payload).encode())
+    return parse_chat_body(json.dumps(payload).encode())
 
 
 def user(content):
@@ -45,9 +45,9 @@ def test_invalid_fields_are_named(payload, param):
 
 def test_malformed_json_and_non_object():
     with pytest.raises(InvalidRequestError, match="not valid JSON"):
-        parse_chat_request(b"{not json")
+        parse_chat_body(b"{not json")
     with pytest.raises(InvalidRequestError, match="JSON object"):
-        parse_chat_request(b"[1, 2]")
+        parse_chat_body(b"[1, 2]")
 
 
 def test_images_only_in_user_messages():

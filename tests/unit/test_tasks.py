@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmrag.serving.tasks import FAMILIES, IMAGE_FAMILIES, document_source, make_task, split_of
-from mmrag.serving.tasks.chat import context_text, openai_messages
+from mmrag.training.tasks import FAMILIES, IMAGE_FAMILIES, document_source, make_task, split_of
+from mmrag.training.tasks.chat import context_text, openai_messages
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,7 +41,7 @@ def test_answers_follow_the_inputs():
             and knowledge.answer in knowledge.documents[knowledge.relevant]
         )
     # A colour question's answer is the colour drawn: the image's most saturated pixels are near it.
-    from mmrag.serving.tasks.render import COLOURS
+    from mmrag.training.tasks.render import COLOURS
 
     for i in range(20):
         task = make_task("colour", i, max_images=4)

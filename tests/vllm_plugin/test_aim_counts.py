@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmrag.kernels.methods.aim import AIMMerge
 from mmrag.kernels.token_merge import merged_token_count, spread_positions
-from mmrag.serving.reference.methods import AIMMerge
 from mmrag.serving.vllm_plugin.aim import (
     aim_kept_tokens,
     aim_merge,
@@ -78,7 +78,7 @@ def test_prompt_positions_keep_each_images_span() -> None:
 
 def test_prompt_positions_match_the_reference_engine(tiny_llava_path) -> None:
     """The vLLM-side layout is the reference engine's, token for token."""
-    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
+    from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
 
     engine = ReferenceEngine.from_pretrained(tiny_llava_path)
     engine = ReferenceEngine(engine.model, ReferenceMethods(merge=AIMMerge(num_passes=2, positions="spread")))

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from mmrag.serving.tasks import make_task
+from mmrag.training.tasks import make_task
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,10 @@ def _tasks():
 def _reference_answers(tasks, passes: int) -> list[str]:
     from transformers import AutoTokenizer
 
+    from mmrag.kernels.methods.aim import AIMMerge
+    from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
-    from mmrag.serving.reference.methods import AIMMerge
-    from mmrag.serving.training.data import encode_prompt, pixel_values
+    from mmrag.training.data import encode_prompt, pixel_values
 
     path = trained_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -71,7 +71,7 @@ def _vllm_answers(llm, tasks, ratio: float) -> list[str]:
     from PIL import Image
     from vllm import SamplingParams
 
-    from mmrag.serving.tasks.chat import template_messages
+    from mmrag.training.tasks.chat import template_messages
 
     tokenizer = llm.get_tokenizer()
     prompts = [

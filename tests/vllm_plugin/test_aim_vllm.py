@@ -164,8 +164,8 @@ def test_merge_matches_reference(engines, tiny_llava_path) -> None:
     """
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
-    from mmrag.serving.reference.engine import ReferenceEngine
-    from mmrag.serving.reference.methods import AIMMerge
+    from mmrag.kernels.methods.aim import AIMMerge
+    from mmrag.kernels.reference.engine import ReferenceEngine
 
     _, aim = engines
     seeds = [1, 2, 3, 4, 5, 6]

@@ -13,7 +13,8 @@ from PIL import Image
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import CompressionCounts
-from mmrag.serving.openai.server import LocalBackend, create_app
+from mmrag.serving.openai.server import create_app
+from mmrag.serving.pipeline import LocalBackend
 from tests.fake_engine import FakeEngine
 
 MODEL = "mmrag-tiny-llava"
@@ -21,12 +22,11 @@ MODEL = "mmrag-tiny-llava"
 
 class MergingEngine(FakeEngine):
     """The fake engine, reporting 16 visual tokens per image merged at the request's ratio, in a prompt of
-    10 text tokens whose KV cache keeps the text and half the image entries unless the request opts out."""
+    10 text tokens whose KV cache keeps the text and half the image entries unless the request keeps it all."""
 
     async def generate(self, request):
-        ratio = request.aim_keep_ratio or self.config.compression.aim_keep_ratio
-        after = int(16 * ratio) * len(request.images)
-        kept = 10 + after if request.lookm is False else 10 + after // 2
+        after = int(16 * request.compression.aim_keep_ratio) * len(request.images)
+        kept = 10 + after if request.compression.kv is None else 10 + after // 2
         counts = CompressionCounts(
             visual_before=16 * len(request.images), visual_after=after, kv_prompt=10 + after, kv_kept=kept
         )
@@ -36,7 +36,8 @@ class MergingEngine(FakeEngine):
 
 @pytest.fixture
 def engine():
-    return MergingEngine(MmragConfig.model_validate({"compression": {"aim_keep_ratio": 0.5}}))
+    config = {"compression": {"aim_keep_ratio": 0.5, "lookm": {"enabled": True, "image_budget": 0.5}}}
+    return MergingEngine(MmragConfig.model_validate(config))
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_ratio_reaches_the_engine_and_usage_reports_the_merge(client, engine) ->
     out = client.chat.completions.create(
         model=MODEL, messages=_image_messages(), extra_body={"compression": {"aim_keep_ratio": 0.25}}
     )
-    assert engine.seen[-1].aim_keep_ratio == 0.25
+    assert engine.seen[-1].compression.aim_keep_ratio == 0.25
     assert out.usage.model_extra["mmrag"] == {
         "visual_tokens_before": 16,
         "visual_tokens_after": 4,
@@ -79,7 +80,7 @@ def test_ratio_reaches_the_engine_and_usage_reports_the_merge(client, engine) ->
     }
 
     out = client.chat.completions.create(model=MODEL, messages=_image_messages())
-    assert engine.seen[-1].aim_keep_ratio is None  # the engine applies the deployment default
+    assert engine.seen[-1].compression.aim_keep_ratio == 0.5  # the deployment default, resolved once
     assert out.usage.model_extra["mmrag"] == _USAGE_AT_HALF
 
 
@@ -87,13 +88,45 @@ def test_lookm_opt_out_reaches_the_engine(client, engine) -> None:
     out = client.chat.completions.create(
         model=MODEL, messages=_image_messages(), extra_body={"compression": {"lookm": False}}
     )
-    assert engine.seen[-1].lookm is False
+    assert engine.seen[-1].compression.kv is None
     assert out.usage.model_extra["mmrag"]["kv_tokens_kept"] == out.usage.model_extra["mmrag"]["kv_tokens_prompt"]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model=MODEL, messages=_image_messages(), extra_body={"compression": {"lookm": "sometimes"}}
         )
     assert info.value.body["param"] == "compression.lookm"
+
+
+def test_kv_method_is_parsed_once_and_reaches_the_engine(client, engine) -> None:
+    from mmrag.kernels.methods.lookm import LookM
+    from mmrag.kernels.methods.random_eviction import RandomEviction
+
+    client.chat.completions.create(model=MODEL, messages=_image_messages())
+    assert engine.seen[-1].compression.kv == LookM(image_budget=0.5)  # the deployment's method
+    kv = {"method": "random", "image_budget": 0.25, "seed": 3}
+    client.chat.completions.create(model=MODEL, messages=_image_messages(), extra_body={"compression": {"kv": kv}})
+    assert engine.seen[-1].compression.kv == RandomEviction(image_budget=0.25, seed=3)
+    out = client.chat.completions.create(
+        model=MODEL, messages=_image_messages(), extra_body={"compression": {"kv": {"method": "none"}}}
+    )
+    assert engine.seen[-1].compression.kv is None
+    assert out.usage.model_extra["mmrag"]["kv_tokens_kept"] == out.usage.model_extra["mmrag"]["kv_tokens_prompt"]
+
+
+@pytest.mark.parametrize(
+    ("kv", "named"),
+    [
+        ({"method": "sideways"}, "sideways"),
+        ({"method": "random", "image_budget": 2}, "image_budget"),
+        ({"method": "recent", "window": 3}, "window"),
+        ({"method": "lookm", "merge": "blend"}, "merge"),
+        ({"image_budget": 0.5}, "method"),
+    ],
+)
+def test_bad_kv_method_is_a_400_naming_the_field(client, kv, named) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=_image_messages(), extra_body={"compression": {"kv": kv}})
+    assert info.value.body["param"] == "compression.kv" and named in info.value.body["message"]
 
 
 def test_streamed_usage_carries_the_extension(client) -> None:

@@ -95,7 +95,7 @@ def test_xrag_needs_the_placeholder_token(tmp_path) -> None:
 
 
 def test_lookm_selects_our_scheduler_and_worker_and_turns_off_what_it_cannot_share(tiny_llava_path) -> None:
-    from mmrag.serving.vllm_plugin.lookm.budget import settings_from_additional_config
+    from mmrag.serving.vllm_plugin.kv.plan import deployment_method
 
     config = MmragConfig.model_validate(
         {
@@ -104,13 +104,14 @@ def test_lookm_selects_our_scheduler_and_worker_and_turns_off_what_it_cannot_sha
         }
     )
     args = build_engine_args(config, str(tiny_llava_path))
-    assert args.scheduler_cls.endswith("LookMScheduler") and args.worker_cls.endswith("LookMWorker")
+    assert args.scheduler_cls.endswith("KVCompactionScheduler") and args.worker_cls.endswith("KVCompactionWorker")
     assert (args.enable_prefix_caching, args.enable_chunked_prefill) == (False, False)
     assert args.max_num_batched_tokens == 4096  # a whole prompt in the step that compacts it
-    settings = settings_from_additional_config(args.additional_config)
-    assert (settings.image_budget, settings.merge, settings.score_from) == (0.25, None, "chunked")
+    settings = deployment_method(args.additional_config)
+    # "auto" scores: chunked from Q and K in vLLM, which exposes no attention probabilities.
+    assert (settings.name, settings.image_budget, settings.merge, settings.score_from) == ("lookm", 0.25, None, "auto")
     off = build_engine_args(_config(), str(tiny_llava_path))
-    assert "mmrag_lookm" not in off.additional_config and not str(off.scheduler_cls).endswith("LookMScheduler")
+    assert "mmrag_kv" not in off.additional_config and not str(off.scheduler_cls).endswith("KVCompactionScheduler")
 
 
 def test_lookm_refuses_prefix_caching(tiny_llava_path) -> None:

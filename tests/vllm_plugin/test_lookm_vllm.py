@@ -21,8 +21,8 @@ import os
 import pytest
 import torch
 
-from mmrag.serving.reference.methods import LookM
-from mmrag.serving.tasks import FAMILIES, make_task
+from mmrag.kernels.methods.lookm import LookM
+from mmrag.training.tasks import FAMILIES, make_task
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def engine():
 def _prompt(task, processor) -> dict:
     from PIL import Image
 
-    from mmrag.serving.tasks.chat import template_messages
+    from mmrag.training.tasks.chat import template_messages
 
     prompt = {"prompt": processor.apply_chat_template(template_messages(task), add_generation_prompt=True)}
     if task.images:
@@ -105,7 +105,7 @@ def _chosen_logprobs(choice) -> torch.Tensor:
 
 
 def _reference_logprobs(reference, task, tokenizer, steps: int) -> tuple[list[int], torch.Tensor]:
-    from mmrag.serving.training.data import encode_prompt, pixel_values
+    from mmrag.training.data import encode_prompt, pixel_values
 
     ids = torch.tensor([encode_prompt(task, tokenizer, reference.model.config.image_seq_length)])
     out = reference.generate(ids, pixel_values(task.images), max_new_tokens=steps)
@@ -116,8 +116,8 @@ def _reference_logprobs(reference, task, tokenizer, steps: int) -> tuple[list[in
 def test_decoding_matches_the_reference_engine_with_lookm(engine) -> None:
     from transformers import AutoProcessor
 
+    from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY
 
     path = trained_model_path()
@@ -127,7 +127,7 @@ def test_decoding_matches_the_reference_engine_with_lookm(engine) -> None:
     compacted = _generate(engine, prompts)
     opted_out = _generate(engine, prompts, extra_args={REQUEST_KEY: {"enabled": False}})
 
-    with_lookm = ReferenceEngine.from_pretrained(path, ReferenceMethods(lookm=SETTINGS))
+    with_lookm = ReferenceEngine.from_pretrained(path, ReferenceMethods(kv=SETTINGS))
     without = ReferenceEngine.from_pretrained(path)
     diff = {"lookm": 0.0, "off": 0.0, "lookm vs full": 0.0}
     same = dict.fromkeys(diff, 0)
@@ -245,9 +245,9 @@ def test_aim_spread_then_lookm_matches_the_reference_engine() -> None:
     the token index LOOK-M shifts, so the two compose; the reference engine running both is the oracle."""
     from transformers import AutoProcessor
 
+    from mmrag.kernels.methods.aim import AIMMerge
+    from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
-    from mmrag.serving.reference.methods import AIMMerge
     from mmrag.serving.vllm_plugin.aim import aim_overrides
 
     path = trained_model_path()
@@ -259,7 +259,7 @@ def test_aim_spread_then_lookm_matches_the_reference_engine() -> None:
     finally:
         llm.llm_engine.engine_core.shutdown()
     merge = AIMMerge(num_passes=1, positions="spread")
-    both = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=merge, lookm=SETTINGS))
+    both = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=merge, kv=SETTINGS))
     contiguous = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=AIMMerge(num_passes=1), lookm=SETTINGS))
     same, diff, same_as_contiguous = 0, 0.0, 0
     for task, out in zip(tasks, outs, strict=True):

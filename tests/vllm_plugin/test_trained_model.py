@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from mmrag.serving.tasks import FAMILIES, make_task
+from mmrag.training.tasks import FAMILIES, make_task
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +19,10 @@ def test_vllm_answers_like_the_reference_engine() -> None:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
+    from mmrag.kernels.reference.engine import ReferenceEngine
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.reference.engine import ReferenceEngine
-    from mmrag.serving.tasks.chat import template_messages
-    from mmrag.serving.training.data import encode_prompt, pixel_values
+    from mmrag.training.data import encode_prompt, pixel_values
+    from mmrag.training.tasks.chat import template_messages
 
     path = trained_model_path()
     processor = AutoProcessor.from_pretrained(path)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mmrag.serving.models.trained import trained_model_path, trained_projector_path
-from mmrag.serving.tasks import document_source, make_task
-from mmrag.serving.tasks.chat import template_messages
-from mmrag.serving.training.data import collate
-from mmrag.serving.training.train_projector import (
+from mmrag.serving.xrag.projector import XRAG_TOKEN, XragProjector, load_projector, read_card
+from mmrag.training.data import collate
+from mmrag.training.tasks import document_source, make_task
+from mmrag.training.tasks.chat import template_messages
+from mmrag.training.train_projector import (
     ProjectorTrainConfig,
     XragData,
     evaluate_xrag,
@@ -23,7 +24,6 @@ from mmrag.serving.training.train_projector import (
     student_embeddings,
     train_projector,
 )
-from mmrag.serving.xrag.projector import XRAG_TOKEN, XragProjector, load_projector, read_card
 
 SMALL = ProjectorTrainConfig(
     paraphrase_steps=2, instruct_steps=2, batch_size=4, warmup_steps=1, pool_tasks=8, eval_tasks=4, eval_every=4

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmrag.serving.tasks import Task
-from mmrag.serving.tasks.chat import template_messages
+from mmrag.training.tasks import Task
+from mmrag.training.tasks.chat import template_messages
 
 __all__ = [
     "Batch",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from mmrag.kernels.lookm import LookMBudget
-from mmrag.serving.reference import AIMMerge, AIMPrune, LookM, ReferenceEngine, ReferenceMethods
-from mmrag.serving.reference.fidelity import compare, default_grid, evaluate, mean_kl, prefill_flops, top1_agreement
+from mmrag.kernels.reference import AIMMerge, AIMPrune, LookM, ReferenceEngine, ReferenceMethods
+from mmrag.kernels.reference.fidelity import compare, default_grid, evaluate, mean_kl, prefill_flops, top1_agreement
 
 
 def test_prefill_flops_by_hand(tiny_llava) -> None:
@@ -50,7 +50,7 @@ def test_ratios_per_method(peaky_llava, two_image_prompt) -> None:
     assert pruned.prefill_flops == prefill_flops(config, [seq_len, seq_len - 16])
     assert pruned.kv_ratio == (seq_len + seq_len - 16) / (2 * seq_len)
 
-    lookm = compare(full, ReferenceEngine(peaky_llava, ReferenceMethods(lookm=LookM())), ids, pixels, 4)
+    lookm = compare(full, ReferenceEngine(peaky_llava, ReferenceMethods(kv=LookM())), ids, pixels, 4)
     is_image = ids[0] == 3
     budget = LookMBudget.from_ratios(seq_len)
     kept = budget.kept_count(seq_len, int((~is_image[: seq_len - budget.recent]).sum()))

@@ -11,7 +11,7 @@ One prompt at a time (batch 1). Prefill:
    over the image's original span: ``AIMMerge.positions``);
 2. every decoder layer computes the full eager attention (the prompt output always uses the full KV);
    AIM stage (b) then decides which visual keys the later layers may read (a mask, as in AIM), and
-   LOOK-M compacts what the cache stores of this layer;
+   a KV method (LOOK-M or a control) compacts what the cache stores of this layer;
 3. greedy decoding appends one entry per token to each layer and queries at the logical position.
 """
 
@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from mmrag.kernels.methods.aim import AIMMerge, AIMPrune
+from mmrag.kernels.methods.base import KVMethod
+from mmrag.kernels.reference.cache import LayerKV, ReferenceCache
 from mmrag.kernels.token_merge import spread_positions
-from mmrag.serving.reference.cache import LayerKV, ReferenceCache
-from mmrag.serving.reference.methods import AIMMerge, AIMPrune, KVBaseline, LookM
 
 __all__ = ["GenerationOutput", "PrefillOutput", "ReferenceEngine", "ReferenceMethods"]
 
@@ -41,11 +42,11 @@ class ReferenceMethods:
 
     merge: AIMMerge | None = None
     prune: AIMPrune | None = None
-    lookm: LookM | KVBaseline | None = None
+    kv: KVMethod | None = None
 
     def __post_init__(self) -> None:
-        if self.prune is not None and self.lookm is not None:
-            raise ValueError("AIM pruning and LOOK-M cannot both be enabled")
+        if self.prune is not None and self.kv is not None:
+            raise ValueError("AIM pruning and a KV method cannot both be enabled")
 
 
 @dataclass
@@ -222,12 +223,12 @@ class ReferenceEngine:
         q: torch.Tensor,
         scaling: float,
     ) -> LayerKV:
-        """What the cache keeps of one layer: everything, everything with a key mask, or LOOK-M's subset."""
+        """What the cache keeps of one layer: everything, everything with a key mask, or the KV method's subset."""
         positions = torch.arange(k.shape[2], device=k.device).expand(k.shape[1], -1)
-        lookm = self.methods.lookm
-        if lookm is not None and is_image.any():
-            scores = lookm.scores(probs[0], q[0], k[0], scaling)
-            keys, values, positions = lookm.compress(k[0], v[0], scores, is_image)
+        method = self.methods.kv
+        if method is not None and is_image.any():
+            scores = method.scores(probs[0], q[0], k[0], scaling)
+            keys, values, positions = method.compress(k[0], v[0], scores, is_image)
             return LayerKV(keys[None], values[None], positions)
         key_mask = None if live.all() else live.expand(k.shape[1], -1).clone()
         return LayerKV(k, v, positions, key_mask)

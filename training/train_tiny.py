@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from mmrag.serving.models.tiny import TinyLlavaSpec, build_model, write_checkpoint
-from mmrag.serving.tasks import FAMILIES, make_task
-from mmrag.serving.training.data import Batch, collate, encode_task
-from mmrag.serving.training.pretrain_induction import induction_batch, induction_loss, pretrain_induction
-from mmrag.serving.training.pretrain_vision import pretrain_vision
-from mmrag.serving.training.tokenizer import train_tokenizer
+from mmrag.training.data import Batch, collate, encode_task
+from mmrag.training.pretrain_induction import induction_batch, induction_loss, pretrain_induction
+from mmrag.training.pretrain_vision import pretrain_vision
+from mmrag.training.tasks import FAMILIES, make_task
+from mmrag.training.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class TrainConfig:
 
 
 def _tokenizer_corpus(config: TrainConfig) -> list[str]:
-    from mmrag.serving.tasks.chat import context_text
+    from mmrag.training.tasks.chat import context_text
 
     texts = []
     for family in FAMILIES:

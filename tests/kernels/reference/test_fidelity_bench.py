@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mmrag.benchmarks import fidelity
+from mmrag.kernels.reference.fidelity import default_grid
 from mmrag.serving.cli.bench import parse_benchmark_args
-from mmrag.serving.reference.fidelity import default_grid
 
 FIELDS = {"top1_agreement", "mean_kl", "kv_ratio", "flops_ratio", "prefill_flops", "peak_mib", "peak_ratio"}
 

@@ -22,7 +22,7 @@ import random
 import torch
 from torch import nn
 
-from mmrag.serving.training.data import IGNORE
+from mmrag.training.data import IGNORE
 
 __all__ = ["induction_batch", "induction_loss", "pretrain_induction"]
 

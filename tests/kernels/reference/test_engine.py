@@ -20,8 +20,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from mmrag.kernels.aim import pagerank_importance, select_live_tokens
 from mmrag.kernels.attention_scores import sum_query_groups
 from mmrag.kernels.lookm import LookMBudget, merge_evicted, text_prior_keep_indices
+from mmrag.kernels.reference import AIMMerge, AIMPrune, LookM, ReferenceEngine, ReferenceMethods
 from mmrag.kernels.token_merge import merge_tokens
-from mmrag.serving.reference import AIMMerge, AIMPrune, LookM, ReferenceEngine, ReferenceMethods
 
 IMAGE_TOKEN = 3
 # LOOK-M share kept by score in the tests: above the text share, so that image entries compete on score
@@ -252,7 +252,7 @@ def test_lookm_cache_is_the_kernels_applied_to_the_full_cache(
     peaky_llava, two_image_prompt, full_prefill, hf_attentions, strategy: str | None
 ) -> None:
     ids, pixels = two_image_prompt["input_ids"], two_image_prompt["pixel_values"]
-    engine = ReferenceEngine(peaky_llava, ReferenceMethods(lookm=LookM(heavy_ratio=HEAVY, merge=strategy)))
+    engine = ReferenceEngine(peaky_llava, ReferenceMethods(kv=LookM(heavy_ratio=HEAVY, merge=strategy)))
     prefill = engine.prefill(ids, pixels)
     # LOOK-M only shrinks what is stored: the prompt itself ran on the full KV.
     assert torch.equal(prefill.logits, full_prefill.logits)
@@ -273,7 +273,7 @@ def test_lookm_cache_is_the_kernels_applied_to_the_full_cache(
 def test_lookm_decodes_at_logical_positions(peaky_llava, two_image_prompt) -> None:
     """Eviction without merge must decode like the full cache with the evicted entries masked."""
     ids, pixels = two_image_prompt["input_ids"], two_image_prompt["pixel_values"]
-    engine = ReferenceEngine(peaky_llava, ReferenceMethods(lookm=LookM(heavy_ratio=HEAVY, merge=None)))
+    engine = ReferenceEngine(peaky_llava, ReferenceMethods(kv=LookM(heavy_ratio=HEAVY, merge=None)))
     prefill = engine.prefill(ids, pixels)
     seq_len = ids.shape[1]
     assert prefill.cache.next_position == seq_len
@@ -302,9 +302,9 @@ def test_lookm_decodes_at_logical_positions(peaky_llava, two_image_prompt) -> No
 
 def test_lookm_chunked_score_gives_the_same_cache(peaky_llava, two_image_prompt) -> None:
     ids, pixels = two_image_prompt["input_ids"], two_image_prompt["pixel_values"]
-    probs = ReferenceEngine(peaky_llava, ReferenceMethods(lookm=LookM(heavy_ratio=HEAVY))).prefill(ids, pixels).cache
+    probs = ReferenceEngine(peaky_llava, ReferenceMethods(kv=LookM(heavy_ratio=HEAVY))).prefill(ids, pixels).cache
     chunked_lookm = LookM(heavy_ratio=HEAVY, score_from="chunked", chunk_size=7)
-    chunked = ReferenceEngine(peaky_llava, ReferenceMethods(lookm=chunked_lookm))
+    chunked = ReferenceEngine(peaky_llava, ReferenceMethods(kv=chunked_lookm))
     cache = chunked.prefill(ids, pixels).cache
     for a, b in zip(probs.layers, cache.layers, strict=True):
         assert torch.equal(a.prompt_positions, b.prompt_positions)
@@ -314,7 +314,7 @@ def test_lookm_chunked_score_gives_the_same_cache(peaky_llava, two_image_prompt)
 @pytest.mark.parametrize(
     "methods",
     [
-        ReferenceMethods(lookm=LookM()),
+        ReferenceMethods(kv=LookM()),
         ReferenceMethods(merge=AIMMerge(num_passes=1), lookm=LookM(merge="weighted")),
         ReferenceMethods(merge=AIMMerge(), prune=AIMPrune(start_layer=0, end_layer=1)),
     ],
@@ -332,7 +332,7 @@ def test_generation_with_methods_counts_entries(peaky_llava, two_image_prompt, m
 
 def test_lookm_leaves_text_only_prompts_alone(peaky_llava, text_prompt) -> None:
     # LOOK-M compresses image KV: a prompt without images keeps everything (the authors' condition).
-    out = ReferenceEngine(peaky_llava, ReferenceMethods(lookm=LookM())).generate(
+    out = ReferenceEngine(peaky_llava, ReferenceMethods(kv=LookM())).generate(
         text_prompt["input_ids"], max_new_tokens=3
     )
     assert out.kv_entries == out.full_kv_entries

@@ -1,12 +1,13 @@
-"""``LookMWorker``: vLLM's CPU worker whose model runner compacts a request's KV cache after its prefill.
+"""``KVCompactionWorker``: vLLM's CPU worker whose model runner compacts a request's KV cache after its prefill.
 
-Pinned to vLLM 0.32 (``v1/worker/gpu_model_runner.py``, which the CPU runner extends); the seams are
-recorded in the shared research note ``vllm_seams.md`` section B. What changes, per compacted request
-(:func:`~mmrag.serving.vllm_plugin.lookm.budget.plan_compaction`):
+Pinned to vLLM 0.32 (``v1/worker/gpu_model_runner.py``, which the CPU runner extends). Generic over the KV
+methods of :mod:`mmrag.kernels.methods`, chosen per request. What changes, per compacted request
+(:func:`~mmrag.serving.vllm_plugin.kv.plan.plan_compaction`):
 
 - **Prefill step.** Each decoder attention layer runs vLLM's kernel on the whole prompt as usual (the
-  first token is sampled from full attention, as in LOOK-M), then scores the prompt entries from the
-  same Q and K, keeps and merges with the reference engine's rule, and writes the ``kept`` entries to
+  first token is sampled from full attention, as in LOOK-M), then has the request's method score the
+  prompt entries from the same Q and K and keep (and merge) them, exactly as the reference engine calls
+  it, and writes the ``kept`` entries to
   the request's first ``kept`` slots through the backend's own cache write (layout-safe: the CPU cache
   stores K transposed).
 - **Next step.** The request's block table is cut to ``ceil(kept / block_size)`` blocks, matching what
@@ -32,35 +33,38 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from mmrag.serving.reference.methods import LookM
-from mmrag.serving.vllm_plugin.lookm.budget import (
-    LookMPlan,
+from mmrag.kernels.methods.base import KVMethod
+from mmrag.serving.vllm_plugin.kv.plan import (
+    KVPlan,
+    deployment_method,
     image_mask,
     image_spans,
+    is_fresh_prefill,
     plan_compaction,
-    settings_from_additional_config,
+    request_method,
 )
 
-__all__ = ["LookMRunner", "LookMWorker"]
+__all__ = ["KVCompactionRunner", "KVCompactionWorker"]
 
 
-class LookMWorker(CPUWorker):
+class KVCompactionWorker(CPUWorker):
     def init_device(self) -> None:
         super().init_device()
         if type(self.model_runner) is not CPUModelRunner:
             raise RuntimeError(
-                f"LOOK-M needs vLLM's V1 CPU model runner, got {type(self.model_runner).__name__} "
+                f"KV compaction needs vLLM's V1 CPU model runner, got {type(self.model_runner).__name__} "
                 "(unset VLLM_USE_V2_MODEL_RUNNER)"
             )
         # The runner is built inside CPUWorker.init_device; switching its class keeps that code untouched.
-        self.model_runner.__class__ = LookMRunner
-        self.model_runner.init_lookm()
+        self.model_runner.__class__ = KVCompactionRunner
+        self.model_runner.init_kv_compaction()
 
 
 @dataclass(frozen=True)
 class _Compaction:
-    """One request compacted in the current step: its tokens in the batch and where the kept go."""
+    """One request compacted in the current step: its method, its tokens in the batch and where the kept go."""
 
+    method: KVMethod
     start: int
     end: int
     is_image: torch.Tensor  # (prompt_len,) bool
@@ -68,18 +72,18 @@ class _Compaction:
     slots: torch.Tensor  # (kept,) int64 physical cache slots
 
 
-class LookMRunner(CPUModelRunner):
-    lookm: LookM | None
-    _lookm_offsets: dict[str, int]  # compacted requests: logical - physical position
-    _lookm_pending: dict[str, LookMPlan]  # compacted in the last step: block table not cut yet
-    _lookm_step: list[_Compaction]  # compacted by this step's forward
+class KVCompactionRunner(CPUModelRunner):
+    default_kv_method: KVMethod | None
+    _kv_offsets: dict[str, int]  # compacted requests: logical - physical position
+    _kv_pending: dict[str, KVPlan]  # compacted in the last step: block table not cut yet
+    _kv_step: list[_Compaction]  # compacted by this step's forward
 
-    def init_lookm(self) -> None:
-        self.lookm = settings_from_additional_config(self.vllm_config.additional_config)
-        self._lookm_offsets, self._lookm_pending, self._lookm_step = {}, {}, []
+    def init_kv_compaction(self) -> None:
+        self.default_kv_method = deployment_method(self.vllm_config.additional_config)
+        self._kv_offsets, self._kv_pending, self._kv_step = {}, {}, []
         table_block_size = self.input_batch.block_table.block_tables[0].block_size
         if len(self.input_batch.block_table.block_tables) != 1 or table_block_size != self.cache_config.block_size:
-            raise RuntimeError("LOOK-M needs one KV cache group whose kernel blocks are the scheduler's blocks")
+            raise RuntimeError("KV compaction needs one KV cache group whose kernel blocks are the scheduler's blocks")
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -91,20 +95,20 @@ class LookMRunner(CPUModelRunner):
         try:
             return super().execute_model(*args, **kwargs)
         finally:
-            self._lookm_step = []
+            self._kv_step = []
 
     def _update_states(self, scheduler_output: Any) -> Any:
         finished = scheduler_output.finished_req_ids
-        for request_id, plan in self._lookm_pending.items():
+        for request_id, plan in self._kv_pending.items():
             if request_id not in finished:
                 self._cut_block_table(request_id, plan)
-        self._lookm_pending.clear()
+        self._kv_pending.clear()
         # Finished requests go; resumed ones were preempted, lost every block, and re-prefill in full.
         for request_id in finished | scheduler_output.scheduled_cached_reqs.resumed_req_ids:
-            self._lookm_offsets.pop(request_id, None)
+            self._kv_offsets.pop(request_id, None)
         return super()._update_states(scheduler_output)
 
-    def _cut_block_table(self, request_id: str, plan: LookMPlan) -> None:
+    def _cut_block_table(self, request_id: str, plan: KVPlan) -> None:
         table = self.input_batch.block_table.block_tables[0]
         keep = plan.kept_blocks(table.block_size)
         del self.requests[request_id].block_ids[0][keep:]  # the source a row is rebuilt from
@@ -112,40 +116,41 @@ class LookMRunner(CPUModelRunner):
         if row is not None:
             table.block_table.np[row, keep : table.num_blocks_per_row[row]] = 0
             table.num_blocks_per_row[row] = keep
-        self._lookm_offsets[request_id] = plan.offset
+        self._kv_offsets[request_id] = plan.offset
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
         prepared = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         num_reqs = self.input_batch.num_reqs
         request_ids = self.input_batch.req_ids[:num_reqs]
-        self._lookm_step = self._plan_step(request_ids, num_scheduled_tokens)
-        offsets = np.array([self._lookm_offsets.get(r, 0) for r in request_ids], dtype=np.int64)
+        self._kv_step = self._plan_step(request_ids, num_scheduled_tokens)
+        offsets = np.array([self._kv_offsets.get(r, 0) for r in request_ids], dtype=np.int64)
         if offsets.any():
             self._shift_to_physical(num_reqs, num_scheduled_tokens, offsets)
         return prepared
 
     def _plan_step(self, request_ids: list[str], num_scheduled_tokens: np.ndarray) -> list[_Compaction]:
-        if self.lookm is None:
-            return []
         step = []
         for row, request_id in enumerate(request_ids):
             state = self.requests[request_id]
-            spans = image_spans(state.mm_features)
-            plan = plan_compaction(
-                self.lookm,
+            if not is_fresh_prefill(
                 prompt_len=state.num_prompt_tokens,
                 num_scheduled=int(num_scheduled_tokens[row]),
                 num_computed_before=int(self.input_batch.num_computed_tokens_cpu[row]),
                 num_output_tokens=len(state.output_token_ids),
-                spans=spans,
-                extra_args=state.sampling_params.extra_args if state.sampling_params else None,
+            ):
+                continue
+            extra_args = state.sampling_params.extra_args if state.sampling_params else None
+            spans = image_spans(state.mm_features)
+            plan = plan_compaction(
+                request_method(extra_args, self.default_kv_method), prompt_len=state.num_prompt_tokens, spans=spans
             )
             if plan is None:
                 continue
             start = int(self.query_start_loc.np[row])
             mask = image_mask(plan.prompt_len, spans)
-            step.append(_Compaction(start, start + plan.prompt_len, mask, plan.kept, self._first_slots(row, plan.kept)))
-            self._lookm_pending[request_id] = plan
+            slots = self._first_slots(row, plan.kept)
+            step.append(_Compaction(plan.method, start, start + plan.prompt_len, mask, plan.kept, slots))
+            self._kv_pending[request_id] = plan
         return step
 
     def _first_slots(self, row: int, count: int) -> torch.Tensor:
@@ -168,7 +173,7 @@ class LookMRunner(CPUModelRunner):
             self.optimistic_seq_lens_cpu[:num_reqs] -= shift.to(self.optimistic_seq_lens_cpu.dtype)
 
 
-def _compact_after_forward(layer: Attention, runner: LookMRunner) -> None:
+def _compact_after_forward(layer: Attention, runner: KVCompactionRunner) -> None:
     """Wrap the layer's backend ``forward`` (looked up at call time by vLLM's attention op)."""
     impl = layer.impl
     forward = impl.forward
@@ -178,10 +183,9 @@ def _compact_after_forward(layer: Attention, runner: LookMRunner) -> None:
         attn_metadata: Any, *args: Any, **kwargs: Any,
     ) -> torch.Tensor:  # fmt: skip
         output = forward(attn_layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
-        if attn_metadata is not None and runner._lookm_step:
-            assert runner.lookm is not None
-            for compaction in runner._lookm_step:
-                _compact_prompt(impl, attn_layer, query, key, value, kv_cache, compaction, runner.lookm)
+        if attn_metadata is not None:
+            for compaction in runner._kv_step:
+                _compact_prompt(impl, attn_layer, query, key, value, kv_cache, compaction)
         return output
 
     impl.forward = forward_then_compact
@@ -195,18 +199,18 @@ def _compact_prompt(
     value: torch.Tensor,
     kv_cache: torch.Tensor,
     compaction: _Compaction,
-    settings: LookM,
 ) -> None:
-    """Score one prompt's entries in this layer, keep and merge them, write them to its first slots."""
+    """Score one prompt's entries in this layer, keep (and merge) them, write them to its first slots."""
     span = slice(compaction.start, compaction.end)
     length = compaction.end - compaction.start
     q = query[span].view(length, impl.num_heads, impl.head_size).transpose(0, 1)
     k = key[span].view(length, impl.num_kv_heads, impl.head_size).transpose(0, 1)
     v = value[span].view(length, impl.num_kv_heads, impl.head_size).transpose(0, 1)
-    scores = settings.scores(None, q, k, impl.scale)
-    kept_k, kept_v, _ = settings.compress(k, v, scores, compaction.is_image)
+    method = compaction.method
+    scores = method.scores(None, q, k, impl.scale)  # vLLM's kernels expose no probabilities
+    kept_k, kept_v, _ = method.compress(k, v, scores, compaction.is_image)
     if kept_k.shape[1] != compaction.kept:
-        raise RuntimeError(f"LOOK-M kept {kept_k.shape[1]} entries, the scheduler planned {compaction.kept}")
+        raise RuntimeError(f"{method.name} kept {kept_k.shape[1]} entries, the scheduler planned {compaction.kept}")
     impl.do_kv_cache_update(
         layer, kept_k.transpose(0, 1).contiguous(), kept_v.transpose(0, 1).contiguous(), kv_cache, compaction.slots
     )

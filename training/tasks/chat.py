@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mmrag.serving.retrieval.config import TextRagConfig
-from mmrag.serving.tasks.families import Task
+from mmrag.training.tasks.families import Task
 
 __all__ = ["context_text", "openai_messages", "png_data_url", "template_messages"]
 

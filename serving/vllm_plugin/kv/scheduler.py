@@ -1,11 +1,11 @@
-"""``LookMScheduler``: vLLM's scheduler, with a compacted request's tail blocks returned to the pool.
+"""``KVCompactionScheduler``: vLLM's scheduler, with a compacted request's tail blocks returned to the pool.
 
-Pinned to vLLM 0.32 (``v1/core/sched/scheduler.py``, ``v1/core/single_type_kv_cache_manager.py``); the
-seams are recorded in the shared research note ``vllm_seams.md`` section B. vLLM has no API to free a
-request's *tail* blocks, so this edits the full-attention manager's ``req_to_blocks`` (private state),
-checked at start.
+Pinned to vLLM 0.32 (``v1/core/sched/scheduler.py``, ``v1/core/single_type_kv_cache_manager.py``). vLLM
+has no API to free a request's *tail* blocks, so this edits the full-attention manager's ``req_to_blocks``
+(private state), checked at start. Generic over the KV methods of :mod:`mmrag.kernels.methods`: it needs
+only a method's kept count.
 
-Per compacted request (:func:`~mmrag.serving.vllm_plugin.lookm.budget.plan_compaction`):
+Per compacted request (:func:`~mmrag.serving.vllm_plugin.kv.plan.plan_compaction`):
 
 1. ``schedule`` of the step that runs its single-chunk prefill records the plan (blocks for the whole
    prompt were allocated as usual: admission and peak prefill memory are unchanged);
@@ -27,23 +27,25 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from mmrag.serving.vllm_plugin.lookm.budget import (
-    LookMPlan,
+from mmrag.serving.vllm_plugin.kv.plan import (
+    KVPlan,
+    deployment_method,
     image_spans,
+    is_fresh_prefill,
     plan_compaction,
-    settings_from_additional_config,
+    request_method,
 )
 
-__all__ = ["LookMScheduler"]
+__all__ = ["KVCompactionScheduler"]
 
 logger = logging.getLogger(__name__)
 
 
-class LookMScheduler(Scheduler):
+class KVCompactionScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lookm_settings = settings_from_additional_config(self.vllm_config.additional_config)
-        self._planned: dict[str, LookMPlan] = {}  # prefill scheduled this step, tail not freed yet
+        self.default_kv_method = deployment_method(self.vllm_config.additional_config)
+        self._planned: dict[str, KVPlan] = {}  # prefill scheduled this step, tail not freed yet
         self._offsets: dict[str, int] = {}  # compacted requests: logical - physical length
         self._manager = _single_full_attention_manager(self.kv_cache_manager)
         self._install_offset_allocation()
@@ -67,15 +69,16 @@ class LookMScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
             request = self.requests[new.req_id]
-            plan = plan_compaction(
-                self.lookm_settings,
+            if not is_fresh_prefill(
                 prompt_len=request.num_prompt_tokens,
                 num_scheduled=output.num_scheduled_tokens[new.req_id],
                 num_computed_before=new.num_computed_tokens,
                 num_output_tokens=request.num_output_tokens,
-                spans=image_spans(request.mm_features),
-                extra_args=request.sampling_params.extra_args if request.sampling_params else None,
-            )
+            ):
+                continue
+            extra_args = request.sampling_params.extra_args if request.sampling_params else None
+            method = request_method(extra_args, self.default_kv_method)
+            plan = plan_compaction(method, prompt_len=request.num_prompt_tokens, spans=image_spans(request.mm_features))
             if plan is not None:
                 self._planned[new.req_id] = plan
         return output
@@ -88,7 +91,7 @@ class LookMScheduler(Scheduler):
         self._planned.clear()
         return super().update_from_output(scheduler_output, model_runner_output)
 
-    def _free_tail(self, request_id: str, plan: LookMPlan) -> None:
+    def _free_tail(self, request_id: str, plan: KVPlan) -> None:
         blocks = self._manager.req_to_blocks[request_id]
         keep = plan.kept_blocks(self._manager.block_size)
         tail = blocks[keep:]
@@ -96,7 +99,10 @@ class LookMScheduler(Scheduler):
         # Reverse order, as vLLM frees: the tail is evicted first from the free queue's head.
         self._manager.block_pool.free_blocks(reversed(tail))
         self._offsets[request_id] = plan.offset
-        logger.debug("LOOK-M compacted", extra={"request": request_id, "kept": plan.kept, "freed_blocks": len(tail)})
+        logger.debug(
+            "KV compacted",
+            extra={"request": request_id, "method": plan.method.name, "kept": plan.kept, "freed_blocks": len(tail)},
+        )
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
         self._forget(request.request_id)
@@ -116,12 +122,14 @@ def _single_full_attention_manager(kv_cache_manager: Any) -> Any:
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
     if kv_cache_manager.enable_caching:
-        raise ValueError("LOOK-M overwrites blocks in place: prefix caching must be off")
+        raise ValueError("KV compaction overwrites blocks in place: prefix caching must be off")
     managers = kv_cache_manager.coordinator.single_type_managers
     if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
-        raise ValueError(f"LOOK-M needs one full-attention KV cache group, got {[type(m).__name__ for m in managers]}")
+        raise ValueError(
+            f"KV compaction needs one full-attention KV cache group, got {[type(m).__name__ for m in managers]}"
+        )
     manager = managers[0]
     for name in ("req_to_blocks", "block_pool", "get_num_blocks_to_allocate", "allocate_new_blocks"):
         if not hasattr(manager, name):
-            raise RuntimeError(f"vLLM's KV cache manager has no {name!r}: LOOK-M is pinned to vLLM 0.32")
+            raise RuntimeError(f"vLLM's KV cache manager has no {name!r}: KV compaction is pinned to vLLM 0.32")
     return manager

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from mmrag.serving.tasks.render import COLOURS, SHAPES, ShapeImage, render
+from mmrag.training.tasks.render import COLOURS, SHAPES, ShapeImage, render
 
 __all__ = [
     "FAMILIES",

@@ -10,7 +10,7 @@ The two stages of xRAG (research note ``xrag_milvus.md`` section 1), on the know
    documents as text RAG puts them. Loss = NLL of the answers + ``kl_weight`` * KL(teacher || student) on
    the answer tokens (the student's and the teacher's answers are the same tokens, so positions pair up).
 
-Prompts are built exactly as the server builds them (:func:`~mmrag.serving.tasks.chat.context_text` with
+Prompts are built exactly as the server builds them (:func:`~mmrag.training.tasks.chat.context_text` with
 ``<xrag>`` in place of each document's text), so the projector is served in the form it was trained in.
 The documents of a pool of training tasks are encoded once (the encoder is the slow part on a CPU); every
 step draws from the pool with a generator seeded by the step, so a resumed run sees the batches an
@@ -32,9 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrag.serving.tasks import Task, document_source, make_task
-from mmrag.serving.training.data import Batch, EncodedTask, collate, encode_task
-from mmrag.serving.training.train_tiny import exact_match
 from mmrag.serving.xrag.projector import (
     XRAG_TOKEN,
     ProjectorCard,
@@ -43,6 +40,9 @@ from mmrag.serving.xrag.projector import (
     llm_identity,
     save_projector,
 )
+from mmrag.training.data import Batch, EncodedTask, collate, encode_task
+from mmrag.training.tasks import Task, document_source, make_task
+from mmrag.training.train_tiny import exact_match
 
 logger = logging.getLogger(__name__)
 

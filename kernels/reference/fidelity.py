@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from mmrag.serving.reference.engine import ReferenceEngine, ReferenceMethods
-from mmrag.serving.reference.methods import AIMMerge, AIMPrune, LookM
+from mmrag.kernels.methods.aim import AIMMerge, AIMPrune
+from mmrag.kernels.methods.lookm import LookM
+from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
 
 __all__ = ["Fidelity", "compare", "default_grid", "evaluate", "mean_kl", "prefill_flops", "top1_agreement"]
 
@@ -114,9 +115,9 @@ def default_grid(num_layers: int) -> dict[str, ReferenceMethods]:
         "aim-merge-25%+prune": ReferenceMethods(merge=AIMMerge(), prune=AIMPrune(start_layer=start, end_layer=end)),
     }
     for strategy in ("pivotal", "averaged", "weighted", None):
-        grid[f"lookm-{strategy or 'evict'}-0.1"] = ReferenceMethods(lookm=LookM(heavy_ratio=0.1, merge=strategy))
+        grid[f"lookm-{strategy or 'evict'}-0.1"] = ReferenceMethods(kv=LookM(heavy_ratio=0.1, merge=strategy))
     for heavy in (0.3, 0.6):
-        grid[f"lookm-pivotal-{heavy}"] = ReferenceMethods(lookm=LookM(heavy_ratio=heavy))
+        grid[f"lookm-pivotal-{heavy}"] = ReferenceMethods(kv=LookM(heavy_ratio=heavy))
     return grid
 
 

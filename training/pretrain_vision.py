@@ -20,8 +20,8 @@ import random
 import torch
 from torch import nn
 
-from mmrag.serving.tasks.render import COLOURS, SHAPES, ShapeImage, render
-from mmrag.serving.training.data import pixel_values
+from mmrag.training.data import pixel_values
+from mmrag.training.tasks.render import COLOURS, SHAPES, ShapeImage, render
 
 __all__ = ["pretrain_vision"]
 

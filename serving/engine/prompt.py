@@ -1,0 +1,156 @@
+"""A chat, its images and its retrieved documents as one vLLM engine input, rendered once.
+
+Retrieved chunks go into the prompt within what the context leaves (text RAG), or as one ``<xrag>`` token
+each with the chunk's vector beside it (xRAG). The budget counts tokens of the chat text plus the image
+tokens vLLM will expand the placeholders to (from the processor's own count, so the images are processed
+once, in the single render at the end).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.engine.protocol import COMPLETION_RESERVE_TOKENS, GenerationRequest, text_rag_budget
+from mmrag.serving.errors import InvalidRequestError
+from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
+from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
+from mmrag.serving.xrag.projector import XRAG_TOKEN
+
+__all__ = ["PromptBuilder", "as_xrag_placeholders", "load_chat_template", "placeholder_tokens"]
+
+# Rebuilding a text-RAG prompt converges in one retry in practice; more would mean a template bug.
+_MAX_FIT_ATTEMPTS = 3
+
+
+class PromptBuilder:
+    """Chat template + tokenizer + vLLM's renderer of one engine."""
+
+    def __init__(self, llm: Any, chat_template: str, config: MmragConfig, aim: bool):
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self._chat_template = chat_template
+        self._config = config
+        self._aim = aim
+        self.placeholders = placeholder_tokens(self._tokenizer)
+
+    async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
+        """The rendered engine input (``prompt_token_ids``, multimodal data and placeholders)."""
+        self.reject_placeholder_text(request.messages)
+        retrieval = request.retrieval
+        if retrieval is None or not retrieval.chunks:
+            return await self._render(self.chat_text(request.messages), request)
+        text, vectors = self._fit_context(request, retrieval)
+        return await self._render(text, request, vectors)
+
+    def _fit_context(self, request: GenerationRequest, retrieval: RetrievalResult) -> tuple[str, np.ndarray | None]:
+        """The chat text with as many retrieved chunks as fit, and xRAG's vectors for those that went in.
+
+        The budget counts the context text; the chat template adds framing around it, so while the prompt
+        would still overflow, the budget shrinks by the overflow and the messages are rebuilt.
+        """
+        for chunk in retrieval.chunks:  # a document must not smuggle an image slot into the prompt
+            for token in self.placeholders:
+                chunk.text = chunk.text.replace(token, "")
+        max_model_len = self._config.engine.max_model_len
+        image_surplus = self._image_token_surplus(request)
+        bare_tokens = self._count(self.chat_text(request.messages)) + image_surplus
+        max_tokens = request.sampling.max_tokens
+        text_rag = self._config.retrieval.text_rag
+        budget = text_rag_budget(text_rag.max_context_tokens, max_model_len, bare_tokens, max_tokens)
+        reserve = max_tokens if max_tokens is not None else COMPLETION_RESERVE_TOKENS
+        xrag = retrieval.info.mode == "xrag"
+        # xRAG: each chunk is the one placeholder token in the text RAG layout; its vector goes alongside.
+        in_prompt = as_xrag_placeholders(retrieval) if xrag else retrieval
+        for _ in range(_MAX_FIT_ATTEMPTS):
+            messages = build_text_rag_messages(request.messages, in_prompt, self._tokenizer, budget, text_rag)
+            text = self.chat_text(messages)
+            overflow = self._count(text) + image_surplus + reserve - max_model_len
+            if overflow <= 0 or budget == 0:
+                break
+            budget = max(0, budget - overflow)
+        if not xrag:
+            return text, None
+        used = text.count(XRAG_TOKEN)
+        return text, np.asarray([chunk.vector for chunk in retrieval.chunks[:used]], dtype=np.float32)
+
+    def _image_token_surplus(self, request: GenerationRequest) -> int:
+        """Tokens vLLM adds to the text's by expanding each one-token image placeholder (after AIM's merge)."""
+        if not request.images:
+            return 0
+        info = self._llm.renderer.get_mm_processor().info
+        ratio = {"keep_ratio": request.compression.aim_keep_ratio} if self._aim else {}
+        expanded = sum(
+            info.get_num_image_tokens(image_width=image.width, image_height=image.height, **ratio)
+            for image in request.images
+        )
+        return expanded - len(request.images)
+
+    def chat_text(self, messages: list[dict[str, Any]]) -> str:
+        try:
+            return self._tokenizer.apply_chat_template(
+                messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja errors: a message shape the template does not accept
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+
+    def _count(self, text: str) -> int:
+        return len(self._tokenizer(text)["input_ids"])
+
+    async def _render(self, text: str, request: GenerationRequest, vectors: np.ndarray | None = None) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt": text}
+        if vectors is not None and len(vectors):
+            prompt["multi_modal_data"] = {"retrieval": vectors}
+        if request.images:
+            prompt["multi_modal_data"] = {**prompt.get("multi_modal_data", {}), "image": request.images}
+            if self._aim:
+                # Always explicit: the ratio is then part of every image's hash (processor, encoder and
+                # prefix caches), whatever the deployment default.
+                prompt["mm_processor_kwargs"] = {KEEP_RATIO_KEY: request.compression.aim_keep_ratio}
+        try:
+            (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
+        except AssertionError as exc:  # vLLM asserts placeholder/item agreement while processing input
+            raise InvalidRequestError(f"the images do not match their placeholders: {exc}", param="messages") from exc
+        return engine_input
+
+    def reject_placeholder_text(self, messages: list[dict[str, Any]]) -> None:
+        """A literal ``<image>`` in user text would become an image slot with no image behind it."""
+        for i, message in enumerate(messages):
+            content = message["content"]
+            texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+            for text in texts:
+                for token in self.placeholders:
+                    if token in text:
+                        raise InvalidRequestError(
+                            f"messages[{i}] contains the reserved placeholder {token!r}",
+                            param=f"messages[{i}].content",
+                        )
+
+
+def placeholder_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens that stand for another modality (``<image>``, ``<xrag>``), not BOS/EOS/pad/unk."""
+    markers = {getattr(tokenizer, n, None) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = [t for t in tokenizer.all_special_tokens if t not in markers]
+    return specials + [XRAG_TOKEN] * (XRAG_TOKEN not in specials)
+
+
+def as_xrag_placeholders(result: RetrievalResult) -> RetrievalResult:
+    """The result with each chunk's text replaced by the placeholder (same ``info``: it records what fit)."""
+    chunks = [chunk.model_copy(update={"text": XRAG_TOKEN}) for chunk in result.chunks]
+    return RetrievalResult(chunks=chunks, info=result.info)
+
+
+def load_chat_template(model_path: str) -> str:
+    """The checkpoint's chat template: the processor's (LLaVA-style checkpoints) or the tokenizer's."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        template = getattr(AutoProcessor.from_pretrained(model_path), "chat_template", None)
+    except (OSError, ValueError):
+        template = None
+    template = template or AutoTokenizer.from_pretrained(model_path).chat_template
+    if not template:
+        raise ValueError(f"{model_path}: the checkpoint has no chat template")
+    return template
