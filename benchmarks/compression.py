@@ -12,7 +12,7 @@ Rows:
 - ``aim@1``, ``aim@1/2``, ``aim@1/4``: the plugin's ``AimLlava`` on a second engine, the keep ratio set per
   request (``aim@1`` is the plugin's overhead: the prompt is stock's);
 - ``lookm``, ``aim@1/4+lookm``: a third engine running LOOK-M at its default budget (heavy 0.1, recent
-  0.1 of the prompt, pivotal merge; :mod:`mmrag.serving.vllm_plugin.lookm`), without and with AIM 1/4.
+  0.1 of the prompt, pivotal merge; :mod:`mmrag.serving.vllm_plugin.kv`), without and with AIM 1/4.
 
 Every engine has the same KV pool, ``--kv-budget-tokens`` in blocks of 32, and runs its engine core in
 this process, so the scheduler can be read. Figures per row (medians over ``--rounds`` requests, ratios
@@ -47,7 +47,17 @@ from typing import Any
 HELP = "AIM and LOOK-M in vLLM vs stock vLLM: TTFT, decode tokens/s, KV tokens per request, capacity, throughput."
 
 AIM_RATIOS = {"aim@1": 1.0, "aim@1/2": 0.5, "aim@1/4": 0.25}
-LOOKM_ROWS = {"lookm": 1.0, "aim@1/4+lookm": 0.25}
+
+
+def kv_rows() -> dict[str, tuple[float, Any]]:
+    """Row name -> (AIM ratio, KV method): every registered KV method at its default settings, served per
+    request by one KV-compaction engine, and LOOK-M behind AIM 1/4."""
+    from mmrag.kernels.methods import KV_METHODS, make_kv_method
+
+    rows = {name: (1.0, make_kv_method(name)) for name in KV_METHODS}
+    return {**rows, "aim@1/4+lookm": (0.25, make_kv_method("lookm"))}
+
+
 BLOCK_SIZE = 32  # the CPU attention kernel's block sizes are multiples of 32
 
 
@@ -99,12 +109,20 @@ class _Workload:
         return time.perf_counter() - start, out
 
 
-def _measure(workload: _Workload, ratio: float | None, args: argparse.Namespace) -> dict[str, Any]:
+def _params(max_tokens: int, kv: Any, **kwargs: Any):
+    """Greedy sampling; on the KV-compaction engine the request names its method (``kv``)."""
     from vllm import SamplingParams
 
+    from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
+
+    extra_args = request_extra_args(kv) if kv is not None else None
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra_args, **kwargs)
+
+
+def _measure(workload: _Workload, ratio: float | None, kv: Any, args: argparse.Namespace) -> dict[str, Any]:
     rounds, decode, concurrent = args.rounds, args.decode_tokens, args.concurrent
-    first = SamplingParams(temperature=0.0, max_tokens=1)
-    longer = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
+    first = _params(1, kv)
+    longer = _params(decode, kv, ignore_eos=True)
     workload.timed(ratio, first)  # warm-up: first-call allocations
     ttft, whole, prompt_tokens = [], [], 0
     for _ in range(rounds):
@@ -123,18 +141,16 @@ def _measure(workload: _Workload, ratio: float | None, args: argparse.Namespace)
         "ttft_ms": 1000 * statistics.median(ttft),
         "decode_tokens_per_s": (decode - 1) / decode_s if decode_s > 0 else None,
         "throughput_tokens_per_s": generated / wall,
-        **_observe_capacity(workload, ratio, args.capacity_requests, args.capacity_decode_tokens),
+        **_observe_capacity(workload, ratio, kv, args.capacity_requests, args.capacity_decode_tokens),
     }
 
 
-def _observe_capacity(workload: _Workload, ratio: float | None, requests: int, decode: int) -> dict[str, Any]:
+def _observe_capacity(workload: _Workload, ratio: float | None, kv: Any, requests: int, decode: int) -> dict[str, Any]:
     """Submit ``requests`` at once; step the engine and read its scheduler after every step."""
-    from vllm import SamplingParams
-
     engine = workload.llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
-    offsets = getattr(scheduler, "_offsets", {})  # LookMScheduler: logical - physical length
-    params = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
+    offsets = getattr(scheduler, "_offsets", {})  # KVCompactionScheduler: logical - physical length
+    params = _params(decode, kv, ignore_eos=True)
     for i in range(requests):
         engine.add_request(f"capacity-{workload.seed}-{i}", workload.prompt(ratio), params)
     peak, seen, known_offsets = 0, {}, {}
@@ -150,41 +166,37 @@ def _observe_capacity(workload: _Workload, ratio: float | None, requests: int, d
 
 
 def _engine(path: Path, max_model_len: int, images: int, kind: str, kv_budget_tokens: int):
+    """Stock vLLM, the AIM plugin, or the plugin with KV compaction: the server's engine arguments for each."""
     from vllm import LLM
 
     from mmrag.serving.config import MmragConfig
-    from mmrag.serving.engine.vllm_engine import lookm_engine_kwargs
+    from mmrag.serving.engine.args import engine_kwargs
 
-    kwargs: dict[str, Any] = {}
-    if kind != "stock":
-        kwargs["hf_overrides"] = {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0}
-    if kind == "lookm":
-        config = MmragConfig.model_validate(
-            {"engine": {"max_model_len": max_model_len}, "compression": {"lookm": {"enabled": True}}}
-        )
-        kwargs.update(lookm_engine_kwargs(config, {}))
-    return LLM(
-        model=str(path),
-        enforce_eager=True,
-        max_model_len=max_model_len,
-        seed=0,
-        limit_mm_per_prompt={"image": images},
-        block_size=BLOCK_SIZE,
-        num_gpu_blocks_override=kv_budget_tokens // BLOCK_SIZE,
-        **kwargs,
+    config = MmragConfig.model_validate(
+        {
+            "engine": {
+                "max_model_len": max_model_len,
+                "engine_kwargs": {"block_size": BLOCK_SIZE, "num_gpu_blocks_override": kv_budget_tokens // BLOCK_SIZE},
+            },
+            "limits": {"max_images_per_request": images},
+            "compression": {"aim_plugin": kind != "stock", "lookm": {"enabled": kind == "kv"}},
+        }
     )
+    return LLM(**engine_kwargs(config, str(path)))
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from mmrag.benchmarks.common import plot_path, write_result
+    from mmrag.kernels.methods import kv_method_as_dict
     from mmrag.serving.models.tiny import TinyLlavaSpec, make_tiny_llava
 
     _fill_defaults(args)
     spec = TinyLlavaSpec() if args.quick else TinyLlavaSpec(image_size=224, text_hidden=512, text_layers=8)
     decode = max(args.decode_tokens, args.capacity_decode_tokens)
     max_model_len = 256 + decode + args.images * spec.visual_tokens_per_image
-    groups = {"stock": {"stock": None}, "plugin": AIM_RATIOS, "lookm": LOOKM_ROWS}
+    kv_none = {name: (ratio, None) for name, ratio in AIM_RATIOS.items()}
+    groups = {"stock": {"stock": (None, None)}, "plugin": kv_none, "kv": kv_rows()}
     rows: dict[str, dict[str, Any]] = {}
     # In-process engine cores: the capacity run reads the scheduler.
     with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), tempfile.TemporaryDirectory() as tmp:
@@ -193,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
             llm = _engine(path, max_model_len, args.images, kind, args.kv_budget_tokens)
             try:
                 workload = _Workload(llm, args.images, spec.image_size)
-                for name, ratio in ratios.items():
-                    rows[name] = _measure(workload, ratio, args)
+                for name, (ratio, kv) in ratios.items():
+                    rows[name] = _measure(workload, ratio, kv, args)
             finally:
                 llm.llm_engine.engine_core.shutdown()
                 del llm
@@ -215,9 +227,9 @@ def run(args: argparse.Namespace) -> int:
         "capacity_requests": args.capacity_requests,
         "capacity_decode_tokens": args.capacity_decode_tokens,
         "block_size": BLOCK_SIZE,
-        "lookm": {"heavy_ratio": 0.1, "recent_ratio": 0.1, "merge": "pivotal"},
-        "engine": "vllm offline LLM, enforce_eager, CPU, engine core in process; stock, plugin and plugin+LOOK-M "
-        "on separate engines with the same KV pool",
+        "kv_methods": {name: kv_method_as_dict(kv) for name, (_, kv) in kv_rows().items()},
+        "engine": "vllm offline LLM, enforce_eager, CPU, engine core in process; stock, plugin and plugin+KV "
+        "compaction (each KV method chosen per request) on separate engines with the same KV pool",
         "quick": bool(args.quick),
     }
     out = write_result("compression", {"rows": rows}, config, args.out)

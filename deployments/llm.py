@@ -15,6 +15,7 @@ from mmrag.serving.models.resolve import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
+
 @serve.deployment(name="LLMServer")
 class LLMServer:
     """Serve calls ``check_health`` periodically too: a dead engine marks the replica unhealthy and Serve

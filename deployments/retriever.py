@@ -14,7 +14,6 @@ from ray import serve
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.stage import RetrievalStage
 
-
 RetrieverServer = serve.deployment(name="Retriever")(RetrievalStage)
 
 

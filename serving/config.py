@@ -181,9 +181,10 @@ class ServerConfig(_Strict):
 
 
 class LookMConfig(_Strict):
-    """LOOK-M in the served model: each prompt-with-images' KV cache compacted after prefill
-    (:mod:`mmrag.serving.vllm_plugin.lookm`). Turning it on turns vLLM's prefix caching and chunked
-    prefill off (compaction rewrites blocks in place and scores every prompt query in one step)."""
+    """KV compaction in the served model, LOOK-M by default: each prompt-with-images' KV cache compacted
+    after prefill (:mod:`mmrag.serving.vllm_plugin.kv`); requests may pick any other registered KV method
+    (``compression.kv``). Turning it on turns vLLM's prefix caching and chunked prefill off (compaction
+    rewrites blocks in place and scores every prompt query in one step)."""
 
     enabled: bool = Field(default=False, description="Compact the KV cache of prompts with images after prefill.")
     heavy_ratio: float = Field(

@@ -1,6 +1,6 @@
 """``mmrag train-projector``: train an xRAG projector for one (encoder, LLM) pair; both stay frozen.
 
-The two stages of xRAG (research note ``xrag_milvus.md`` section 1), on the knowledge family's documents:
+The two stages of xRAG (Cheng et al. 2024, https://arxiv.org/abs/2405.13792), on the knowledge family's documents:
 
 1. **Paraphrase pretraining**: the prompt holds one document as a single ``<xrag>`` token and asks for it
    back; the target is the document's text (NLL only). The projector learns to put what the encoder kept

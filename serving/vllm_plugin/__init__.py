@@ -3,7 +3,7 @@
 vLLM calls :func:`register` in every process it starts (frontend, engine core, workers), so it must be
 idempotent and cheap: it registers class *paths*, imported only when a checkpoint asks for them. A
 deployment selects a class with ``hf_overrides={"architectures": [...]}``
-(:func:`mmrag.serving.engine.vllm_engine.build_engine_args` does this from ``compression``); stock
+(:func:`mmrag.serving.engine.args.engine_kwargs` does this from ``compression``); stock
 architectures stay untouched, so stock vLLM remains available in the same environment.
 
 Registered (pinned to vLLM 0.32):
@@ -16,8 +16,8 @@ Registered (pinned to vLLM 0.32):
   ``projector(vector)`` inside the model), configured by ``hf_overrides["xrag_projector"]`` (a projector
   directory) and ``hf_overrides["xrag_token_index"]``.
 
-LOOK-M is not a model class but a scheduler and a worker (:mod:`mmrag.serving.vllm_plugin.lookm`), which
-vLLM takes by qualified name; they serve any of the classes above.
+KV compaction (LOOK-M and the other KV methods) is not a model class but a scheduler and a worker
+(:mod:`mmrag.serving.vllm_plugin.kv`), which vLLM takes by qualified name; they serve any class above.
 """
 
 from __future__ import annotations

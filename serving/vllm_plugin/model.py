@@ -1,7 +1,6 @@
 """``AimLlava``: vLLM's LLaVA with AIM stage (a) (bipartite visual-token merge after the projector).
 
-Pinned to vLLM 0.32 (``model_executor/models/llava.py``); the seams are recorded in the shared research
-note ``vllm_seams.md`` section A.
+Pinned to vLLM 0.32 (``model_executor/models/llava.py``); the seams used are the ones named below.
 
 - **Count.** :meth:`AimLlavaProcessingInfo.get_num_image_tokens` returns
   :func:`~mmrag.serving.vllm_plugin.aim.aim_kept_tokens` of the stock count, so the frontend expands

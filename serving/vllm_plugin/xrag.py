@@ -8,8 +8,7 @@ embedding is ``projector(retrieval_vector)``. Here a document is a multimodal it
                   "multi_modal_data": {"image": [img], "retrieval": vectors}})   # vectors: (2, encoder_dim)
 
 Pinned to vLLM 0.32 (``model_executor/models/llava.py``, ``multimodal/parse.py``,
-``multimodal/processing/``); the recipe and its verification are in the shared research note
-``xrag_in_vllm.md`` section 3.
+``multimodal/processing/``); ``tests/vllm_plugin/test_xrag_plugin.py`` verifies the recipe.
 
 Configuration (``hf_overrides``, seen by every process): ``architectures=["XragLlavaForConditionalGeneration"]``,
 ``xrag_projector`` (a directory written by :func:`~mmrag.serving.xrag.projector.save_projector`; its card gives

@@ -203,6 +203,32 @@ def test_text_rag_grounds_on_the_demo_corpus(client):
     assert plain.model_extra.get("retrieval") is None
 
 
+def test_a_new_image_with_text_rag_is_answered_on_first_sight(client):
+    """Regression: the prompt was rendered twice when documents were retrieved; the first rendering put a new
+    image in vLLM's frontend cache, the second sent only its hash, and the engine core, which had never seen
+    it, answered ``finish_reason: "error"`` with no tokens (HTTP 200). One rendering per request now."""
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_url(colour=(17, 171, 91), size=(70, 50))}},
+                {"type": "text", "text": "How long is the Kessel Span?"},
+            ],
+        }
+    ]
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"retrieval": {"mode": "text", "top_k": 2}, "compression": {"aim_keep_ratio": 0.5}},
+    )
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 4
+    assert response.model_extra["retrieval"]["context_documents"] >= 1
+    assert response.usage.model_extra["mmrag"]["visual_tokens_after"] == 8
+
+
 def test_retrieval_errors_name_the_field(client):
     messages = [{"role": "user", "content": "anything"}]
     for retrieval, param in [

@@ -1,4 +1,4 @@
-"""``mmrag bench compression --quick``: the three engines (stock vLLM, AIM, AIM + LOOK-M) and every figure."""
+"""``mmrag bench compression --quick``: the three engines (stock vLLM, AIM, AIM + KV methods) and every figure."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_quick_bench_compares_aim_and_lookm_with_stock(tmp_path: Path) -> None:
     assert compression.run(args) == 0
     assert out.with_suffix(".png").stat().st_size > 0
     rows = json.loads(out.read_text())["figures"]["rows"]
-    assert set(rows) == {"stock", *compression.AIM_RATIOS, *compression.LOOKM_ROWS}
+    assert set(rows) == {"stock", *compression.AIM_RATIOS, *compression.kv_rows()}
     # The plugin at ratio 1 reads the stock prompt; 1/2 and 1/4 keep 8 and 4 of each image's 16 tokens.
     text_tokens = rows["stock"]["prompt_tokens"] - 4 * 16
     assert rows["aim@1"]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
@@ -28,8 +28,9 @@ def test_quick_bench_compares_aim_and_lookm_with_stock(tmp_path: Path) -> None:
     # sampled token never enters the cache), fewer entries with LOOK-M.
     for name in ("stock", *compression.AIM_RATIOS):
         assert rows[name]["kv_tokens_per_request"] == rows[name]["prompt_tokens"] + 15
-    assert rows["lookm"]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
-    assert rows["lookm"]["kv_tokens_per_request"] < rows["stock"]["kv_tokens_per_request"]
+    for name in ("lookm", "random", "recent", "scores"):  # every registered KV method, chosen per request
+        assert rows[name]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
+        assert rows[name]["kv_tokens_per_request"] < rows["stock"]["kv_tokens_per_request"]
     assert rows["aim@1/4+lookm"]["kv_tokens_per_request"] < rows["aim@1/4"]["kv_tokens_per_request"]
     # 1024-token pools: fewer, larger requests at once without compression.
     assert rows["aim@1/4"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]

@@ -113,7 +113,7 @@ def test_methods_off_equals_transformers_in_bf16(tiny_llava, two_image_prompt) -
 
 def test_batch_and_method_combinations_are_refused(tiny_llava, text_prompt) -> None:
     with pytest.raises(ValueError, match="cannot both"):
-        ReferenceMethods(prune=AIMPrune(), lookm=LookM())
+        ReferenceMethods(prune=AIMPrune(), kv=LookM())
     with pytest.raises(ValueError, match="one prompt"):
         ReferenceEngine(tiny_llava).prefill(text_prompt["input_ids"].expand(2, -1))
 
@@ -315,7 +315,7 @@ def test_lookm_chunked_score_gives_the_same_cache(peaky_llava, two_image_prompt)
     "methods",
     [
         ReferenceMethods(kv=LookM()),
-        ReferenceMethods(merge=AIMMerge(num_passes=1), lookm=LookM(merge="weighted")),
+        ReferenceMethods(merge=AIMMerge(num_passes=1), kv=LookM(merge="weighted")),
         ReferenceMethods(merge=AIMMerge(), prune=AIMPrune(start_layer=0, end_layer=1)),
     ],
     ids=["lookm", "aim-merge+lookm", "aim"],

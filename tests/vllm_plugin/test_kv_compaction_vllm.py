@@ -1,4 +1,7 @@
-"""LOOK-M inside vLLM (scheduler + worker of :mod:`mmrag.serving.vllm_plugin.lookm`) on the trained model.
+"""KV methods inside vLLM (scheduler + worker of :mod:`mmrag.serving.vllm_plugin.kv`) on the trained model.
+
+- every registered KV method (:data:`mmrag.kernels.methods.KV_METHODS`), chosen per request on one engine,
+  decodes as the reference engine running the same method (the grid);
 
 - greedy tokens and their log-probabilities over 24 decode steps (past block boundaries: 32-token
   blocks) equal the reference engine running the same LOOK-M, in fp32; the same comparison against the
@@ -21,6 +24,7 @@ import os
 import pytest
 import torch
 
+from mmrag.kernels.methods import KV_METHODS, make_kv_method
 from mmrag.kernels.methods.lookm import LookM
 from mmrag.training.tasks import FAMILIES, make_task
 
@@ -38,36 +42,31 @@ def _tasks():
     return [task for task in tasks if task.images]
 
 
-def _lookm_llm(**kwargs):
-    """The trained model on vLLM with LOOK-M (the server's engine arguments for it), its engine core in this
-    process (the tests read the scheduler)."""
+def _lookm_llm(aim_keep_ratio: float = 1.0, aim_positions: str = "contiguous", **kwargs):
+    """The trained model on vLLM with LOOK-M by default (the server's engine arguments for it), its engine
+    core in this process (the tests read the scheduler)."""
     from vllm import LLM
 
     from mmrag.serving.config import MmragConfig
-    from mmrag.serving.engine.vllm_engine import lookm_engine_kwargs
+    from mmrag.serving.engine.args import engine_kwargs
     from mmrag.serving.models.trained import trained_model_path
 
     config = MmragConfig.model_validate(
         {
-            "engine": {"max_model_len": kwargs.get("max_model_len", 1024)},
-            "compression": {"lookm": {"enabled": True, "image_budget": SETTINGS.image_budget}},
+            "engine": {"max_model_len": 1024, "dtype": "float32", "engine_kwargs": {"block_size": BLOCK_SIZE}},
+            "limits": {"max_images_per_request": 4},
+            "compression": {
+                "aim_keep_ratio": aim_keep_ratio,
+                "aim_positions": aim_positions,
+                "lookm": {"enabled": True, "image_budget": SETTINGS.image_budget},
+            },
         }
     )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        settings = {
-            "model": str(trained_model_path()),
-            "enforce_eager": True,
-            "max_model_len": 1024,
-            "seed": 0,
-            "dtype": "float32",
-            "block_size": BLOCK_SIZE,
-            "limit_mm_per_prompt": {"image": 4},
-            **lookm_engine_kwargs(config, {}),
-        }
-        return LLM(**{**settings, **kwargs})
+        return LLM(**{**engine_kwargs(config, str(trained_model_path())), **kwargs})
     finally:
         if previous is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -118,14 +117,14 @@ def test_decoding_matches_the_reference_engine_with_lookm(engine) -> None:
 
     from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY
+    from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
 
     path = trained_model_path()
     processor = AutoProcessor.from_pretrained(path)
     tasks = _tasks()
     prompts = [_prompt(task, processor) for task in tasks]
     compacted = _generate(engine, prompts)
-    opted_out = _generate(engine, prompts, extra_args={REQUEST_KEY: {"enabled": False}})
+    opted_out = _generate(engine, prompts, extra_args=request_extra_args(None))
 
     with_lookm = ReferenceEngine.from_pretrained(path, ReferenceMethods(kv=SETTINGS))
     without = ReferenceEngine.from_pretrained(path)
@@ -176,7 +175,7 @@ def test_prefill_frees_the_tail_blocks(engine) -> None:
     from transformers import AutoProcessor
 
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.vllm_plugin.lookm.budget import image_mask
+    from mmrag.serving.vllm_plugin.kv.plan import image_mask
 
     processor = AutoProcessor.from_pretrained(trained_model_path())
     task = max(_tasks(), key=lambda t: len(t.images))
@@ -194,19 +193,66 @@ def test_text_only_and_opted_out_requests_keep_their_cache(engine) -> None:
     from transformers import AutoProcessor
 
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.vllm_plugin.lookm.budget import REQUEST_KEY
+    from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
 
     processor = AutoProcessor.from_pretrained(trained_model_path())
     task = max(_tasks(), key=lambda t: len(t.images))
     prompt = _prompt(task, processor)
     prompt_len = len(processor(text=prompt["prompt"], images=prompt["multi_modal_data"]["image"])["input_ids"][0])
-    before, after, _ = _prefill_one(engine, prompt, extra_args={REQUEST_KEY: {"enabled": False}})
+    before, after, _ = _prefill_one(engine, prompt, extra_args=request_extra_args(None))
     assert before - after == math.ceil(prompt_len / BLOCK_SIZE)
     text = {"prompt": "USER: what is the colour of the sky?\nASSISTANT:" * 8}
     text_len = len(processor.tokenizer(text["prompt"])["input_ids"])
     before, after, _ = _prefill_one(engine, text)
     assert before - after == math.ceil(text_len / BLOCK_SIZE)
     assert not _scheduler(engine)._offsets
+
+
+def _grid_method(name: str):
+    """Every registered method at the same image budget; attention-ranked ones score from Q and K in row
+    chunks on both sides (vLLM has no probabilities), so the two engines rank the same numbers."""
+    import dataclasses
+
+    method = make_kv_method(name, image_budget=SETTINGS.image_budget)
+    if "score_from" in {f.name for f in dataclasses.fields(method)}:
+        method = dataclasses.replace(method, score_from="chunked")
+    return method
+
+
+@pytest.mark.parametrize("name", sorted(KV_METHODS))
+def test_every_registered_kv_method_is_served_per_request_as_the_reference_engine_runs_it(engine, name) -> None:
+    """One engine (deployment default LOOK-M); each request names its method in ``extra_args``. (Before the
+    tests that start engines of their own: shutting one down tears down the process's parallel groups.)"""
+    from transformers import AutoProcessor
+
+    from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
+    from mmrag.serving.models.trained import trained_model_path
+    from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
+
+    path = trained_model_path()
+    processor = AutoProcessor.from_pretrained(path)
+    tasks = _tasks()
+    method = _grid_method(name)
+    outs = _generate(engine, [_prompt(task, processor) for task in tasks], extra_args=request_extra_args(method))
+    reference = ReferenceEngine.from_pretrained(path, ReferenceMethods(kv=method))
+    full = ReferenceEngine.from_pretrained(path)
+    same, diff, differs_from_full = 0, 0.0, 0
+    for task, out in zip(tasks, outs, strict=True):
+        choice = out.outputs[0]
+        tokens, expected = _reference_logprobs(reference, task, processor.tokenizer, STEPS)
+        full_tokens, full_logprobs = _reference_logprobs(full, task, processor.tokenizer, STEPS)
+        if list(choice.token_ids) == tokens:
+            same += 1
+            diff = max(diff, float((_chosen_logprobs(choice) - expected).abs().max()))
+        if list(choice.token_ids) != full_tokens or float((_chosen_logprobs(choice) - full_logprobs).abs().max()) > (
+            10 * LOGPROB_ATOL
+        ):
+            differs_from_full += 1
+    print(
+        f"{name}: same tokens {same} of {len(tasks)}; max |dlogprob| {diff:.3g}; differs from full {differs_from_full}"
+    )
+    assert same >= len(tasks) - 1 and diff < LOGPROB_ATOL
+    assert differs_from_full > 0  # the method acted: the full cache decodes measurably differently
 
 
 def test_preempted_requests_recompute_and_return_every_block() -> None:
@@ -248,10 +294,9 @@ def test_aim_spread_then_lookm_matches_the_reference_engine() -> None:
     from mmrag.kernels.methods.aim import AIMMerge
     from mmrag.kernels.reference.engine import ReferenceEngine, ReferenceMethods
     from mmrag.serving.models.trained import trained_model_path
-    from mmrag.serving.vllm_plugin.aim import aim_overrides
 
     path = trained_model_path()
-    llm = _lookm_llm(hf_overrides=aim_overrides(path, 0.5, "spread"))
+    llm = _lookm_llm(aim_keep_ratio=0.5, aim_positions="spread")
     try:
         processor = AutoProcessor.from_pretrained(path)
         tasks = _tasks()
@@ -260,7 +305,7 @@ def test_aim_spread_then_lookm_matches_the_reference_engine() -> None:
         llm.llm_engine.engine_core.shutdown()
     merge = AIMMerge(num_passes=1, positions="spread")
     both = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=merge, kv=SETTINGS))
-    contiguous = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=AIMMerge(num_passes=1), lookm=SETTINGS))
+    contiguous = ReferenceEngine.from_pretrained(path, ReferenceMethods(merge=AIMMerge(num_passes=1), kv=SETTINGS))
     same, diff, same_as_contiguous = 0, 0.0, 0
     for task, out in zip(tasks, outs, strict=True):
         tokens, expected = _reference_logprobs(both, task, processor.tokenizer, STEPS)
