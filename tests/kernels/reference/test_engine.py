@@ -20,7 +20,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from mmrag.kernels.aim import pagerank_importance, select_live_tokens
 from mmrag.kernels.attention_scores import sum_query_groups
 from mmrag.kernels.lookm import LookMBudget, merge_evicted, text_prior_keep_indices
-from mmrag.kernels.reference import AIMMerge, AIMPrune, LookM, ReferenceEngine, ReferenceMethods
+from mmrag.kernels.methods.aim import AIMMerge, AIMPrune
+from mmrag.kernels.methods.lookm import LookM
+from mmrag.kernels.reference import ReferenceEngine, ReferenceMethods
 from mmrag.kernels.token_merge import merge_tokens
 
 IMAGE_TOKEN = 3

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from mmrag.kernels.lookm import LookMBudget
-from mmrag.kernels.reference import AIMMerge, AIMPrune, LookM, ReferenceEngine, ReferenceMethods
+from mmrag.kernels.methods.aim import AIMMerge, AIMPrune
+from mmrag.kernels.methods.lookm import LookM
+from mmrag.kernels.reference import ReferenceEngine, ReferenceMethods
 from mmrag.kernels.reference.fidelity import compare, default_grid, evaluate, mean_kl, prefill_flops, top1_agreement
 
 
