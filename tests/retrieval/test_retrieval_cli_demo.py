@@ -69,10 +69,11 @@ def test_demo_corpus_is_ingested_once_and_answers(tmp_path, encoder):
 def test_retriever_deployment_class(tmp_path, encoder, monkeypatch):
     from mmrag.deployments import retriever as deployment
     from mmrag.serving.retrieval import retriever as core
+    from mmrag.serving.retrieval.stage import RetrievalStage
 
     monkeypatch.setattr(core, "load_encoder", lambda config: encoder)  # share the session's model
     config = MmragConfig.model_validate({"retrieval": {"uri": str(tmp_path / "dep.db")}})
-    replica = deployment.Retriever(config.model_dump())
+    replica = RetrievalStage(config.model_dump())  # the class the deployment wraps
     result = asyncio.run(replica.retrieve({"mode": "text", "top_k": 2}, "What does the Harrowgate Funicular connect?"))
     assert result.info.documents[0].source == "demo_corpus/vellmora-railway.md"
     assert len(result.chunks) == 2
@@ -100,9 +101,9 @@ def test_root_config_carries_retrieval(tmp_path):
 
 
 def test_deployment_refuses_a_default_collection_from_another_encoder(tmp_path, encoder, monkeypatch):
-    from mmrag.deployments import retriever as deployment
     from mmrag.serving.retrieval import retriever as core
     from mmrag.serving.retrieval.errors import EncoderMismatchError
+    from mmrag.serving.retrieval.stage import RetrievalStage
     from mmrag.serving.retrieval.store import MilvusStore
 
     config = MmragConfig.model_validate({"retrieval": {"uri": str(tmp_path / "dep.db")}})
@@ -111,4 +112,4 @@ def test_deployment_refuses_a_default_collection_from_another_encoder(tmp_path, 
     store.close()
     monkeypatch.setattr(core, "load_encoder", lambda config: encoder)
     with pytest.raises(EncoderMismatchError, match="records no encoder"):
-        deployment.Retriever(config)
+        RetrievalStage(config)
