@@ -181,7 +181,7 @@ def phase_vllm_llm_chat(workdir: Path, settings: Settings) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from mmrag.serving.config import MmragConfig
-    from mmrag.serving.engine.vllm_engine import load_chat_template
+    from mmrag.serving.engine.prompt import load_chat_template
     from mmrag.serving.models.resolve import resolve_model_path
 
     config = MmragConfig.model_validate(CONFIG)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mmrag.benchmarks.common import plot_path, write_result
     from mmrag.serving.config import MmragConfig
-    from mmrag.serving.engine.vllm_engine import xrag_overrides
+    from mmrag.serving.engine.args import xrag_overrides
     from mmrag.serving.models.trained import trained_model_path, trained_projector_path
     from mmrag.serving.retrieval.config import EncoderConfig
     from mmrag.serving.retrieval.encoders import load_encoder

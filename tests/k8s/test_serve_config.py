@@ -182,7 +182,7 @@ def test_milvus_lite_runs_one_retriever_on_a_mounted_volume(overlay):
 def test_engine_arguments_build(overlay):
     """The engine section becomes vLLM engine arguments (unknown engine_kwargs fail here, not on a GPU)."""
     pytest.importorskip("vllm")
-    from mmrag.serving.engine.vllm_engine import build_engine_args
+    from mmrag.serving.engine.args import build_engine_args
 
     config = app_config(overlay)
     engine_args = build_engine_args(config, config.model.path or "/var/cache/mmrag/tiny")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.vllm_engine import aim_enabled, build_engine_args
+from mmrag.serving.engine.args import aim_enabled, build_engine_args
 
 
 def _config(**compression) -> MmragConfig:
