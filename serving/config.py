@@ -83,6 +83,12 @@ class LimitsConfig(_Strict):
     )
 
 
+    max_image_aspect_ratio: float = Field(
+        default=20.0,
+        ge=1.0,
+        description="Longest side / shortest side cap: the model's processor scales the short side up, so a "
+        "1 x 100000 image would ask it for gigabytes.",
+    )
 class AutoscalingConfig(_Strict):
     """Ray Serve autoscaling, the fields users tune most (the rest keep Serve's defaults)."""
 

@@ -3,8 +3,9 @@
 - Only ``data:``, ``http`` and ``https``. A host that resolves to a loopback, private, link-local,
   multicast, reserved or unspecified address is refused unless allowed by configuration; the check runs
   after DNS resolution and again on every redirect (capped), so a public name cannot redirect inward.
-- Encoded size is capped while reading, and the declared width x height is checked *before* decoding,
-  so a small file that declares a huge canvas (a decompression bomb) never allocates it.
+- Encoded size is capped while reading, and the declared width x height and aspect ratio are checked
+  *before* decoding, so a small file that declares a huge or extremely elongated canvas (a decompression
+  bomb, or a processor bomb: the model's processor scales the short side up) never allocates it.
 
 NOTE: the connection is made by name after the address check, so a DNS answer that changes between
 the check and the connect (rebinding) is not covered; pin resolution in the transport if that matters.
@@ -32,6 +33,7 @@ from mmrag.serving.errors import InvalidRequestError, PayloadTooLargeError
 class ImagePolicy:
     max_bytes: int
     max_pixels: int
+    max_aspect_ratio: float
     timeout_s: float
     max_redirects: int
     allow_private: bool
@@ -43,6 +45,7 @@ class ImagePolicy:
         return cls(
             max_bytes=limits.max_image_bytes,
             max_pixels=limits.max_image_pixels,
+            max_aspect_ratio=limits.max_image_aspect_ratio,
             timeout_s=limits.image_fetch_timeout_s,
             max_redirects=limits.image_max_redirects,
             allow_private=limits.allow_private_image_urls,
@@ -83,17 +86,29 @@ def decode_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image
         raise PayloadTooLargeError(f"image declares too many pixels: {exc}", param=param) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidRequestError("the bytes are not a decodable image (PNG, JPEG, GIF, WebP...)", param=param) from exc
-    width, height = image.size
-    if width * height > policy.max_pixels:
-        raise PayloadTooLargeError(
-            f"image declares {width}x{height} pixels, more than the limit of {policy.max_pixels}",
-            param=param,
-        )
+    check_image_shape(image.size, policy, param=param)
     try:
         image.load()
         return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidRequestError(f"the image could not be decoded: {exc}", param=param) from exc
+
+
+def check_image_shape(size: tuple[int, int], policy: ImagePolicy, *, param: str) -> None:
+    """Refuse, from the header's size alone, an image whose decoding or processing would be huge: too many
+    pixels, or so elongated that the model's processor (which scales the short side up) would allocate
+    gigabytes for a file of a few hundred bytes."""
+    width, height = size
+    if width * height > policy.max_pixels:
+        raise PayloadTooLargeError(
+            f"image declares {width}x{height} pixels, more than the limit of {policy.max_pixels}",
+            param=param,
+        )
+    if min(width, height) < 1 or max(width, height) > policy.max_aspect_ratio * min(width, height):
+        raise InvalidRequestError(
+            f"image is {width}x{height}: its aspect ratio is over the limit of {policy.max_aspect_ratio:g}:1",
+            param=param,
+        )
 
 
 async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:

@@ -164,3 +164,18 @@ def test_scheme_allowlist_can_forbid_remote_fetches():
     assert load(data_url(png_bytes()), data_only).size == (8, 8)
     with pytest.raises(InvalidRequestError, match="scheme 'https' is not allowed"):
         load("https://example.com/a.png", data_only)
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (100_000, 1), (1, 25_000_000), (21, 1)])
+def test_elongated_images_are_refused_from_the_header(size):
+    # bomb_png carries almost no pixel data: reaching the decoder would fail with another message.
+    with pytest.raises(InvalidRequestError, match="aspect ratio") as info:
+        load(data_url(bomb_png(*size)), policy(max_image_pixels=10**9))
+    assert info.value.param == "messages[0].content[0].image_url.url"
+
+
+def test_aspect_ratio_limit_is_inclusive_and_configurable():
+    assert load(data_url(png_bytes((40, 2)))).size == (40, 2)  # 20:1, the default limit
+    assert load(data_url(png_bytes((2, 60))), policy(max_image_aspect_ratio=30)).size == (2, 60)
+    with pytest.raises(InvalidRequestError, match="aspect ratio"):
+        load(data_url(png_bytes((2, 60))))
