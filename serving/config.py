@@ -61,6 +61,23 @@ class LimitsConfig(_Strict):
     max_image_pixels: int = Field(
         default=25_000_000, gt=0, description="Declared width x height cap (decompression bombs)."
     )
+    max_image_aspect_ratio: float = Field(
+        default=20.0,
+        ge=1.0,
+        description="Longest side / shortest side cap: the model's processor scales the short side up, so a "
+        "1 x 100000 image would ask it for gigabytes.",
+    )
+    max_request_image_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        description="Declared width x height summed over a request's images, checked before any is decoded.",
+    )
+    image_downscale_pixels: int = Field(
+        default=2048 * 2048,
+        gt=0,
+        description="Decoded images above this many pixels are downscaled (aspect kept) before the model sees "
+        "them; well above what a CLIP-style processor uses, so answers do not change.",
+    )
     max_messages: int = Field(default=256, gt=0, description="Messages per request.")
     max_request_bytes: int = Field(default=64 * 2**20, gt=0, description="HTTP body size cap.")
     max_n: int = Field(default=8, gt=0, description="Largest `n` (choices per request).")
@@ -83,12 +100,6 @@ class LimitsConfig(_Strict):
     )
 
 
-    max_image_aspect_ratio: float = Field(
-        default=20.0,
-        ge=1.0,
-        description="Longest side / shortest side cap: the model's processor scales the short side up, so a "
-        "1 x 100000 image would ask it for gigabytes.",
-    )
 class AutoscalingConfig(_Strict):
     """Ray Serve autoscaling, the fields users tune most (the rest keep Serve's defaults)."""
 

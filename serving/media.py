@@ -5,7 +5,8 @@
   after DNS resolution and again on every redirect (capped), so a public name cannot redirect inward.
 - Encoded size is capped while reading, and the declared width x height and aspect ratio are checked
   *before* decoding, so a small file that declares a huge or extremely elongated canvas (a decompression
-  bomb, or a processor bomb: the model's processor scales the short side up) never allocates it.
+  bomb, or a processor bomb: the model's processor scales the short side up) never allocates it; so is
+  the sum over a request's images. Decoded images larger than the model could use are downscaled at once.
 
 NOTE: the connection is made by name after the address check, so a DNS answer that changes between
 the check and the connect (rebinding) is not covered; pin resolution in the transport if that matters.
@@ -18,6 +19,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -34,6 +36,8 @@ class ImagePolicy:
     max_bytes: int
     max_pixels: int
     max_aspect_ratio: float
+    max_request_pixels: int
+    downscale_pixels: int
     timeout_s: float
     max_redirects: int
     allow_private: bool
@@ -46,6 +50,8 @@ class ImagePolicy:
             max_bytes=limits.max_image_bytes,
             max_pixels=limits.max_image_pixels,
             max_aspect_ratio=limits.max_image_aspect_ratio,
+            max_request_pixels=limits.max_request_image_pixels,
+            downscale_pixels=limits.image_downscale_pixels,
             timeout_s=limits.image_fetch_timeout_s,
             max_redirects=limits.image_max_redirects,
             allow_private=limits.allow_private_image_urls,
@@ -54,8 +60,34 @@ class ImagePolicy:
         )
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's bytes with the size its header declares (checked), not yet decoded."""
+
+    data: bytes
+    size: tuple[int, int]
+    param: str
+
+
+async def load_images(urls: list[tuple[str, str]], policy: ImagePolicy) -> list[Image.Image]:
+    """Fetch every ``(param, url)`` of a request, check their headers together, then decode them.
+
+    The request's pixel budget is checked over all the headers before any image is decoded, so a request
+    with many large images is refused before it allocates anything.
+    """
+    encoded = await asyncio.gather(*(fetch_image(url, policy, param=param) for param, url in urls))
+    check_request_pixels(encoded, policy)
+    return [decode_image(image.data, policy, param=image.param) for image in encoded]
+
+
 async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
     """Fetch and decode one image; every failure is a 4xx naming ``param``."""
+    (image,) = await load_images([(param, url)], policy)
+    return image
+
+
+async def fetch_image(url: str, policy: ImagePolicy, *, param: str) -> EncodedImage:
+    """The image's bytes (a ``data:`` URL or an http(s) fetch) and its header's size, checked."""
     scheme = urlsplit(url).scheme.lower()
     if scheme not in policy.schemes:
         allowed = ", ".join(sorted(policy.schemes))
@@ -64,7 +96,20 @@ async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Imag
         data = decode_data_url(url, policy, param=param)
     else:
         data = await fetch_http(url, policy, param=param)
-    return decode_image(data, policy, param=param)
+    return EncodedImage(data, open_image(data, policy, param=param).size, param)
+
+
+def check_request_pixels(images: list[EncodedImage], policy: ImagePolicy) -> None:
+    """Refuse a request whose images would decode to more pixels in all than its budget (each image
+    alone may be within ``max_pixels``: eight of them are not). The image that crosses it is named."""
+    total = 0
+    for image in images:
+        total += image.size[0] * image.size[1]
+        if total > policy.max_request_pixels:
+            raise PayloadTooLargeError(
+                f"the request's images declare more than {policy.max_request_pixels} pixels in all",
+                param=image.param,
+            )
 
 
 def decode_data_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
@@ -79,19 +124,42 @@ def decode_data_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
         raise InvalidRequestError(f"invalid base64 in data: URL: {exc}", param=param) from exc
 
 
-def decode_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
+def open_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
+    """Pillow's lazy open: the header only, nothing decoded; its size is checked before anything is."""
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # PIL's own guard fires first for extreme sizes
         raise PayloadTooLargeError(f"image declares too many pixels: {exc}", param=param) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidRequestError("the bytes are not a decodable image (PNG, JPEG, GIF, WebP...)", param=param) from exc
     check_image_shape(image.size, policy, param=param)
+    return image
+
+
+def decode_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
+    """Decode to RGB, downscaled to at most ``downscale_pixels``: the model's processor shrinks it anyway,
+    and a smaller image is cheaper to hold and to send to the LLM replica."""
+    image = open_image(data, policy, param=param)
+    target = downscaled_size(image.size, policy.downscale_pixels)
     try:
+        if target != image.size:
+            image.draft("RGB", target)  # JPEG decodes at 1/2, 1/4 or 1/8 scale directly (others: no-op)
         image.load()
-        return image.convert("RGB")
+        rgb = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidRequestError(f"the image could not be decoded: {exc}", param=param) from exc
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return rgb
+
+
+def downscaled_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """``size`` scaled (aspect kept) to at most ``max_pixels``; unchanged when it already fits."""
+    width, height = size
+    if width * height <= max_pixels:
+        return size
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
 def check_image_shape(size: tuple[int, int], policy: ImagePolicy, *, param: str) -> None:

@@ -9,7 +9,6 @@ jobs and tests.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from mmrag.serving.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
-from mmrag.serving.media import ImagePolicy, load_image
+from mmrag.serving.media import ImagePolicy, load_images
 from mmrag.serving.openai import chat
 from mmrag.serving.openai.protocol import (
     ChatCompletion,
@@ -151,8 +150,7 @@ class ChatPipeline:
             for j, part in enumerate(message.content)
             if isinstance(part, ImagePart)
         ]
-        policy = ImagePolicy.from_limits(self.config.limits)
-        return list(await asyncio.gather(*(load_image(url, policy, param=param) for param, url in image_urls)))
+        return await load_images(image_urls, ImagePolicy.from_limits(self.config.limits))
 
     async def _retrieve(self, request: ChatCompletionRequest, generation: GenerationRequest) -> RetrievalResult | None:
         """Run the retrieval stage when the request (or the server default) asks for it."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmrag.serving.config import LimitsConfig
 from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
-from mmrag.serving.media import ImagePolicy, is_public_address, load_image
+from mmrag.serving.media import ImagePolicy, is_public_address, load_image, load_images
 
 
 def png_bytes(size=(8, 8)) -> bytes:
@@ -179,3 +179,29 @@ def test_aspect_ratio_limit_is_inclusive_and_configurable():
     assert load(data_url(png_bytes((2, 60))), policy(max_image_aspect_ratio=30)).size == (2, 60)
     with pytest.raises(InvalidRequestError, match="aspect ratio"):
         load(data_url(png_bytes((2, 60))))
+
+
+def test_request_pixel_budget_is_checked_from_headers_before_decoding():
+    # Bomb headers (no pixel data behind them): the budget must refuse before any decoding starts.
+    urls = [(f"messages[0].content[{i}].image_url.url", data_url(bomb_png(4000, 4000))) for i in range(4)]
+    with pytest.raises(PayloadTooLargeError, match="pixels in all") as info:
+        asyncio.run(load_images(urls, policy(max_request_image_pixels=40_000_000)))
+    assert info.value.param == "messages[0].content[2].image_url.url"  # 3 x 16 Mpx crosses 40 Mpx
+
+
+def test_request_pixel_budget_admits_what_fits():
+    urls = [(f"p{i}", data_url(png_bytes((10, 10)))) for i in range(3)]
+    assert [i.size for i in asyncio.run(load_images(urls, policy(max_request_image_pixels=300)))] == [(10, 10)] * 3
+    with pytest.raises(PayloadTooLargeError):
+        asyncio.run(load_images(urls, policy(max_request_image_pixels=299)))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_large_images_are_downscaled_with_their_aspect_kept(fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 400), (10, 200, 30)).save(buf, fmt)
+    image = load(data_url(buf.getvalue()), policy(image_downscale_pixels=30_000))
+    width, height = image.size
+    assert width * height <= 30_000 and (width, height) == (300, 100)
+    assert image.mode == "RGB"
+    assert load(data_url(buf.getvalue()), policy(image_downscale_pixels=480_000)).size == (1200, 400)

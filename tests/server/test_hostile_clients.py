@@ -1,0 +1,74 @@
+"""Hostile and careless clients against the app over a fake engine (issue 31): every input here is small or
+made cheap (bomb headers with no pixels behind them), so nothing endangers the machine running the tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.openai.server import create_app
+from mmrag.serving.pipeline import LocalBackend
+from tests.fake_engine import FakeEngine
+from tests.unit.test_media import bomb_png
+
+LIMITS = {"max_images_per_request": 4, "image_downscale_pixels": 2048, "max_request_image_pixels": 40_000_000}
+
+
+def make_config(**limits) -> MmragConfig:
+    return MmragConfig.model_validate({"limits": {**LIMITS, **limits}, "retrieval": {"default_mode": "none"}})
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine(make_config())
+
+
+@pytest.fixture
+def http(engine):
+    with TestClient(create_app(engine.config, LocalBackend(engine))) as client:
+        yield client
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def png_url(size: tuple[int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buf, "PNG")
+    return data_url(buf.getvalue())
+
+
+def chat(engine: FakeEngine, *urls: str, text: str = "hello") -> dict:
+    parts = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return {"model": engine.config.model.served_name, "messages": [{"role": "user", "content": parts}]}
+
+
+def assert_error(response, status: int, param: str | None, fragment: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and fragment in error["message"], error
+
+
+def test_elongated_image_is_a_400_naming_the_part(http, engine):
+    response = http.post("/v1/chat/completions", json=chat(engine, data_url(bomb_png(1, 100_000))))
+    assert_error(response, 400, "messages[0].content[1].image_url.url", "aspect ratio")
+    assert engine.seen == []
+
+
+def test_request_pixel_budget_is_a_413_before_decoding(http, engine):
+    urls = [data_url(bomb_png(4000, 4000)) for _ in range(3)]  # 48 Mpx declared, no pixel data behind them
+    response = http.post("/v1/chat/completions", json=chat(engine, *urls))
+    assert_error(response, 413, "messages[0].content[3].image_url.url", "pixels in all")
+
+
+def test_the_engine_receives_downscaled_images(http, engine):
+    response = http.post("/v1/chat/completions", json=chat(engine, png_url((128, 64)), png_url((16, 8))))
+    assert response.status_code == 200, response.text
+    (request,) = engine.seen
+    assert [image.size for image in request.images] == [(64, 32), (16, 8)]  # 2048 pixels at most, aspect kept
