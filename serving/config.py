@@ -79,6 +79,11 @@ class LimitsConfig(_Strict):
         "them; well above what a CLIP-style processor uses, so answers do not change.",
     )
     max_messages: int = Field(default=256, gt=0, description="Messages per request.")
+    max_content_parts: int = Field(
+        default=1024,
+        gt=0,
+        description="Content parts (text and image_url) over a request's messages, counted before validation.",
+    )
     max_request_bytes: int = Field(default=64 * 2**20, gt=0, description="HTTP body size cap.")
     max_n: int = Field(default=8, gt=0, description="Largest `n` (choices per request).")
     max_completion_tokens: int | None = Field(

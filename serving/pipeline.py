@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from mmrag.serving.config import CompressionConfig, MmragConfig
+from mmrag.serving.config import CompressionConfig, LimitsConfig, MmragConfig
 from mmrag.serving.engine.protocol import (
     CompressionSettings,
     Engine,
@@ -111,7 +111,7 @@ class ChatPipeline:
         limit = self.config.limits.max_request_bytes
         if len(body) > limit:
             raise PayloadTooLargeError(f"request body larger than {limit} bytes")
-        return parse_chat_body(body)
+        return parse_chat_body(body, self.config.limits)
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Limits, images and retrieval: everything before the engine."""
@@ -163,7 +163,8 @@ class ChatPipeline:
             raise retrieval_error_as_openai(exc) from exc
 
 
-def parse_chat_body(body: bytes) -> ChatCompletionRequest:
+def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatCompletionRequest:
+    """Parse and validate a body; ``limits`` (default: the defaults) bound what validation may build."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -171,7 +172,7 @@ def parse_chat_body(body: bytes) -> ChatCompletionRequest:
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return ChatCompletionRequest.model_validate(payload, context={"limits": limits})
     except ValidationError as exc:
         # The deepest location is the most specific one when a union reports every branch.
         error = max(exc.errors(), key=lambda e: len(e["loc"]))

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from mmrag.serving.config import LimitsConfig
 from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalOptions
+
+_DEFAULT_LIMITS = LimitsConfig()
 
 
 class _Part(BaseModel):
@@ -123,6 +126,21 @@ class ChatCompletionRequest(BaseModel):
     # mmrag extension: per-request compression (AIM keep ratio), overriding the deployment default.
     compression: CompressionOptions | None = None
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _counted_before_validation(cls, messages: Any, info: ValidationInfo) -> Any:
+        """Messages and content parts are counted before any is validated: a body of a million parts is
+        refused for the price of counting them, not of building a million models."""
+        if not isinstance(messages, list):
+            return messages
+        limits = validation_limits(info)
+        if len(messages) > limits.max_messages:
+            raise ValueError(f"{len(messages)} messages; at most {limits.max_messages} per request")
+        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > limits.max_content_parts:
+            raise ValueError(f"{parts} content parts in all; at most {limits.max_content_parts} per request")
+        return messages
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
@@ -144,6 +162,11 @@ class ChatCompletionRequest(BaseModel):
     def completion_limit(self) -> int | None:
         """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
+
+
+def validation_limits(info: ValidationInfo) -> LimitsConfig:
+    """The server's limits, passed as ``context={"limits": ...}``; the defaults when validating without."""
+    return (info.context or {}).get("limits") or _DEFAULT_LIMITS
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -72,3 +72,13 @@ def test_the_engine_receives_downscaled_images(http, engine):
     assert response.status_code == 200, response.text
     (request,) = engine.seen
     assert [image.size for image in request.images] == [(64, 32), (16, 8)]  # 2048 pixels at most, aspect kept
+
+
+def test_content_parts_are_capped(engine):
+    config = make_config(max_content_parts=3)
+    with TestClient(create_app(config, LocalBackend(FakeEngine(config)))) as http:
+        body = chat(engine, text="hi")
+        body["messages"][0]["content"] *= 4
+        assert_error(http.post("/v1/chat/completions", json=body), 400, "messages", "at most 3 per request")
+        body["messages"][0]["content"] = body["messages"][0]["content"][:3]
+        assert http.post("/v1/chat/completions", json=body).status_code == 200

@@ -1,5 +1,8 @@
+import json
+
 import pytest
 
+from mmrag.serving.config import LimitsConfig
 from mmrag.serving.errors import InvalidRequestError, OverloadedError
 from mmrag.serving.openai.protocol import ChatCompletionRequest
 from mmrag.serving.pipeline import parse_chat_body
@@ -71,3 +74,24 @@ def test_errors_survive_pickling_with_their_fields():
     error = pickle.loads(pickle.dumps(OverloadedError("busy", retry_after_s=3)))
     assert error.to_dict()["error"]["type"] == "server_overloaded"
     assert error.headers == {"Retry-After": "3"}
+
+
+def test_content_parts_are_capped_before_validation():
+    text = {"type": "text", "text": "x"}
+    payload = {"model": "m", "messages": [{"role": "user", "content": [text] * 2}] * 2}
+    assert len(parse(payload).messages) == 2
+    body = json.dumps(payload).encode()
+    with pytest.raises(InvalidRequestError, match="4 content parts in all; at most 3") as info:
+        parse_chat_body(body, LimitsConfig(max_content_parts=3))
+    assert info.value.param == "messages"
+    # The default cap: 1025 parts (an invalid one among them) are refused by count, not validated one by one.
+    with pytest.raises(InvalidRequestError, match="content parts") as info:
+        parse(user([text] * 1024 + [{"type": "bogus"}]))
+    assert info.value.param == "messages"
+
+
+def test_message_count_is_capped_before_validation():
+    body = b'{"model": "m", "messages": [' + b",".join([b'{"role": "user", "content": "x"}'] * 5) + b"]}"
+    with pytest.raises(InvalidRequestError, match="5 messages; at most 4") as info:
+        parse_chat_body(body, LimitsConfig(max_messages=4))
+    assert info.value.param == "messages"
