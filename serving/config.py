@@ -89,6 +89,12 @@ class LimitsConfig(_Strict):
     max_completion_tokens: int | None = Field(
         default=None, description="Cap on max_tokens; None: whatever fits in max_model_len."
     )
+    worker_threads: int = Field(
+        default=4,
+        gt=0,
+        description="Threads per ingress replica that parse large bodies and decode images off the event loop; "
+        "more requests than this wait for one (CPU and memory stay bounded, small requests keep flowing).",
+    )
     image_fetch_timeout_s: float = Field(default=5.0, gt=0, description="Per-URL fetch timeout.")
     image_max_redirects: int = Field(default=3, ge=0, description="Redirects followed per image URL.")
     image_url_schemes: list[Literal["http", "https", "data"]] = Field(

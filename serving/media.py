@@ -21,7 +21,9 @@ import io
 import ipaddress
 import math
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -29,6 +31,10 @@ from PIL import Image, UnidentifiedImageError
 
 from mmrag.serving.config import LimitsConfig
 from mmrag.serving.errors import InvalidRequestError, PayloadTooLargeError
+from mmrag.serving.offload import Offload
+
+# Runs a blocking call off the event loop: Offload.run, or asyncio.to_thread.
+Runner = Callable[..., Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -69,15 +75,19 @@ class EncodedImage:
     param: str
 
 
-async def load_images(urls: list[tuple[str, str]], policy: ImagePolicy) -> list[Image.Image]:
+async def load_images(
+    urls: list[tuple[str, str]], policy: ImagePolicy, offload: Offload | None = None
+) -> list[Image.Image]:
     """Fetch every ``(param, url)`` of a request, check their headers together, then decode them.
 
     The request's pixel budget is checked over all the headers before any image is decoded, so a request
-    with many large images is refused before it allocates anything.
+    with many large images is refused before it allocates anything. Base64, header reading and decoding
+    run in ``offload``'s worker threads (default: asyncio's), never on the event loop.
     """
-    encoded = await asyncio.gather(*(fetch_image(url, policy, param=param) for param, url in urls))
+    run = offload.run if offload is not None else asyncio.to_thread
+    encoded = await asyncio.gather(*(fetch_image(url, policy, run, param=param) for param, url in urls))
     check_request_pixels(encoded, policy)
-    return [decode_image(image.data, policy, param=image.param) for image in encoded]
+    return list(await asyncio.gather(*(run(decode_image, i.data, policy, param=i.param) for i in encoded)))
 
 
 async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
@@ -86,17 +96,17 @@ async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Imag
     return image
 
 
-async def fetch_image(url: str, policy: ImagePolicy, *, param: str) -> EncodedImage:
+async def fetch_image(url: str, policy: ImagePolicy, run: Runner, *, param: str) -> EncodedImage:
     """The image's bytes (a ``data:`` URL or an http(s) fetch) and its header's size, checked."""
     scheme = urlsplit(url).scheme.lower()
     if scheme not in policy.schemes:
         allowed = ", ".join(sorted(policy.schemes))
         raise InvalidRequestError(f"image URL scheme {scheme!r} is not allowed (accepted: {allowed})", param=param)
     if scheme == "data":
-        data = decode_data_url(url, policy, param=param)
+        data = await run(decode_data_url, url, policy, param=param)
     else:
         data = await fetch_http(url, policy, param=param)
-    return EncodedImage(data, open_image(data, policy, param=param).size, param)
+    return EncodedImage(data, (await run(open_image, data, policy, param=param)).size, param)
 
 
 def check_request_pixels(images: list[EncodedImage], policy: ImagePolicy) -> None:

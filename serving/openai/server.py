@@ -101,7 +101,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
         return response
 
     async def _chat(http_request: Request, start: float) -> Response:
-        request = pipeline.parse(await read_body(http_request, config.limits.max_request_bytes))
+        request = await pipeline.parse_off_loop(await read_body(http_request, config.limits.max_request_bytes))
         prepared = await pipeline.prepare(request)
         deltas = pipeline.generate(prepared)
         if request.stream:

@@ -3,16 +3,21 @@ made cheap (bomb headers with no pixels behind them), so nothing endangers the m
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from mmrag.serving import media as media_module
+from mmrag.serving import pipeline as pipeline_module
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.openai.server import create_app
-from mmrag.serving.pipeline import LocalBackend
+from mmrag.serving.pipeline import INLINE_PARSE_BYTES, LocalBackend
 from tests.fake_engine import FakeEngine
 from tests.unit.test_media import bomb_png
 
@@ -44,8 +49,9 @@ def png_url(size: tuple[int, int]) -> str:
     return data_url(buf.getvalue())
 
 
-def chat(engine: FakeEngine, *urls: str, text: str = "hello") -> dict:
-    parts = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+def chat(engine: FakeEngine, *urls: str | None, text: str = "hello") -> dict:
+    images = [{"type": "image_url", "image_url": {"url": url}} for url in urls if url is not None]
+    parts = [{"type": "text", "text": text}, *images]
     return {"model": engine.config.model.served_name, "messages": [{"role": "user", "content": parts}]}
 
 
@@ -82,3 +88,43 @@ def test_content_parts_are_capped(engine):
         assert_error(http.post("/v1/chat/completions", json=body), 400, "messages", "at most 3 per request")
         body["messages"][0]["content"] = body["messages"][0]["content"][:3]
         assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("heavy", ["parse_chat_body", "decode_image"])
+def test_a_big_request_does_not_stall_a_tiny_one(monkeypatch, engine, heavy):
+    """The big request's heavy step waits (where it runs) until the tiny request has answered, 5 s at most.
+    Off the event loop the tiny request answers at once; on it, the wait blocks the tiny one, times out,
+    and the tiny request answers second."""
+    module = pipeline_module if heavy == "parse_chat_body" else media_module
+    original = getattr(module, heavy)
+    started, tiny_answered, released = threading.Event(), threading.Event(), []
+
+    def gated(*args, **kwargs):
+        if heavy == "decode_image" or len(args[0]) > INLINE_PARSE_BYTES:  # the big body; every image
+            started.set()
+            released.append(tiny_answered.wait(timeout=5))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, heavy, gated)
+    big = chat(engine, png_url((64, 64)) if heavy == "decode_image" else None, text="x" * 100_000)
+    app = create_app(engine.config, LocalBackend(engine))
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+
+            async def send(name: str, body: dict) -> None:
+                response = await client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+                order.append(name)
+
+            big_request = asyncio.create_task(send("big", big))
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            await send("tiny", chat(engine, text="hi"))
+            tiny_answered.set()
+            await big_request
+        return order
+
+    assert asyncio.run(scenario()) == ["tiny", "big"]
+    assert released == [True]
