@@ -181,10 +181,14 @@ def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatComp
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # the decoder recurses per nesting level: ~1000 levels is a client's doing
+        raise InvalidRequestError("the request body is nested too deeply") from exc
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:
         return ChatCompletionRequest.model_validate(payload, context={"limits": limits})
+    except RecursionError as exc:  # validators that walk a nested value (compression.kv) hit the same bound
+        raise InvalidRequestError("the request body is nested too deeply") from exc
     except ValidationError as exc:
         # The deepest location is the most specific one when a union reports every branch.
         error = max(exc.errors(), key=lambda e: len(e["loc"]))

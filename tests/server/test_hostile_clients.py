@@ -128,3 +128,26 @@ def test_a_big_request_does_not_stall_a_tiny_one(monkeypatch, engine, heavy):
 
     assert asyncio.run(scenario()) == ["tiny", "big"]
     assert released == [True]
+
+
+NESTED_FIELDS = [
+    '"metadata": NESTED',
+    '"compression": {"kv": {"method": "none", "x": NESTED}}',
+    '"retrieval": {"filter": NESTED}',
+    '"stop": NESTED',
+    '"messages": [{"role": "user", "content": NESTED}]',
+]
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])  # a 2 KB body parsed on the loop; a 200 KB one in a worker
+@pytest.mark.parametrize("field", NESTED_FIELDS)
+@pytest.mark.parametrize("kind", ["list", "object"])
+def test_deeply_nested_json_is_a_400(http, engine, depth, field, kind):
+    nested = "[" * depth + "]" * depth if kind == "list" else '{"a":' * depth + "1" + "}" * depth
+    fields = field.replace("NESTED", nested)
+    if not field.startswith('"messages"'):
+        fields = '"messages": [{"role": "user", "content": "hi"}], ' + fields
+    body = f'{{"model": "{engine.config.model.served_name}", {fields}}}'
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
