@@ -1,8 +1,10 @@
 """Loading images from untrusted URLs: ``data:`` URLs and http(s), with every limit enforced.
 
 - Only ``data:``, ``http`` and ``https``. A host that resolves to a loopback, private, link-local,
-  multicast, reserved or unspecified address is refused unless allowed by configuration; the check runs
-  after DNS resolution and again on every redirect (capped), so a public name cannot redirect inward.
+  multicast, reserved, unique-local, site-local or unspecified address is refused unless allowed by
+  configuration, and an IPv6 form that embeds an IPv4 address (mapped, compatible, NAT64, 6to4) is judged
+  by that IPv4 address; the check runs after DNS resolution and again on every redirect (capped), so a
+  public name cannot redirect inward.
 - Encoded size is capped while reading, and the declared width x height and aspect ratio are checked
   *before* decoding, so a small file that declares a huge or extremely elongated canvas (a decompression
   bomb, or a processor bomb: the model's processor scales the short side up) never allocates it; so is
@@ -245,8 +247,36 @@ async def _resolve(host: str, port: int, param: str) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
+# IPv6 forms that carry an IPv4 address in their low 32 bits: they reach (or name) that IPv4 host, so the
+# IPv4 address is what is checked. ::/96 is the deprecated IPv4-compatible form (::127.0.0.1; :: and ::1 fall
+# in it too and come out as 0.0.0.0 and 0.0.0.1, both refused); ::ffff:0:0:0/96 is SIIT's IPv4-translated.
+_LOW_32_BITS_IPV4 = tuple(
+    ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+)
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # 2002:AABB:CCDD::/48 routes to the IPv4 AA.BB.CC.DD
+# Refused whatever they carry: Teredo tunnels (the IPv4 is obfuscated, and reaches through NATs), the local-use
+# NAT64 prefix (a site's own translator, RFC 8215), site-local (deprecated, still routed inside some sites).
+_REFUSED_IPV6 = tuple(ipaddress.ip_network(n) for n in ("2001::/32", "64:ff9b:1::/48", "fec0::/10"))
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")  # every other IPv6 outside it is reserved or local
+
+
 def is_public_address(address: str) -> bool:
+    """Whether an address is one the server may fetch from: global unicast, IPv4 or IPv6, with any IPv4
+    address embedded in an IPv6 form checked as IPv4 (``::ffff:127.0.0.1``, ``64:ff9b::7f00:1``...)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(ip)
+        if embedded is not None:
+            return is_public_address(str(embedded))
+        if any(ip in network for network in _REFUSED_IPV6) or ip not in _GLOBAL_UNICAST:
+            return False
     return ip.is_global and not ip.is_multicast
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address embeds (mapped, compatible, translated, NAT64, 6to4), if any."""
+    if any(ip in network for network in _LOW_32_BITS_IPV4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _SIX_TO_FOUR:
+        return ip.sixtofour
+    return None

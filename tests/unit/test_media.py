@@ -66,6 +66,12 @@ def test_data_url_decodes_to_rgb():
         ("http://[::1]/a.png", InvalidRequestError, "non-public"),
         ("http://10.0.0.1/a.png", InvalidRequestError, "non-public"),
         ("http://localhost/a.png", InvalidRequestError, "non-public"),
+        ("http://[::127.0.0.1]/a.png", InvalidRequestError, "non-public"),
+        ("http://[::ffff:127.0.0.1]/a.png", InvalidRequestError, "non-public"),
+        ("http://[64:ff9b::7f00:1]/a.png", InvalidRequestError, "non-public"),
+        ("http://[2002:7f00:1::1]/a.png", InvalidRequestError, "non-public"),
+        ("http://[fd00::1]/a.png", InvalidRequestError, "non-public"),
+        ("http://[fec0::1]/a.png", InvalidRequestError, "non-public"),
     ],
 )
 def test_hostile_urls_are_4xx_naming_the_field(url, error, fragment):
@@ -93,6 +99,27 @@ def test_data_url_size_cap():
         ("fe80::1", False),
         ("0.0.0.0", False),
         ("224.0.0.1", False),
+        # IPv6 forms that embed an IPv4 address are judged by it.
+        ("::127.0.0.1", False),  # IPv4-compatible (deprecated)
+        ("::a00:1", False),
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped
+        ("::ffff:8.8.8.8", True),
+        ("::ffff:0:7f00:1", False),  # SIIT IPv4-translated
+        ("64:ff9b::7f00:1", False),  # NAT64, well-known prefix
+        ("64:ff9b::a9fe:a9fe", False),  # ...to the metadata address
+        ("64:ff9b::808:808", True),
+        ("64:ff9b:1::808:808", False),  # NAT64, local-use prefix: refused whatever it carries
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:c0a8:101::1", False),  # 6to4 of 192.168.1.1
+        ("2002:808:808::1", True),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("fc00::1", False),  # unique-local
+        ("fd12:3456::1", False),
+        ("fec0::1", False),  # site-local
+        ("fe80::1%eth0", False),
+        ("4000::1", False),  # reserved, outside global unicast
+        ("ff02::1", False),
+        ("2001:4860:4860::8888", True),
     ],
 )
 def test_public_address_classification(address, public):
@@ -125,6 +152,9 @@ def image_server():
         "/hop": (302, {"Location": "/ok.png"}, b""),
         "/loop": (302, {"Location": "/loop"}, b""),
         "/to-metadata": (302, {"Location": "http://169.254.169.254/x"}, b""),
+        "/to-compatible": (302, {"Location": "http://[::127.0.0.1]/ok.png"}, b""),
+        "/to-nat64": (302, {"Location": "http://[64:ff9b::7f00:1]/ok.png"}, b""),
+        "/to-6to4": (302, {"Location": "http://[2002:7f00:1::1]/ok.png"}, b""),
         "/big.png": (200, {}, b"\0" * 5000),
     }
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -145,6 +175,9 @@ def test_allowlisted_host_fetches_and_follows_redirects(image_server):
         ("/missing.png", InvalidRequestError, "HTTP 404"),
         ("/loop", InvalidRequestError, "redirects"),
         ("/to-metadata", InvalidRequestError, "non-public"),
+        ("/to-compatible", InvalidRequestError, "non-public"),
+        ("/to-nat64", InvalidRequestError, "non-public"),
+        ("/to-6to4", InvalidRequestError, "non-public"),
         ("/big.png", PayloadTooLargeError, "larger than"),
     ],
 )
