@@ -22,11 +22,12 @@ import binascii
 import io
 import ipaddress
 import math
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -37,6 +38,8 @@ from mmrag.serving.offload import Offload
 
 # Runs a blocking call off the event loop: Offload.run, or asyncio.to_thread.
 Runner = Callable[..., Awaitable[Any]]
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}):")  # RFC 3986 scheme (bounded: no long echo)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Imag
 
 async def fetch_image(url: str, policy: ImagePolicy, run: Runner, *, param: str) -> EncodedImage:
     """The image's bytes (a ``data:`` URL or an http(s) fetch) and its header's size, checked."""
-    scheme = urlsplit(url).scheme.lower()
+    scheme = url_scheme(url)
     if scheme not in policy.schemes:
         allowed = ", ".join(sorted(policy.schemes))
         raise InvalidRequestError(f"image URL scheme {scheme!r} is not allowed (accepted: {allowed})", param=param)
@@ -199,9 +202,12 @@ async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:
                 data, location = await _get_once(client, url, policy, param=param)
             except httpx.HTTPError as exc:
                 raise InvalidRequestError(f"could not fetch the image: {type(exc).__name__}", param=param) from exc
+            except httpx.InvalidURL as exc:  # httpx reads a redirect's Location itself (a data: URL, say)
+                message = "could not fetch the image: redirected to an invalid URL"
+                raise InvalidRequestError(message, param=param) from exc
             if location is None:
                 return data
-            url = urljoin(url, location)
+            url = redirect_target(url, location, param=param)
     raise InvalidRequestError(f"more than {policy.max_redirects} redirects", param=param)
 
 
@@ -225,8 +231,43 @@ async def _get_once(
         return bytes(body), None
 
 
+def url_scheme(url: str) -> str:
+    """The URL's scheme, lowercased ("" when it has none), without parsing the rest (a data: URL is large)."""
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else ""
+
+
+def split_http_url(url: str, *, param: str) -> SplitResult:
+    """An http(s) URL's parts, or a 400 for what would break the fetch further in: control characters (a
+    newline would split the request line), broken IPv6 brackets, a port that is not 0-65535, a host name
+    IDNA cannot encode. The messages never echo the URL (it may be huge)."""
+    if not url.isprintable():
+        raise InvalidRequestError("image URL contains control or non-printable characters", param=param)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidRequestError("image URL is malformed (host or IPv6 brackets)", param=param) from exc
+    try:
+        _ = parts.port  # parsed on access: a number in 0-65535, or ValueError
+    except ValueError as exc:
+        raise InvalidRequestError("image URL has an invalid port", param=param) from exc
+    try:
+        (parts.hostname or "").encode("idna")
+    except UnicodeError as exc:
+        raise InvalidRequestError("image URL has an invalid host name", param=param) from exc
+    return parts
+
+
+def redirect_target(url: str, location: str, *, param: str) -> str:
+    """The absolute URL a redirect's Location names (checked, as every URL, before it is fetched)."""
+    try:
+        return urljoin(url, location)
+    except ValueError as exc:
+        raise InvalidRequestError("the image URL redirects to a malformed URL", param=param) from exc
+
+
 async def check_url_allowed(url: str, policy: ImagePolicy, *, param: str) -> None:
-    parts = urlsplit(url)
+    parts = split_http_url(url, param=param)
     if parts.scheme not in ("http", "https") or parts.scheme not in policy.schemes:
         raise InvalidRequestError(f"image URL scheme {parts.scheme!r} is not allowed (redirect?)", param=param)
     host = (parts.hostname or "").lower()

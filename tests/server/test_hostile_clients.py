@@ -151,3 +151,11 @@ def test_deeply_nested_json_is_a_400(http, engine, depth, field, kind):
     response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999/a.png", "http://[::1/a.png", "http://example.com/a\r\nX-Injected: 1"]
+)
+def test_malformed_image_urls_are_400s_naming_the_part(http, engine, url):
+    response = http.post("/v1/chat/completions", json=chat(engine, url))
+    assert_error(response, 400, "messages[0].content[1].image_url.url", "image URL")

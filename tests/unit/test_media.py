@@ -155,6 +155,9 @@ def image_server():
         "/to-compatible": (302, {"Location": "http://[::127.0.0.1]/ok.png"}, b""),
         "/to-nat64": (302, {"Location": "http://[64:ff9b::7f00:1]/ok.png"}, b""),
         "/to-6to4": (302, {"Location": "http://[2002:7f00:1::1]/ok.png"}, b""),
+        "/to-data": (302, {"Location": data_url(png_bytes())}, b""),
+        "/to-bad-port": (302, {"Location": "http://127.0.0.1:99999/ok.png"}, b""),
+        "/to-broken-ipv6": (302, {"Location": "http://[::1/ok.png"}, b""),
         "/big.png": (200, {}, b"\0" * 5000),
     }
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -178,6 +181,9 @@ def test_allowlisted_host_fetches_and_follows_redirects(image_server):
         ("/to-compatible", InvalidRequestError, "non-public"),
         ("/to-nat64", InvalidRequestError, "non-public"),
         ("/to-6to4", InvalidRequestError, "non-public"),
+        ("/to-data", InvalidRequestError, "redirected to an invalid URL"),
+        ("/to-bad-port", InvalidRequestError, "invalid port"),
+        ("/to-broken-ipv6", InvalidRequestError, "could not fetch"),
         ("/big.png", PayloadTooLargeError, "larger than"),
     ],
 )
@@ -238,3 +244,28 @@ def test_large_images_are_downscaled_with_their_aspect_kept(fmt):
     assert width * height <= 30_000 and (width, height) == (300, 100)
     assert image.mode == "RGB"
     assert load(data_url(buf.getvalue()), policy(image_downscale_pixels=480_000)).size == (1200, 400)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://127.0.0.1:99999/a.png", "invalid port"),
+        ("http://127.0.0.1:abc/a.png", "invalid port"),
+        ("https://[::1]:70000/a.png", "invalid port"),
+        ("http://[::1/a.png", "malformed"),
+        ("http://[zz::1]/a.png", "malformed"),
+        ("http://127.0.0.1/a\n.png", "control"),
+        ("http://127.0.0.1/a\x00.png", "control"),
+        ("http://127.0.0.1\r\nX-Injected: 1/a.png", "control"),
+        ("http://127.0.0.1/\u2028", "control"),
+        ("http://a..b/a.png", "invalid host name"),
+        ("http://" + "a" * 100 + ".com/a.png", "invalid host name"),
+        ("http://127.0.0.1:" + "9" * 10_000 + "/a.png", "invalid port"),
+    ],
+)
+def test_malformed_urls_are_400s_naming_the_field(url, fragment):
+    # Allowlisted: without the fix these reach httpx or getaddrinfo, which raise (a 500 in the server).
+    with pytest.raises(InvalidRequestError, match=fragment) as info:
+        load(url, policy(image_url_allowlist=["127.0.0.1", "::1"]))
+    assert info.value.param == "messages[0].content[0].image_url.url"
+    assert len(info.value.message) < 200  # the URL is not echoed
