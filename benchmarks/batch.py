@@ -182,20 +182,20 @@ def phase_vllm_llm_chat(workdir: Path, settings: Settings) -> dict[str, Any]:
 
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.prompt import load_chat_template
-    from mmrag.serving.models.resolve import resolve_model_path
+    from mmrag.serving.models.registry import model_path
 
     config = MmragConfig.model_validate(CONFIG)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
-    model_path = resolve_model_path(config.model)
+    checkpoint = model_path(config.model)
     llm = LLM(
-        model=model_path,
+        model=checkpoint,
         max_model_len=config.engine.max_model_len,
         dtype=config.engine.dtype,
         enforce_eager=config.engine.enforce_eager,
         seed=config.engine.seed,
         limit_mm_per_prompt={"image": config.limits.max_images_per_request},
     )
-    template = load_chat_template(model_path)  # the template mmrag's engine renders with
+    template = load_chat_template(checkpoint)  # the template mmrag's engine renders with
     conversations = [body["messages"] for body in json.loads((workdir / "bodies.json").read_text())]
     params = SamplingParams(temperature=0, max_tokens=settings.max_tokens)
     llm.chat(conversations[: settings.warmup], params, chat_template=template, use_tqdm=False)

@@ -207,7 +207,7 @@ def _chat_latency(args: argparse.Namespace) -> dict[str, float]:
         return _chat_ratio(args.chat_url, args.chat_model, args.chat_requests)
     from mmrag.serving.server_process import running_server
 
-    with running_server() as server:
+    with running_server(overrides=["model.name=tiny-random"]) as server:
         return _chat_ratio(f"{server.url}/v1", args.chat_model, args.chat_requests)
 
 

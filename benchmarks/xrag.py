@@ -1,16 +1,21 @@
-"""``mmrag bench xrag``: xRAG against text RAG and no retrieval, through vLLM, on held-out knowledge tasks.
+"""``mmrag bench xrag``: xRAG against text RAG and no retrieval, through vLLM, on held-out questions.
 
-Model: the project's trained small LLaVA (``mmrag train-tiny``) with its xRAG projector for the bundled
-MiniLM encoder (``mmrag train-projector``), served by vLLM with the plugin's xRAG class, greedy, bf16.
+Model: a registered model (``--model``, default ``tiny-mllm``: the project's trained small LLaVA) with its
+shipped xRAG projector for the bundled MiniLM encoder where it has one (``tiny-mllm``), served by vLLM (the
+plugin's xRAG class when a projector is given), greedy, bf16. Without a projector the ``xrag`` rows are null.
 
-- **Accuracy**: exact match on held-out knowledge tasks (entities never seen in training, 1-3 documents,
-  the relevant one anywhere among them), three ways: ``none`` (the question alone), ``text`` (the documents
-  as text RAG inserts them) and ``xrag`` (each document one ``<xrag>`` token carrying its projected MiniLM
-  vector, in the same layout). The documents are the task's own (an oracle retriever): this measures how
-  much of a document one token carries, not retrieval (``mmrag bench retrieval`` measures that).
-- **Cost** at 1, 4 and 8 documents: prompt tokens, and time to first token (one request at a time,
-  ``max_tokens=1``, prefix caching off, median over ``--repeats`` prompts with different documents) for
-  ``none``, ``text`` and ``xrag``; ratios are xrag/text, measured in the same run.
+- **Knowledge tasks** (the task generator's family; exact match): entities never seen in training, 1-3
+  documents, the relevant one anywhere among them, three ways: ``none`` (the question alone), ``text`` (the
+  documents as text RAG inserts them) and ``xrag`` (each document one ``<xrag>`` token carrying its projected
+  MiniLM vector, in the same layout). The documents are the task's own (an oracle retriever): this measures
+  how much of a document one token carries, not retrieval (``mmrag bench retrieval`` measures that).
+- **English questions** about invented documents (``training/tasks/english.py``, held-out entities; the
+  answer is counted if the reply contains it): the relevant document alone and with 3 distractors, in the
+  server's text RAG layout (its default instruction and document template). What a real instruct model
+  reads from retrieved text, and what no retrieval gets by guessing (the facts are invented: near 0).
+- **Cost** at 1, 4 and 8 documents (knowledge tasks): prompt tokens, and time to first token (one request
+  at a time, ``max_tokens=1``, prefix caching off, median over ``--repeats`` prompts with different
+  documents) for each mode; ratios are xrag/text, measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,17 +26,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-HELP = "xRAG vs text RAG vs no retrieval (trained model, vLLM): exact match, prompt tokens, time to first token."
+HELP = "xRAG vs text RAG vs no retrieval (vLLM): accuracy on held-out questions, prompt tokens, time to first token."
 
 MODES = ("none", "text", "xrag")
 DOCUMENT_COUNTS = (1, 4, 8)
+ENGLISH_DOCUMENT_COUNTS = (1, 4)
+# Shipped xRAG projectors by registered model.
+PROJECTORS = {"tiny-mllm": "mmrag.serving.models.trained:trained_projector_path"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, default=None, help="Held-out knowledge tasks (default 256; 24 quick).")
     parser.add_argument("--repeats", type=int, default=None, help="Prompts per cost point (default 24; 4 quick).")
-    parser.add_argument("--model", default=None, help="Checkpoint (default: the trained model in the repository).")
-    parser.add_argument("--projector", default=None, help="xRAG projector (default: the shipped one).")
+    parser.add_argument("--english", type=int, default=None, help="Held-out English questions (default 200; 24 quick).")
+    parser.add_argument("--model", default="tiny-mllm", help="A registered model name or a checkpoint directory.")
+    parser.add_argument("--projector", default=None, help="xRAG projector (default: the model's shipped one, if any).")
 
 
 def prompt_for(task, mode: str, tokenizer, vectors: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +73,22 @@ def with_documents(task, count: int, pool: list):
     )
 
 
+def _model_and_projector(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    import importlib
+
+    from mmrag.serving.models.registry import MODELS, prepare
+
+    if args.model in MODELS:
+        model = prepare(args.model)
+        shipped = PROJECTORS.get(args.model)
+        if args.projector is None and shipped is not None:
+            module, _, function = shipped.partition(":")
+            return model, getattr(importlib.import_module(module), function)()
+    else:
+        model = Path(args.model)
+    return model, Path(args.projector) if args.projector else None
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -73,71 +98,143 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.benchmarks.common import plot_path, write_result
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.args import xrag_overrides
-    from mmrag.serving.models.trained import trained_model_path, trained_projector_path
     from mmrag.serving.retrieval.config import EncoderConfig
     from mmrag.serving.retrieval.encoders import load_encoder
     from mmrag.training.tasks import make_task
+    from mmrag.training.tasks.english import distractors, questions
     from mmrag.training.train_projector import encode_documents
 
     n_tasks = args.tasks or (24 if args.quick else 256)
+    n_english = args.english or (24 if args.quick else 200)
     repeats = args.repeats or (4 if args.quick else 24)
-    model_path = Path(args.model) if args.model else trained_model_path()
-    projector = Path(args.projector) if args.projector else trained_projector_path()
-    config = MmragConfig.model_validate({"retrieval": {"xrag": {"projector": str(projector)}}})
+    model_path, projector = _model_and_projector(args)
+    modes = MODES if projector else MODES[:2]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tasks = [make_task("knowledge", i, split="heldout", max_documents=3) for i in range(n_tasks)]
     cost_tasks = [make_task("knowledge", 10_000 + i, split="heldout", max_documents=3) for i in range(repeats * 9)]
+    english = [
+        (q, distractors(q, max(ENGLISH_DOCUMENT_COUNTS) - 1, seed=0)) for q in questions(0, "heldout", n_english)
+    ]
+    vectors: dict[str, Any] = {}
     encoder = load_encoder(EncoderConfig())
-    vectors = encode_documents(encoder, [d for t in [*tasks, *cost_tasks] for d in t.documents], progress=True)
+    if projector:
+        texts = [d for t in [*tasks, *cost_tasks] for d in t.documents]
+        texts += [d.text for q, others in english for d in (q.doc, *others)]
+        vectors = encode_documents(encoder, texts, progress=True)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine: dict[str, Any] = {}
+    if projector:
+        config = MmragConfig.model_validate({"retrieval": {"xrag": {"projector": str(projector)}}})
+        engine = {
+            "limit_mm_per_prompt": {"image": 0, "retrieval": max(DOCUMENT_COUNTS)},
+            "hf_overrides": xrag_overrides(config, str(model_path)),
+        }
     llm = LLM(
         model=str(model_path),
         enforce_eager=True,
         max_model_len=2048,
         seed=0,
         enable_prefix_caching=False,  # every time-to-first-token below is a full prefill
-        limit_mm_per_prompt={"image": 0, "retrieval": max(DOCUMENT_COUNTS)},
-        hf_overrides=xrag_overrides(config, str(model_path)),
+        **engine,
     )
     try:
-        accuracy, by_attribute = _accuracy(
-            llm, SamplingParams(temperature=0.0, max_tokens=8), tasks, tokenizer, vectors
+        greedy = SamplingParams(temperature=0.0, max_tokens=8)
+        accuracy, by_attribute = _accuracy(llm, greedy, tasks, tokenizer, vectors, modes)
+        reading = _english_accuracy(
+            llm, SamplingParams(temperature=0.0, max_tokens=48), english, tokenizer, vectors, modes
         )
-        cost = _cost(llm, SamplingParams(temperature=0.0, max_tokens=1), cost_tasks, repeats, tokenizer, vectors)
+        cost = _cost(llm, SamplingParams(temperature=0.0, max_tokens=1), cost_tasks, repeats, tokenizer, vectors, modes)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    gain = accuracy["text"] - accuracy["none"]
     figures = {
         "exact_match": accuracy,
         "exact_match_by_attribute": by_attribute,
         # The published claim: xRAG recovers much of text RAG's gain over no retrieval.
-        "xrag_share_of_text_rag_gain": (accuracy["xrag"] - accuracy["none"]) / gain if gain > 0 else None,
+        "xrag_share_of_text_rag_gain": _share_of_gain(accuracy),
+        "english_contains_answer": reading,
+        "english_xrag_share_of_text_rag_gain": {k: _share_of_gain(v) for k, v in reading.items()},
         "cost": cost,
     }
     run_config = {
         "model": str(model_path),
-        "projector": str(projector),
+        "projector": str(projector) if projector else None,
         "encoder": encoder.name,
         "tasks": n_tasks,
+        "english_questions": n_english,
         "repeats": repeats,
         "document_counts": list(DOCUMENT_COUNTS),
+        "english_document_counts": list(ENGLISH_DOCUMENT_COUNTS),
         "quick": args.quick,
-        "engine": "vLLM (plugin XragLlavaForConditionalGeneration), bf16, greedy, prefix caching off",
+        "engine": "vLLM"
+        + (" (plugin XragLlavaForConditionalGeneration)" if projector else "")
+        + ", bf16, greedy, prefix caching off",
     }
     path = write_result("xrag", figures, run_config, args.out)
-    _plot(figures, plot_path(path))
-    print(_table(figures))
+    _plot(figures, plot_path(path), modes)
+    print(_table(figures, modes))
     print(f"wrote {path} and {plot_path(path)}")
     return 0
 
 
-def _accuracy(llm, params, tasks, tokenizer, vectors) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def _share_of_gain(accuracy: dict[str, float]) -> float | None:
+    gain = accuracy["text"] - accuracy["none"]
+    return (accuracy["xrag"] - accuracy["none"]) / gain if "xrag" in accuracy and gain > 0 else None
+
+
+def english_prompt(question, documents, mode: str, tokenizer, vectors: dict[str, Any]) -> dict[str, Any]:
+    """The vLLM prompt of an English question with ``documents`` (its own first) as the server renders it."""
+    import numpy as np
+
+    from mmrag.serving.xrag.projector import XRAG_TOKEN
+    from mmrag.training.tasks.chat import context_text
+
+    messages: list[dict[str, Any]] = []
+    if mode != "none":
+        shown = tuple(XRAG_TOKEN if mode == "xrag" else d.text for d in documents)
+        sources = tuple(f"docs/{d.title.lower().replace(' ', '-')}.md" for d in documents)
+        messages.append({"role": "system", "content": context_text(shown, sources)})
+    messages.append({"role": "user", "content": question.question})
+    prompt: dict[str, Any] = {
+        "prompt": tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    }
+    if mode == "xrag":
+        prompt["multi_modal_data"] = {"retrieval": np.stack([vectors[d.text] for d in documents])}
+    return prompt
+
+
+def _english_accuracy(llm, params, english, tokenizer, vectors, modes) -> dict[str, dict[str, float]]:
+    """Per document count, per mode: the share of replies that contain the expected answer."""
+    from mmrag.training.tasks.english import contains_answer
+
+    table: dict[str, dict[str, float]] = {}
+    for count in ENGLISH_DOCUMENT_COUNTS:
+        row = {}
+        for mode in modes:
+            shown = [(q, _shuffled((q.doc, *others[: count - 1]), q.question)) for q, others in english]
+            prompts = [english_prompt(q, docs, mode, tokenizer, vectors) for q, docs in shown]
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            row[mode] = sum(contains_answer(o.outputs[0].text, q) for o, (q, _) in zip(outs, shown, strict=True))
+            row[mode] /= len(english)
+        table[str(count)] = row
+    return table
+
+
+def _shuffled(documents: tuple, key: str) -> tuple:
+    """The relevant document anywhere among the others, the same place in every mode."""
+    import random
+
+    order = list(documents)
+    random.Random(key).shuffle(order)
+    return tuple(order)
+
+
+def _accuracy(llm, params, tasks, tokenizer, vectors, modes) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Exact match per mode, overall and per asked attribute (colour, place, number)."""
     from mmrag.training.tasks.families import ATTRIBUTES
 
     overall, by_attribute = {}, {}
-    for mode in MODES:
+    for mode in modes:
         outs = llm.generate([prompt_for(t, mode, tokenizer, vectors) for t in tasks], params, use_tqdm=False)
         right = [
             o.outputs[0].finish_reason == "stop" and o.outputs[0].text == t.answer
@@ -151,13 +248,13 @@ def _accuracy(llm, params, tasks, tokenizer, vectors) -> tuple[dict[str, float],
     return overall, by_attribute
 
 
-def _cost(llm, params, pool, repeats: int, tokenizer, vectors) -> dict[str, Any]:
+def _cost(llm, params, pool, repeats: int, tokenizer, vectors, modes) -> dict[str, Any]:
     """Per document count and mode: prompt tokens and median time to first token (one request at a time)."""
     rows: dict[str, Any] = {}
     for count in DOCUMENT_COUNTS:
         row: dict[str, Any] = {}
         tasks = [with_documents(t, count, pool) for t in pool[:repeats]]
-        for mode in MODES:
+        for mode in modes:
             tokens, seconds = [], []
             for task in tasks:
                 prompt = prompt_for(task, mode, tokenizer, vectors)
@@ -166,47 +263,64 @@ def _cost(llm, params, pool, repeats: int, tokenizer, vectors) -> dict[str, Any]
                 seconds.append(time.perf_counter() - start)
                 tokens.append(len(out.prompt_token_ids))
             row[mode] = {"prompt_tokens": statistics.mean(tokens), "ttft_s_median": statistics.median(seconds)}
-        row["xrag_over_text"] = {
-            "prompt_tokens": row["xrag"]["prompt_tokens"] / row["text"]["prompt_tokens"],
-            "ttft": row["xrag"]["ttft_s_median"] / row["text"]["ttft_s_median"],
-        }
+        if "xrag" in row:
+            row["xrag_over_text"] = {
+                "prompt_tokens": row["xrag"]["prompt_tokens"] / row["text"]["prompt_tokens"],
+                "ttft": row["xrag"]["ttft_s_median"] / row["text"]["ttft_s_median"],
+            }
         rows[str(count)] = row
     return rows
 
 
-def _table(figures: dict[str, Any]) -> str:
-    lines = ["exact match: " + " ".join(f"{m} {v:.3f}" for m, v in figures["exact_match"].items())]
+def _table(figures: dict[str, Any], modes: tuple[str, ...]) -> str:
+    lines = ["knowledge exact match: " + " ".join(f"{m} {v:.3f}" for m, v in figures["exact_match"].items())]
     for mode, scores in figures["exact_match_by_attribute"].items():
         lines.append(f"  {mode:5s} " + " ".join(f"{a} {v:.3f}" for a, v in scores.items()))
-    lines.append(f"{'documents':>9s} " + " ".join(f"{m + ' tokens':>12s} {m + ' ttft ms':>12s}" for m in MODES))
+    for count, row in figures["english_contains_answer"].items():
+        lines.append(f"english, {count} document(s): " + " ".join(f"{m} {v:.3f}" for m, v in row.items()))
+    lines.append(f"{'documents':>9s} " + " ".join(f"{m + ' tokens':>12s} {m + ' ttft ms':>12s}" for m in modes))
     for count, row in figures["cost"].items():
-        cells = " ".join(f"{row[m]['prompt_tokens']:12.1f} {1000 * row[m]['ttft_s_median']:12.2f}" for m in MODES)
-        ratio = row["xrag_over_text"]
-        lines.append(f"{count:>9s} {cells}   xrag/text tokens {ratio['prompt_tokens']:.3f} ttft {ratio['ttft']:.3f}")
+        cells = " ".join(f"{row[m]['prompt_tokens']:12.1f} {1000 * row[m]['ttft_s_median']:12.2f}" for m in modes)
+        ratio = row.get("xrag_over_text")
+        tail = f"   xrag/text tokens {ratio['prompt_tokens']:.3f} ttft {ratio['ttft']:.3f}" if ratio else ""
+        lines.append(f"{count:>9s} {cells}{tail}")
     return "\n".join(lines)
 
 
-def _plot(figures: dict[str, Any], path: Path) -> None:
+def _plot(figures: dict[str, Any], path: Path, modes: tuple[str, ...]) -> None:
     from mmrag.benchmarks.common import pyplot
 
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = dict(zip(MODES, ("tab:gray", "tab:blue", "tab:green"), strict=True))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5))
     accuracy = figures["exact_match"]
-    left.bar(list(accuracy), list(accuracy.values()), color=["tab:gray", "tab:blue", "tab:green"])
+    left.bar(list(accuracy), list(accuracy.values()), color=[colours[m] for m in accuracy])
     left.set_ylim(0, 1)
     left.set_ylabel("held-out exact match")
-    left.set_title("Knowledge questions (trained tiny LLaVA, vLLM)")
+    left.set_title("Knowledge tasks")
+    english = figures["english_contains_answer"]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        xs = [j + i * width for j in range(len(english))]
+        middle.bar(xs, [row[mode] for row in english.values()], width, color=colours[mode], label=mode)
+    middle.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(english))], [f"{c} doc(s)" for c in english])
+    middle.set_ylim(0, 1)
+    middle.set_ylabel("replies containing the answer")
+    middle.set_title("English questions, invented documents")
+    middle.legend()
     counts = [int(c) for c in figures["cost"]]
-    for mode, colour in zip(MODES, ("tab:gray", "tab:blue", "tab:green"), strict=True):
-        right.plot(
-            counts, [figures["cost"][str(c)][mode]["prompt_tokens"] for c in counts], "o-", color=colour, label=mode
-        )
+    for mode in modes:
+        tokens = [figures["cost"][str(c)][mode]["prompt_tokens"] for c in counts]
+        right.plot(counts, tokens, "o-", color=colours[mode], label=mode)
     right.set_xlabel("documents in the prompt")
     right.set_ylabel("prompt tokens")
     right.set_title("Prompt length (labels: xRAG/text time to first token)")
     for c in counts:
-        ratio = figures["cost"][str(c)]["xrag_over_text"]["ttft"]
-        right.annotate(f"ttft x{ratio:.2f}", (c, figures["cost"][str(c)]["xrag"]["prompt_tokens"]), fontsize=8)
+        ratio = figures["cost"][str(c)].get("xrag_over_text")
+        if ratio:
+            right.annotate(
+                f"ttft x{ratio['ttft']:.2f}", (c, figures["cost"][str(c)]["xrag"]["prompt_tokens"]), fontsize=8
+            )
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=130)

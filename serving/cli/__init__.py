@@ -11,6 +11,7 @@ import importlib
 # name -> module; kept in one place so `mmrag --help` lists everything without importing heavy code.
 COMMANDS: dict[str, str] = {
     "serve": "mmrag.serving.cli.serve",
+    "models": "mmrag.serving.cli.models",
     "make-tiny-model": "mmrag.serving.cli.make_tiny_model",
     "bench": "mmrag.serving.cli.bench",
     "ingest": "mmrag.serving.cli.ingest",
@@ -18,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "batch": "mmrag.serving.cli.batch",
     "train-tiny": "mmrag.serving.cli.train_tiny",
     "train-projector": "mmrag.serving.cli.train_projector",
+    "train-smol-vision": "mmrag.serving.cli.train_smol_vision",
 }
 
 

@@ -35,10 +35,16 @@ class PromptBuilder:
         self._config = config
         self._aim = aim
         self.placeholders = placeholder_tokens(self._tokenizer)
+        self.accepts_images = bool(llm.model_config.is_multimodal_model)
 
     async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
         """The rendered engine input (``prompt_token_ids``, multimodal data and placeholders)."""
         self.reject_placeholder_text(request.messages)
+        if request.images and not self.accepts_images:
+            raise InvalidRequestError(
+                f"the served model ({self._config.model.served_name}) reads text only; send no image_url parts",
+                param="messages",
+            )
         retrieval = request.retrieval
         if retrieval is None or not retrieval.chunks:
             return await self._render(self.chat_text(request.messages), request)

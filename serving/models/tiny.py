@@ -65,6 +65,13 @@ class TinyLlavaSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
+def locate_tiny_random(seed: int = 0) -> Path:
+    """Registry entry ``tiny-random``: generated into the cache once per seed."""
+    from mmrag.serving.models.registry import prepared
+
+    return prepared("tiny-random", f"seed:{seed}", lambda out: make_tiny_llava(out, TinyLlavaSpec(seed=seed)))
+
+
 def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> Path:
     """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
     spec = spec or TinyLlavaSpec()
@@ -79,7 +86,7 @@ def write_checkpoint(out: Path, model, tokenizer, spec: TinyLlavaSpec) -> None:
     """Processor, config and bf16 weights in the hub layout, plus the spec that built them."""
     out.mkdir(parents=True, exist_ok=True)
     build_processor(tokenizer, spec).save_pretrained(out)
-    _save_weights(model, out)
+    save_hub_weights(model, out)
     (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
 
 
@@ -190,7 +197,16 @@ def to_hub_name(name: str) -> str:
     raise ValueError(f"unexpected LLaVA weight name {name!r}")
 
 
-def _save_weights(model, out: Path) -> None:
+def from_hub_name(name: str) -> str:
+    """The inverse of :func:`to_hub_name`: a hub checkpoint's weight name as transformers 5 calls it."""
+    for ours, hub in _HUB_PREFIXES:
+        if name.startswith(hub):
+            return ours + name[len(hub) :]
+    raise ValueError(f"unexpected LLaVA hub weight name {name!r}")
+
+
+def save_hub_weights(model, out: Path) -> None:
+    """Config, generation config and bf16 weights under the hub names; a tied LM head is not written."""
     import torch
     from safetensors.torch import save_file
 
@@ -198,5 +214,10 @@ def _save_weights(model, out: Path) -> None:
     model.config.dtype = "bfloat16"  # what vLLM's CPU backend runs; saves a cast (and a warning) per weight
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    state = {to_hub_name(k): v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    tied = model.config.get_text_config().tie_word_embeddings
+    state = {
+        to_hub_name(k): v.detach().to(torch.bfloat16).contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k.startswith("lm_head."))
+    }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -25,3 +25,8 @@ def trained_projector_path() -> Path:
     if not (TRAINED_PROJECTOR_DIR / "projector.safetensors").is_file():
         raise FileNotFoundError(f"no xRAG projector at {TRAINED_PROJECTOR_DIR}; run `mmrag train-projector`")
     return TRAINED_PROJECTOR_DIR
+
+
+def locate_trained_model(seed: int = 0) -> Path:
+    """Registry entry ``tiny-mllm`` (shipped, nothing to prepare)."""
+    return trained_model_path()

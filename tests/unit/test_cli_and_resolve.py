@@ -1,11 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mmrag.serving.cli import COMMANDS, build_parser
 from mmrag.serving.config import ModelConfig
-from mmrag.serving.models.resolve import resolve_model_path
+from mmrag.serving.models.registry import MANIFEST, model_path, verify
 
 
 def test_every_command_is_registered_and_parses():
@@ -51,18 +52,31 @@ def test_make_tiny_model_command(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
-def test_resolve_generates_once_into_the_cache(tmp_path, monkeypatch):
+def test_a_registered_model_is_prepared_once_into_the_cache_with_a_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("MMRAG_CACHE_DIR", str(tmp_path))
-    path = resolve_model_path(ModelConfig(tiny_seed=5))
-    assert path.endswith("tiny-llava-seed5")
-    stamp = (tmp_path / "models" / "tiny-llava-seed5" / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model_path(ModelConfig(tiny_seed=5)) == path
-    assert (tmp_path / "models" / "tiny-llava-seed5" / "model.safetensors").stat().st_mtime_ns == stamp
+    path = Path(model_path(ModelConfig(name="tiny-random", tiny_seed=5)))
+    assert path.parent == tmp_path / "models" and path.name.startswith("tiny-random-")
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert model_path(ModelConfig(name="tiny-random", tiny_seed=5)) == str(path)
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert verify(path) == []
+    assert model_path(ModelConfig(name="tiny-random", tiny_seed=6)) != str(path)  # the seed is in the key
+    (path / "config.json").write_text("{}")
+    assert verify(path) == ["config.json"]  # a damaged copy is told apart
+    assert [p.name for p in tmp_path.joinpath("models").iterdir() if not (p / MANIFEST).is_file()] == []
+
+
+def test_an_unknown_model_name_is_a_config_error_naming_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'smoll'.*smol, smol-lm, tiny-mllm, tiny-random"):
+        ModelConfig(name="smoll")
+    assert ModelConfig(name="tiny-random").served_name == "mmrag-tiny-llava"
+    assert ModelConfig(name="tiny-random", served_name="x").served_name == "x"
+    assert ModelConfig(path="/models/my-llava").served_name == "my-llava"
 
 
 def test_resolve_takes_a_checkpoint_path_and_rejects_a_non_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("MMRAG_CACHE_DIR", str(tmp_path / "cache"))
-    generated = resolve_model_path(ModelConfig())
-    assert resolve_model_path(ModelConfig(path=generated)) == generated
+    generated = model_path(ModelConfig(name="tiny-random"))
+    assert model_path(ModelConfig(path=generated)) == generated
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
-        resolve_model_path(ModelConfig(path=str(tmp_path)))
+        model_path(ModelConfig(path=str(tmp_path)))

@@ -35,6 +35,7 @@ LAYERS = {
     "mmrag.serving.media": 2,
     "mmrag.serving.metrics": 2,
     "mmrag.serving.models": 2,
+    "mmrag.serving.models.registry": 1,  # names and import paths: the config validates model.name
     "mmrag.serving.openai": 2,
     "mmrag.serving.pipeline": 3,
     "mmrag.serving.openai.server": 4,

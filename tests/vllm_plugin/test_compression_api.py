@@ -17,7 +17,7 @@ from mmrag.serving.openai.server import create_app
 from mmrag.serving.pipeline import LocalBackend
 from tests.fake_engine import FakeEngine
 
-MODEL = "mmrag-tiny-llava"
+MODEL = "smol"  # the default config's served name (a fake engine)
 
 
 class MergingEngine(FakeEngine):
@@ -37,7 +37,7 @@ class MergingEngine(FakeEngine):
 @pytest.fixture
 def engine():
     config = {"compression": {"aim_keep_ratio": 0.5, "lookm": {"enabled": True, "image_budget": 0.5}}}
-    return MergingEngine(MmragConfig.model_validate(config))
+    return MergingEngine(MmragConfig.model_validate({"retrieval": {"default_mode": "none"}, **config}))
 
 
 @pytest.fixture

