@@ -58,7 +58,7 @@ MERGES = ("pivotal", "averaged", "weighted", None)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-family", type=int, default=None, help="Held-out tasks per family (default 48; 6 quick).")
-    parser.add_argument("--model", default=None, help="Checkpoint (default: the trained model in the repository).")
+    parser.add_argument("--model", default="tiny-mllm", help="A registered model name or a checkpoint directory.")
     parser.add_argument("--max-images", type=int, default=6)
     parser.add_argument(
         "--no-vllm", dest="vllm", action="store_false", help="Skip the vLLM rows (the reference engine only)."
@@ -123,14 +123,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from mmrag.benchmarks.common import plot_path, write_result
+    from mmrag.benchmarks.common import model_checkpoint, plot_path, write_result
     from mmrag.kernels.reference.engine import ReferenceEngine
-    from mmrag.serving.models.trained import trained_model_path
     from mmrag.training.data import pixel_values
     from mmrag.training.tasks import FAMILIES, IMAGE_FAMILIES, make_task
 
     per_family = args.per_family or (6 if args.quick else 48)
-    model_path = Path(args.model) if args.model else trained_model_path()
+    model_path = model_checkpoint(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = ReferenceEngine.from_pretrained(model_path)
     tokens_per_image = int(base.model.config.image_seq_length)

@@ -28,6 +28,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def model_checkpoint(name_or_path: str) -> Path:
+    """A registered model's prepared checkpoint (``mmrag models list``), or a checkpoint directory."""
+    from mmrag.serving.models.registry import MODELS, prepare
+
+    return prepare(name_or_path) if name_or_path in MODELS else Path(name_or_path)
+
+
 def default_out(name: str) -> Path:
     return RESULTS_DIR / f"{name}.json"
 

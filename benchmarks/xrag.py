@@ -76,17 +76,16 @@ def with_documents(task, count: int, pool: list):
 def _model_and_projector(args: argparse.Namespace) -> tuple[Path, Path | None]:
     import importlib
 
-    from mmrag.serving.models.registry import MODELS, prepare
+    from mmrag.benchmarks.common import model_checkpoint
 
-    if args.model in MODELS:
-        model = prepare(args.model)
-        shipped = PROJECTORS.get(args.model)
-        if args.projector is None and shipped is not None:
-            module, _, function = shipped.partition(":")
-            return model, getattr(importlib.import_module(module), function)()
-    else:
-        model = Path(args.model)
-    return model, Path(args.projector) if args.projector else None
+    model = model_checkpoint(args.model)
+    if args.projector is not None:
+        return model, Path(args.projector)
+    shipped = PROJECTORS.get(args.model)
+    if shipped is None:
+        return model, None
+    module, _, function = shipped.partition(":")
+    return model, getattr(importlib.import_module(module), function)()
 
 
 def run(args: argparse.Namespace) -> int:
