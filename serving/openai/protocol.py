@@ -1,8 +1,10 @@
 """OpenAI chat-completions request and response shapes (the subset mmrag serves, validated strictly).
 
 Unknown top-level fields are ignored, as OpenAI-compatible servers do (clients send fields such as
-``user`` or ``metadata``); everything mmrag reads is typed and range-checked here, so a bad value is a
-400 naming the field before any work starts.
+``user`` or ``metadata``), except OpenAI's own fields that would change the answer and that mmrag does not
+implement (``tools``, ``response_format``, ``logit_bias``, ...): ignoring those would return a 200 that is
+not what the client asked for, so they are a 400 naming the field. Everything mmrag reads is typed and
+range-checked here, so a bad value is a 400 naming the field before any work starts.
 """
 
 from __future__ import annotations
@@ -12,11 +14,44 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from mmrag.serving.config import LimitsConfig
 from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalOptions
 
 _DEFAULT_LIMITS = LimitsConfig()
+
+# OpenAI chat fields that change what the answer is and that mmrag does not implement. They are declared
+# (hidden from the OpenAPI document) only to be refused by name; fields that do not change the answer
+# (``user``, ``metadata``, ``store``, ``service_tier``, ...) stay ignored, as unknown fields are.
+UNSUPPORTED_REQUEST_FIELDS = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+)
+UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "function_call", "tool_call_id", "audio")
+
+
+def refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
+    """A set unsupported field is a 400 naming it; null, an empty list or object, and ``response_format``
+    ``{"type": "text"}`` ask for nothing beyond what mmrag does, so some clients' defaults still pass."""
+    if value is None or value == [] or value == {} or (info.field_name == "response_format" and value == _TEXT):
+        return value
+    raise ValueError(f"`{info.field_name}` is not supported by this server")
+
+
+_TEXT = {"type": "text"}
+_Unsupported = SkipJsonSchema[Any]
 
 
 class _Part(BaseModel):
@@ -47,6 +82,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: _Unsupported = None
+    function_call: _Unsupported = None
+    tool_call_id: _Unsupported = None
+    audio: _Unsupported = None
+
+    _refuse_unsupported = field_validator(*UNSUPPORTED_MESSAGE_FIELDS)(refuse_unsupported)
 
     @model_validator(mode="after")
     def _images_only_from_users(self) -> ChatMessage:
@@ -125,6 +166,22 @@ class ChatCompletionRequest(BaseModel):
     retrieval: RetrievalOptions | None = None
     # mmrag extension: per-request compression (AIM keep ratio), overriding the deployment default.
     compression: CompressionOptions | None = None
+    # OpenAI fields mmrag does not implement (see UNSUPPORTED_REQUEST_FIELDS): a 400 when set.
+    tools: _Unsupported = None
+    tool_choice: _Unsupported = None
+    parallel_tool_calls: _Unsupported = None
+    functions: _Unsupported = None
+    function_call: _Unsupported = None
+    response_format: _Unsupported = None
+    logit_bias: _Unsupported = None
+    audio: _Unsupported = None
+    modalities: _Unsupported = None
+    prediction: _Unsupported = None
+    reasoning_effort: _Unsupported = None
+    verbosity: _Unsupported = None
+    web_search_options: _Unsupported = None
+
+    _refuse_unsupported = field_validator(*UNSUPPORTED_REQUEST_FIELDS)(refuse_unsupported)
 
     @field_validator("messages", mode="before")
     @classmethod

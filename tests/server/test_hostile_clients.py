@@ -159,3 +159,10 @@ def test_deeply_nested_json_is_a_400(http, engine, depth, field, kind):
 def test_malformed_image_urls_are_400s_naming_the_part(http, engine, url):
     response = http.post("/v1/chat/completions", json=chat(engine, url))
     assert_error(response, 400, "messages[0].content[1].image_url.url", "image URL")
+
+
+def test_unimplemented_fields_are_a_400_not_a_silent_200(http, engine):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    response = http.post("/v1/chat/completions", json={**chat(engine), "tools": tools, "tool_choice": "auto"})
+    assert_error(response, 400, "tools", "`tools` is not supported by this server")
+    assert engine.seen == []

@@ -95,3 +95,38 @@ def test_message_count_is_capped_before_validation():
     with pytest.raises(InvalidRequestError, match="5 messages; at most 4") as info:
         parse_chat_body(body, LimitsConfig(max_messages=4))
     assert info.value.param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ],
+)
+def test_unimplemented_openai_fields_are_a_400_naming_them(extra, param):
+    with pytest.raises(InvalidRequestError) as info:
+        parse({**user("hi"), **extra})
+    assert info.value.param == param
+    assert f"`{param}` is not supported by this server" in info.value.message
+
+
+def test_unimplemented_message_fields_are_a_400_naming_them():
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    payload = {"model": "m", "messages": [{"role": "assistant", "content": None, "tool_calls": calls}]}
+    with pytest.raises(InvalidRequestError) as info:
+        parse(payload)
+    assert info.value.param == "messages[0].tool_calls"
+
+
+def test_fields_that_ask_for_nothing_unsupported_are_accepted():
+    # OpenAI clients send user/metadata; some send unset fields as null or empty, or the default format.
+    extra = {"user": "u", "metadata": {"k": "v"}, "tools": None, "logit_bias": {}, "response_format": {"type": "text"}}
+    assert parse({**user("hi"), **extra}).messages[0].content == "hi"
