@@ -19,7 +19,7 @@ from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_mes
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
 from mmrag.serving.xrag.projector import XRAG_TOKEN
 
-__all__ = ["PromptBuilder", "as_xrag_placeholders", "load_chat_template", "placeholder_tokens"]
+__all__ = ["PromptBuilder", "as_xrag_placeholders", "load_chat_template", "placeholder_tokens", "special_tokens"]
 
 # Rebuilding a text-RAG prompt converges in one retry in practice; more would mean a template bug.
 _MAX_FIT_ATTEMPTS = 3
@@ -35,11 +35,12 @@ class PromptBuilder:
         self._config = config
         self._aim = aim
         self.placeholders = placeholder_tokens(self._tokenizer)
+        self.specials = special_tokens(self._tokenizer)
         self.accepts_images = bool(llm.model_config.is_multimodal_model)
 
     async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
         """The rendered engine input (``prompt_token_ids``, multimodal data and placeholders)."""
-        self.reject_placeholder_text(request.messages)
+        self.reject_special_text(request.messages)
         if request.images and not self.accepts_images:
             raise InvalidRequestError(
                 f"the served model ({self._config.model.served_name}) reads text only; send no image_url parts",
@@ -57,9 +58,8 @@ class PromptBuilder:
         The budget counts the context text; the chat template adds framing around it, so while the prompt
         would still overflow, the budget shrinks by the overflow and the messages are rebuilt.
         """
-        for chunk in retrieval.chunks:  # a document must not smuggle an image slot into the prompt
-            for token in self.placeholders:
-                chunk.text = chunk.text.replace(token, "")
+        for chunk in retrieval.chunks:  # a document must not smuggle an image slot or a chat turn into the prompt
+            chunk.text = strip_special_tokens(chunk.text, self.specials)
         max_model_len = self._config.engine.max_model_len
         image_surplus = self._image_token_surplus(request)
         bare_tokens = self._count(self.chat_text(request.messages)) + image_surplus
@@ -121,18 +121,21 @@ class PromptBuilder:
             raise InvalidRequestError(f"the images do not match their placeholders: {exc}", param="messages") from exc
         return engine_input
 
-    def reject_placeholder_text(self, messages: list[dict[str, Any]]) -> None:
-        """A literal ``<image>`` in user text would become an image slot with no image behind it."""
+    def reject_special_text(self, messages: list[dict[str, Any]]) -> None:
+        """Message text must not contain the tokenizer's special tokens: the prompt is rendered as text and
+        tokenized with special tokens parsed, so a typed ``<image>`` would become an image slot with no image
+        behind it, and a typed ``</s>`` or ``<|im_start|>`` would end or open a chat turn the client forged."""
         for i, message in enumerate(messages):
             content = message["content"]
             texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
             for text in texts:
-                for token in self.placeholders:
-                    if token in text:
-                        raise InvalidRequestError(
-                            f"messages[{i}] contains the reserved placeholder {token!r}",
-                            param=f"messages[{i}].content",
-                        )
+                token = first_special_token(text, self.specials)
+                if token is not None:
+                    kind = "placeholder" if token in self.placeholders else "special token"
+                    raise InvalidRequestError(
+                        f"messages[{i}] contains the tokenizer's reserved {kind} {token!r}",
+                        param=f"messages[{i}].content",
+                    )
 
 
 def placeholder_tokens(tokenizer: Any) -> list[str]:
@@ -140,6 +143,29 @@ def placeholder_tokens(tokenizer: Any) -> list[str]:
     markers = {getattr(tokenizer, n, None) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
     specials = [t for t in tokenizer.all_special_tokens if t not in markers]
     return specials + [XRAG_TOKEN] * (XRAG_TOKEN not in specials)
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """Every string the tokenizer turns into a special token (BOS/EOS/pad/unk, chat markers such as
+    ``<|im_start|>``, modality placeholders), longest first so that stripping removes a whole token before any
+    shorter one inside it."""
+    tokens = set(tokenizer.all_special_tokens)
+    # Added tokens flagged special (Llama 3's header markers) are not always among ``all_special_tokens``.
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(t.content for t in added.values() if getattr(t, "special", False))
+    tokens.add(XRAG_TOKEN)
+    return sorted((t for t in tokens if t), key=lambda t: (-len(t), t))
+
+
+def first_special_token(text: str, specials: list[str]) -> str | None:
+    return next((token for token in specials if token in text), None)
+
+
+def strip_special_tokens(text: str, specials: list[str]) -> str:
+    """``text`` without any special token, repeated until none is left (removing one may join another)."""
+    while (token := first_special_token(text, specials)) is not None:
+        text = text.replace(token, "")
+    return text
 
 
 def as_xrag_placeholders(result: RetrievalResult) -> RetrievalResult:
