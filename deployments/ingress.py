@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from mmrag.serving.logs import configure_logging
 from mmrag.serving.openai.server import create_app
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
+
+logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -63,11 +66,13 @@ def client_error(exc: Exception, stage: str) -> Exception:
     restarts it) or any other Ray failure is a 503, never a 500 or a hang.
     """
     if isinstance(exc, BackPressureError):
-        return OverloadedError(f"the {stage} stage is at capacity: {exc}")
+        return OverloadedError(f"the {stage} stage is at capacity")
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, OpenAIError | RetrievalError):
         return exc.cause
     cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    return EngineUnavailableError(f"the {stage} stage failed: {type(cause).__name__}: {cause}")
+    # Ray's text carries tracebacks, node addresses and file paths: the log gets it, the client the kind.
+    logger.warning("the %s stage failed: %s: %s", stage, type(cause).__name__, cause)
+    return EngineUnavailableError(f"the {stage} stage failed; retry shortly")
 
 
 @serve.deployment(name="OpenAIIngress")

@@ -10,6 +10,8 @@ jobs and tests.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +29,7 @@ from mmrag.serving.engine.protocol import (
 from mmrag.serving.errors import (
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
     OpenAIError,
     PayloadTooLargeError,
     ServiceUnavailableError,
@@ -51,6 +54,8 @@ from mmrag.serving.retrieval.protocol import (
     query_text_from_messages,
     resolve_options,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ChatBackend", "ChatPipeline", "LocalBackend", "PreparedChat", "compression_settings", "parse_chat_body"]
 
@@ -185,6 +190,8 @@ def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatComp
         raise InvalidRequestError("the request body is nested too deeply") from exc
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body):
+        reject_lone_surrogates(payload)
     try:
         return ChatCompletionRequest.model_validate(payload, context={"limits": limits})
     except RecursionError as exc:  # validators that walk a nested value (compression.kv) hit the same bound
@@ -196,10 +203,39 @@ def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatComp
         raise InvalidRequestError(f"{param}: {error['msg']}", param=param or None) from exc
 
 
+# JSON can only carry a lone surrogate as an escape (raw ones are invalid UTF-8, refused by the decoder).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def reject_lone_surrogates(payload: dict[str, Any]) -> None:
+    """A string holding a lone surrogate (``"\\ud800"`` unpaired) is a 400 naming its field: UTF-8 cannot
+    encode it, so the tokenizer, the encoder or gRPC would fail on it deep inside (a pair is one character
+    once decoded, and passes)."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), payload)]
+    while stack:  # iterative: the payload may be as deep as the JSON decoder allowed
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                param = format_error_location(loc) or None
+                raise InvalidRequestError(f"{param}: not valid Unicode (a lone surrogate)", param=param) from None
+        elif isinstance(value, dict):
+            stack.extend(((*loc, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), item) for i, item in reversed(list(enumerate(value))))
+
+
 def retrieval_error_as_openai(exc: RetrievalError) -> OpenAIError:
+    """The client's error for a retrieval failure: its 4xx as said, a fault as a 503 that names only its kind
+    (the full message, with the store's address or file, goes to the log)."""
+    param = exc.field or "retrieval"
+    if exc.status_code == 404:
+        return NotFoundError(exc.public_message, param=param, code="collection_not_found")
     if exc.status_code < 500:
-        return InvalidRequestError(exc.message, param=exc.field or "retrieval")
-    return ServiceUnavailableError(f"retrieval unavailable: {exc.message}", param=exc.field or "retrieval")
+        return InvalidRequestError(exc.public_message, param=param)
+    logger.warning("retrieval unavailable: %s", exc.message)
+    return ServiceUnavailableError(f"retrieval unavailable: {exc.public_message}", param=param)
 
 
 def check_limits(request: ChatCompletionRequest, config: MmragConfig) -> None:

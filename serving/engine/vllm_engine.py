@@ -178,7 +178,8 @@ class VllmEngine(Engine):
         try:
             await self._llm.check_health()
         except Exception as exc:
-            raise EngineUnavailableError(f"the engine is not healthy: {exc}") from exc
+            logger.warning("engine health check failed: %s", exc)
+            raise EngineUnavailableError("the engine is not healthy") from exc
 
     def metrics_text(self) -> str:
         from prometheus_client import REGISTRY, generate_latest
@@ -218,7 +219,8 @@ def _as_openai_error(exc: Exception) -> Exception:
     if isinstance(exc, InvalidRequestError | EngineUnavailableError):
         return exc
     if isinstance(exc, EngineDeadError):
-        return EngineUnavailableError(f"the engine died: {exc}")
+        logger.error("the engine died: %s", exc)
+        return EngineUnavailableError("the engine died; it is being restarted")
     if isinstance(exc, VLLMValidationError):
         parameter = getattr(exc, "parameter", None) or "input_tokens"
         return InvalidRequestError(str(exc), param=_REQUEST_FIELD.get(parameter, parameter))

@@ -66,7 +66,9 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             await backend.check_health()
         except Exception as exc:
             logger.warning("health check failed: %s", exc)
-            return error_response(EngineUnavailableError(f"not ready: {exc}"))
+            # Our own errors say what is wrong in client terms; anything else stays in the log.
+            reason = exc.message if isinstance(exc, OpenAIError) else "the engine is not serving"
+            return error_response(EngineUnavailableError(f"not ready: {reason}"))
         return PlainTextResponse("ok")
 
     @app.get("/v1/models")

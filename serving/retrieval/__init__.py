@@ -14,6 +14,7 @@ from mmrag.serving.retrieval.errors import (
     RetrievalTimeoutError,
     RetrievalUnavailableError,
     StoreUnreachableError,
+    UnknownCollectionError,
     UnsupportedModeError,
 )
 from mmrag.serving.retrieval.protocol import (
@@ -37,6 +38,7 @@ __all__ = [
     "RetrievalTimeoutError",
     "RetrievalUnavailableError",
     "StoreUnreachableError",
+    "UnknownCollectionError",
     "UnsupportedModeError",
     "build_text_rag_messages",
     "query_text_from_messages",

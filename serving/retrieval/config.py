@@ -188,8 +188,9 @@ class RetrievalConfig(_Strict):
     write_timeout_s: float = Field(default=120.0, gt=0, description="One upsert/delete/create call.")
     on_failure: Literal["error", "degrade"] = Field(
         default="error",
-        description="On Milvus unreachable, collection missing or timeout: 'error' answers 503; "
-        "'degrade' answers without retrieval and says why in the response's `retrieval` field.",
+        description="On Milvus unreachable, the default collection missing or timeout: 'error' answers 503; "
+        "'degrade' answers without retrieval and says why in the response's `retrieval` field (a collection "
+        "the request names that does not exist is always a 404).",
     )
     ingest_demo_corpus: bool = Field(
         default=True,

@@ -30,10 +30,11 @@ even the instruction fits, no context is inserted. The caller sets the budget to
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmrag.serving.retrieval.config import RetrievalConfig, RetrievalMode, TextRagConfig
 from mmrag.serving.retrieval.errors import RetrievalRequestError, UnsupportedModeError
@@ -58,6 +59,35 @@ class RetrievalOptions(BaseModel):
         default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Collection to search."
     )
     hybrid: bool | None = Field(default=None, description="Dense + BM25 full-text, fused with RRF.")
+
+    @field_validator("filter")
+    @classmethod
+    def _shallow_filter(cls, expression: str | None) -> str | None:
+        """Milvus parses filters recursively (Milvus Lite in this very process): a deep one is refused here."""
+        if expression is not None and filter_nesting(expression) > MAX_FILTER_NESTING:
+            raise ValueError(f"the filter is nested too deeply (at most {MAX_FILTER_NESTING} levels)")
+        return expression
+
+
+# Far beyond any hand-written filter, far below the parsers' recursion limits.
+MAX_FILTER_NESTING = 32
+_STRING_LITERAL = re.compile(r""""(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'""")
+_NESTING_TOKEN = re.compile(r"[()\[\]]|\bnot\b|!(?!=)", re.IGNORECASE)
+
+
+def filter_nesting(expression: str) -> int:
+    """An upper bound on how deep a parser recurses for ``expression``: the deepest bracket nesting plus
+    every unary ``not``/``!`` (string literals skipped)."""
+    depth = deepest = unary = 0
+    for token in _NESTING_TOKEN.findall(_STRING_LITERAL.sub("", expression)):
+        if token in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ")]":
+            depth = max(0, depth - 1)
+        else:
+            unary += 1
+    return deepest + unary
 
 
 class ResolvedOptions(BaseModel):

@@ -18,8 +18,10 @@ from mmrag.serving.retrieval.errors import (
     CollectionNotFoundError,
     EncoderMismatchError,
     RetrievalError,
+    RetrievalRequestError,
     RetrievalTimeoutError,
     StoreUnreachableError,
+    UnknownCollectionError,
 )
 from mmrag.serving.retrieval.protocol import (
     ResolvedOptions,
@@ -60,10 +62,16 @@ class Retriever:
         )
         if resolved.mode == "none" or not query_text.strip():
             return RetrievalResult(info=info)
+        if not is_valid_unicode(query_text):  # the tokenizer and gRPC would fail on it deep inside
+            raise RetrievalRequestError("the query text is not valid Unicode (lone surrogates)", field="messages")
         try:
             chunks = await asyncio.wait_for(
                 asyncio.to_thread(self.search, resolved, query_text), timeout=self.config.search_timeout_s
             )
+        except CollectionNotFoundError as error:
+            if resolved.collection != self.config.collection:  # the client named it: its mistake, not a fault
+                raise UnknownCollectionError(error.message) from error
+            return self._degrade_or_raise(error, info)
         except asyncio.TimeoutError:
             error: RetrievalError = RetrievalTimeoutError(
                 f"retrieval took longer than {self.config.search_timeout_s} s"
@@ -105,7 +113,7 @@ class Retriever:
             raise error
         logger.warning("retrieval degraded: %s", error)
         info.degraded = True
-        info.degraded_reason = f"{type(error).__name__}: {error}"
+        info.degraded_reason = f"{type(error).__name__}: {error.public_message}"  # the response shows it
         return RetrievalResult(info=info)
 
     def _check_projector(self) -> None:
@@ -180,3 +188,12 @@ class Retriever:
     def close(self) -> None:
         if self._store is not None:
             self._disconnect(self._store)
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for text holding lone surrogates (JSON's ``"\\ud800"`` decodes to one), which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

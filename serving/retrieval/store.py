@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mmrag.serving.errors import clip
 from mmrag.serving.retrieval.config import RetrievalConfig
 from mmrag.serving.retrieval.errors import (
     CollectionNotFoundError,
@@ -338,13 +339,20 @@ class MilvusStore:
             missing = exc.code in _NOT_FOUND_CODES or "not exist" in message or "not found" in message
             if missing and collection is not None and "collection" in message.lower():
                 raise CollectionNotFoundError(f"collection {collection!r} does not exist") from exc
+            if filter and "recursion" in message.lower():  # Milvus Lite parses filters recursively
+                raise InvalidFilterError("the filter is nested too deeply") from exc
             if filter and exc.code in _ARGUMENT_ERROR_CODES:
-                raise InvalidFilterError(f"Milvus rejected the filter {filter!r}: {message}") from exc
+                raise InvalidFilterError(f"Milvus rejected the filter {clip(filter)}: {clip_milvus(message)}") from exc
             if "deadline" in message.lower() or "timeout" in message.lower():
                 raise RetrievalTimeoutError(f"{op} on {where} timed out: {message}") from exc
             if exc.code == 2 or "unavailable" in message.lower() or "connect" in message.lower():
                 raise StoreUnreachableError(f"{op}: {where} is unreachable: {message}") from exc
             raise RetrievalUnavailableError(f"{op} failed on {where}: {message}") from exc
+
+
+def clip_milvus(message: str, limit: int = 600) -> str:
+    """Milvus's explanation of a rejected filter (it quotes the filter back), bounded."""
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 def _redact(uri: str) -> str:

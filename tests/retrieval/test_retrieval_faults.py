@@ -8,15 +8,20 @@ import sys
 import textwrap
 
 import pytest
+from pydantic import ValidationError
 
+from mmrag.serving.pipeline import retrieval_error_as_openai
 from mmrag.serving.retrieval.errors import (
     CollectionNotFoundError,
+    InvalidFilterError,
     RetrievalRequestError,
     RetrievalTimeoutError,
     StoreUnreachableError,
+    UnknownCollectionError,
     UnsupportedModeError,
 )
 from mmrag.serving.retrieval.ingest import Document, ingest_documents
+from mmrag.serving.retrieval.protocol import ResolvedOptions, RetrievalOptions
 from mmrag.serving.retrieval.retriever import Retriever
 from mmrag.serving.retrieval.store import MilvusStore
 
@@ -59,15 +64,68 @@ def test_unreachable_server_errors_or_degrades(rconfig, encoder, unreachable_uri
     assert not run(retriever.retrieve({"mode": "none"}, "anything")).info.degraded
 
 
-def test_missing_collection_errors_or_degrades(filled, encoder):
-    retriever = Retriever(filled, encoder)
-    with pytest.raises(CollectionNotFoundError, match="nope") as caught:
-        run(retriever.retrieve({"mode": "text", "collection": "nope"}, "q"))
+def test_missing_default_collection_errors_or_degrades(rconfig, encoder):
+    retriever = Retriever(rconfig, encoder)  # nothing ingested: the server's own collection is missing
+    with pytest.raises(CollectionNotFoundError, match=rconfig.collection) as caught:
+        run(retriever.retrieve(TEXT, "q"))
     assert caught.value.status_code == 503 and caught.value.field == "retrieval.collection"
-    filled.on_failure = "degrade"
-    result = run(retriever.retrieve({"mode": "text", "collection": "nope"}, "q"))
+    rconfig.on_failure = "degrade"
+    result = run(retriever.retrieve(TEXT, "q"))
     assert result.info.degraded and "does not exist" in result.info.degraded_reason
-    assert result.info.collection == "nope"
+    assert result.info.collection == rconfig.collection
+    retriever.close()
+
+
+def test_a_named_collection_that_does_not_exist_is_a_404(filled, encoder):
+    retriever = Retriever(filled, encoder)
+    filled.on_failure = "degrade"  # the client's mistake: never degraded away
+    with pytest.raises(UnknownCollectionError, match="'nope' does not exist") as caught:
+        run(retriever.retrieve({"mode": "text", "collection": "nope"}, "q"))
+    assert (caught.value.status_code, caught.value.field) == (404, "retrieval.collection")
+    retriever.close()
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "(" * 1000 + "source == 'a'" + ")" * 1000,
+        "not " * 1000 + "source == 'a'",
+        "metadata['x'] == " + "+".join(["1"] * 1500),  # no brackets: only the store's parser sees the depth
+    ],
+)
+def test_a_deeply_nested_filter_is_a_400_without_internals(filled, encoder, expression):
+    retriever = Retriever(filled, encoder)
+    options = ResolvedOptions(mode="text", top_k=3, filter=expression, collection=filled.collection, hybrid=False)
+    with pytest.raises(InvalidFilterError) as caught:  # what the store says, past the request's own check
+        retriever.search(options, "q")
+    assert (caught.value.status_code, caught.value.field) == (400, "retrieval.filter")
+    assert caught.value.message == "the filter is nested too deeply"
+    retriever.close()
+
+
+def test_the_request_refuses_deep_filters_before_the_store():
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        RetrievalOptions(filter="(" * 40 + "source == 'a'" + ")" * 40)
+    assert RetrievalOptions(filter="not (source like '((((%') and metadata['k'] != 1").filter
+
+
+def test_a_query_with_lone_surrogates_is_a_400_on_messages(filled, encoder):
+    retriever = Retriever(filled, encoder)
+    with pytest.raises(RetrievalRequestError, match="not valid Unicode") as caught:
+        run(retriever.retrieve(TEXT, "herons \ud800 fish"))
+    assert (caught.value.status_code, caught.value.field) == (400, "messages")
+    retriever.close()
+
+
+def test_faults_tell_clients_their_kind_not_the_store_file(rconfig, encoder):
+    rconfig.on_failure = "degrade"
+    retriever = Retriever(rconfig, encoder)
+    error = StoreUnreachableError(f"search: cannot open Milvus at {rconfig.uri}: locked")
+    assert rconfig.uri not in retrieval_error_as_openai(error).message
+    assert retrieval_error_as_openai(error).headers["Retry-After"]
+    retriever.store().client.close()  # a broken connection: the next search fails inside pymilvus
+    result = run(retriever.retrieve(TEXT, "q"))
+    assert result.info.degraded and rconfig.uri not in result.info.degraded_reason
     retriever.close()
 
 
@@ -190,7 +248,7 @@ def test_only_allowed_collections_can_be_named(filled, encoder):
         run(retriever.retrieve({"mode": "text", "collection": "secret_docs"}, "q"))
     assert (caught.value.status_code, caught.value.field) == (400, "retrieval.collection")
     assert run(retriever.retrieve({"mode": "text"}, "bridge")).chunks  # the default collection stays allowed
-    with pytest.raises(CollectionNotFoundError):  # an allowed name reaches Milvus (not created here)
+    with pytest.raises(UnknownCollectionError):  # an allowed name reaches Milvus (not created here)
         run(retriever.retrieve({"mode": "text", "collection": "other_docs"}, "q"))
     retriever.close()
 

@@ -18,6 +18,12 @@ from mmrag.serving import pipeline as pipeline_module
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.openai.server import create_app
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, LocalBackend
+from mmrag.serving.retrieval.errors import (
+    RetrievalTimeoutError,
+    RetrievalUnavailableError,
+    StoreUnreachableError,
+    UnknownCollectionError,
+)
 from tests.fake_engine import FakeEngine
 from tests.unit.test_media import bomb_png
 
@@ -166,3 +172,65 @@ def test_unimplemented_fields_are_a_400_not_a_silent_200(http, engine):
     response = http.post("/v1/chat/completions", json={**chat(engine), "tools": tools, "tool_choice": "auto"})
     assert_error(response, 400, "tools", "`tools` is not supported by this server")
     assert engine.seen == []
+
+
+class FailingRetriever:
+    """A retriever that raises what it is given (the errors a Milvus-backed one raises)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    async def retrieve(self, options, query_text):
+        raise self.error
+
+
+def retrieval_app(engine: FakeEngine, error: Exception) -> TestClient:
+    return TestClient(create_app(engine.config, LocalBackend(engine, FailingRetriever(error))))
+
+
+def with_retrieval(engine: FakeEngine, **options) -> dict:
+    return {**chat(engine), "retrieval": {"mode": "text", **options}}
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param", "fragment"),
+    [
+        (UnknownCollectionError("collection 'nope' does not exist"), 404, "retrieval.collection", "'nope'"),
+        (StoreUnreachableError("search: cannot open Milvus at /srv/mmrag/milvus.db: locked"), 503, "retrieval", ""),
+        (RetrievalUnavailableError("search failed on Milvus at /srv/x.db: RecursionError"), 503, "retrieval", ""),
+        (RetrievalTimeoutError("search on Milvus at http://10.0.0.7:19530 timed out"), 503, "retrieval", ""),
+    ],
+)
+def test_retrieval_failures_have_the_right_status_and_no_server_details(engine, error, status, param, fragment):
+    with retrieval_app(engine, error) as http:
+        response = http.post("/v1/chat/completions", json=with_retrieval(engine))
+    assert_error(response, status, param, fragment)
+    message = response.json()["error"]["message"]
+    assert "/srv" not in message and "10.0.0.7" not in message and "Recursion" not in message
+    if status == 503:
+        assert response.headers["retry-after"] == "1"
+
+
+def test_every_503_carries_retry_after(engine):
+    with TestClient(create_app(engine.config, LocalBackend(engine))) as http:  # no retriever configured
+        response = http.post("/v1/chat/completions", json=with_retrieval(engine))
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+def test_a_deeply_nested_filter_is_a_400_on_retrieval_filter(http, engine):
+    response = http.post("/v1/chat/completions", json=with_retrieval(engine, filter="(" * 200 + "a" + ")" * 200))
+    assert_error(response, 400, "retrieval.filter", "nested too deeply")
+
+
+def test_lone_surrogates_are_a_400_naming_the_field(http, engine):
+    body = f'{{"model": "{engine.config.model.served_name}", "messages": [{{"role": "user", "content": "a \\ud800"}}]}}'
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "messages[0].content", "not valid Unicode")
+    paired = body.replace("\\ud800", "\\ud83d\\ude00")  # a surrogate pair is one character: fine
+    assert http.post("/v1/chat/completions", content=paired, headers={"content-type": "application/json"}).is_success
+
+
+def test_messages_echo_a_bounded_prefix_of_client_input(http, engine):
+    response = http.post("/v1/chat/completions", json={**chat(engine), "model": "m" * 100_000})
+    assert_error(response, 404, "model", "(100000 characters)")
+    assert len(response.json()["error"]["message"]) < 300
