@@ -18,7 +18,7 @@ def test_quick_bench_writes_every_mode_and_question_set(tmp_path: Path) -> None:
     assert xrag.run(parse_benchmark_args("xrag", argv)) == 0
     assert out.with_suffix(".png").stat().st_size > 0
     figures = json.loads(out.read_text())["figures"]
-    assert set(figures["exact_match"]) == set(xrag.MODES)
+    assert set(figures["exact_match"]) == set(figures["knowledge_contains_answer"]) == set(xrag.MODES)
     english = figures["english_contains_answer"]
     assert set(english) == {str(c) for c in xrag.ENGLISH_DOCUMENT_COUNTS}
     assert all(set(row) == set(xrag.MODES) and all(0 <= v <= 1 for v in row.values()) for row in english.values())
