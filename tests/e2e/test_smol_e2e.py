@@ -55,7 +55,7 @@ def test_without_retrieval_the_invented_facts_are_unknown(client):
 
 def test_the_default_model_reads_images(client):
     """Its projector was trained with the LM and the tower frozen (held-out colour 0.88 teacher-forced); the
-    served model named 7 of these 8 colours here."""
+    served model named 6 of these 8 colours here."""
     from mmrag.training.tasks import make_task
     from mmrag.training.tasks.chat import openai_messages
 
