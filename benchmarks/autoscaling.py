@@ -93,7 +93,9 @@ def app_config(settings: Settings, workdir: Path) -> dict[str, Any]:
                 },
             }
         },
-        "retrieval": {"ingest_demo_corpus": False, "uri": str(workdir / "milvus.db")},
+        # The fake engine answers as the tiny-random model's name; requests retrieve nothing.
+        "model": {"name": "tiny-random"},
+        "retrieval": {"ingest_demo_corpus": False, "uri": str(workdir / "milvus.db"), "default_mode": "none"},
     }
 
 

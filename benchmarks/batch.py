@@ -33,7 +33,11 @@ HELP = "Batch throughput (tiny model): mmrag batch vs vLLM LLM.chat vs one-by-on
 
 MODEL = "mmrag-tiny-llava"
 # Small engine settings shared by every phase (the tiny model needs little KV cache).
-CONFIG = {"engine": {"max_model_len": 1024, "kv_cache_space_gib": 2}, "retrieval": {"ingest_demo_corpus": False}}
+CONFIG = {
+    "model": {"name": "tiny-random"},
+    "engine": {"max_model_len": 1024, "kv_cache_space_gib": 2},
+    "retrieval": {"ingest_demo_corpus": False, "default_mode": "none"},
+}
 _TOPICS = "a lighthouse|a tram line|salt mining|a violin|river tides|a snow gauge|a chess club|plum harvests"
 
 

@@ -33,6 +33,7 @@ MODEL = "mmrag-tiny-llava"
 # Small queues, so that twice the capacity overflows them: shedding must show as 503s, not as waits.
 SERVER_OVERRIDES = [
     "model.name=tiny-random",  # the server's own capacity: the smallest model keeps the engine out of the way
+    "retrieval.default_mode=none",  # chat alone, as measured before retrieval was on by default
     "deployments.llm.max_ongoing_requests=4",
     "deployments.llm.max_queued_requests=4",
     "deployments.ingress.max_ongoing_requests=32",

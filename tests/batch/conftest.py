@@ -15,6 +15,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "mmrag-tiny-llava"
 FAKE_ENGINE = "tests.fake_engine:FakeEngine"
+# The fake engines never load a model (tiny-random keeps the CLI from preparing the default one, and its name
+# is the lines' `model`), and a line retrieves only when it asks (the default server retrieves for every one).
+PLAIN_SETTINGS = ("--set", "model.name=tiny-random", "--set", "retrieval.default_mode=none")
+
+
+def batch_config(settings: dict[str, Any] | None = None):
+    """A config for the fake engines: the tiny-random model's name (the lines' ``model``; no default model
+    prepared) and retrieval only where a line asks (the default server retrieves for every request)."""
+    from mmrag.serving.config import MmragConfig
+
+    settings = settings or {}
+    retrieval = {"default_mode": "none", **settings.get("retrieval", {})}
+    return MmragConfig.model_validate({**settings, "model": {"name": "tiny-random"}, "retrieval": retrieval})
 
 
 def chat_line(custom_id: str, text: str, **body: Any) -> dict[str, Any]:
@@ -43,10 +56,7 @@ def by_custom_id(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def batch_command(*args: str) -> list[str]:
-    # The fake engines never load a model (tiny-random keeps the CLI from preparing the default one), and a
-    # line retrieves only when it asks (the default server retrieves for every request).
-    plain = ("--set", "model.name=tiny-random", "--set", "retrieval.default_mode=none")
-    return [sys.executable, "-m", "mmrag.serving.cli", "batch", *args, "--no-progress", *plain]
+    return [sys.executable, "-m", "mmrag.serving.cli", "batch", *args, "--no-progress", *PLAIN_SETTINGS]
 
 
 def batch_env(**extra: str) -> dict[str, str]:
@@ -62,8 +72,4 @@ def kill_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def fake_config():
-    from mmrag.serving.config import MmragConfig
-
-    return MmragConfig.model_validate(
-        {"model": {"name": "tiny-random"}, "retrieval": {"default_mode": "none"}, "limits": {"max_n": 3}}
-    )
+    return batch_config({"limits": {"max_n": 3}})

@@ -15,7 +15,16 @@ from mmrag.serving.batch.job import BatchOptions, run_batch
 from mmrag.serving.batch.records import BatchInputError
 from mmrag.serving.cli import main
 from mmrag.serving.config import MmragConfig
-from tests.batch.conftest import FAKE_ENGINE, MODEL, by_custom_id, chat_line, read_jsonl, write_jsonl
+from tests.batch.conftest import (
+    FAKE_ENGINE,
+    MODEL,
+    PLAIN_SETTINGS,
+    batch_config,
+    by_custom_id,
+    chat_line,
+    read_jsonl,
+    write_jsonl,
+)
 
 OPTIONS = BatchOptions(concurrency=4, engine_cls=FAKE_ENGINE, show_progress=False)
 
@@ -127,6 +136,7 @@ def test_cli_summary(tmp_path, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [chat_line("a", "one two"), chat_line("b", "three")])
     output = tmp_path / "out.jsonl"
     argv = ["batch", str(source), str(output), "--engine", FAKE_ENGINE, "--no-progress", "--concurrency", "2"]
+    argv += PLAIN_SETTINGS
     assert main([*argv, "--set", "limits.max_n=2"]) == 0
     summary = capsys.readouterr().out
     assert "done=2 failed=0 skipped=0 prompt_tokens=3 completion_tokens=3" in summary
@@ -138,7 +148,7 @@ def test_cli_summary(tmp_path, capsys):
 def test_text_retrieval_in_batch(tmp_path, monkeypatch):
     """The retrieval extension goes through the real retriever (MiniLM + Milvus Lite, demo corpus)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = MmragConfig.model_validate({"retrieval": {"uri": str(tmp_path / "milvus.db")}})
+    config = batch_config({"retrieval": {"uri": str(tmp_path / "milvus.db")}})
     lines = [
         chat_line("rag", "How long is the Kessel Span?", retrieval={"mode": "text", "top_k": 2}),
         chat_line("plain", "no retrieval here"),
@@ -156,7 +166,7 @@ def test_text_retrieval_in_batch(tmp_path, monkeypatch):
 
 
 def test_oversized_body_is_a_413_for_its_line(tmp_path):
-    config = MmragConfig.model_validate({"limits": {"max_request_bytes": 200}})
+    config = batch_config({"limits": {"max_request_bytes": 200}})
     lines = [chat_line("small", "hi"), chat_line("big", "word " * 100)]
     output = tmp_path / "out.jsonl"
     summary = run_batch(write_jsonl(tmp_path / "in.jsonl", lines), output, config, OPTIONS)

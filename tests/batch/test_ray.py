@@ -8,8 +8,7 @@ import shutil
 import pytest
 
 from mmrag.serving.batch.job import BatchOptions, run_batch
-from mmrag.serving.config import MmragConfig
-from tests.batch.conftest import REPO, by_custom_id, chat_line, read_jsonl, write_jsonl
+from tests.batch.conftest import REPO, batch_config, by_custom_id, chat_line, read_jsonl, write_jsonl
 
 ENGINE = "tests.batch.engines:StartLoggingEngine"
 
@@ -19,7 +18,7 @@ def test_ray_data_path_matches_local(tmp_path, monkeypatch):
     # Ray's workers inherit this process's environment: they can import tests.fake_engine.
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("MMRAG_TEST_ENGINE_DIR", str(tmp_path / "engines"))
-    config = MmragConfig.model_validate(
+    config = batch_config(
         {
             "server": {"ray_num_cpus": 2},
             "retrieval": {"ingest_demo_corpus": False, "uri": str(tmp_path / "milvus.db")},
