@@ -34,7 +34,7 @@ __all__ = ["MODELS", "ModelEntry", "model_path", "prepare", "prepared", "sha256_
 
 MANIFEST = "mmrag_model.json"
 # Bumped when a preparation recipe changes what it writes: the cache key changes with it.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)

