@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from mmrag.serving.files.config import FilesConfig
 from mmrag.serving.retrieval.config import RetrievalConfig
 
 
@@ -295,6 +296,7 @@ class MmragConfig(_Strict):
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
 
     @classmethod
     def from_file(cls, path: str | Path | None, overrides: list[str] | None = None) -> MmragConfig:

@@ -26,6 +26,7 @@ from mmrag.serving.engine.protocol import GenerationDelta
 from mmrag.serving.errors import AuthenticationError, EngineUnavailableError, OpenAIError, PayloadTooLargeError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
+from mmrag.serving.openai.files_api import files_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
@@ -125,6 +126,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
                 first = False
             yield delta
 
+    app.include_router(files_router(config))
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 
