@@ -1,4 +1,4 @@
-"""``mmrag ingest PATH...``: chunk, embed and upsert .txt/.md/.jsonl files (or folders) into Milvus.
+"""``mmrag ingest PATH...``: chunk, embed and upsert .txt/.md/.jsonl/.pdf/.html files (or folders) into Milvus.
 
 Idempotent: content already stored is skipped. Uses the same configuration as ``mmrag serve``
 (``--config``/``--set``); with Milvus Lite, stop the server first (one process per Lite file).
@@ -11,7 +11,7 @@ import sys
 
 from mmrag.serving.cli.common import add_config_arguments, load_config
 
-HELP = "Ingest .txt/.md/.jsonl files or folders into a Milvus collection."
+HELP = "Ingest .txt/.md/.jsonl/.pdf/.html files or folders into a Milvus collection."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.serving.retrieval.store import MilvusStore
 
     try:
-        config = load_config(args).retrieval
+        full_config = load_config(args)
+        config = full_config.retrieval
         sizes = {"chunk_tokens": args.chunk_tokens, "overlap_tokens": args.overlap_tokens}
         sizes = {k: v for k, v in sizes.items() if v is not None}
         if sizes:
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=not args.no_progress,
                 xrag_encoder=xrag_encoder,
+                parse_limits=full_config.files.parsing,
             )
         finally:
             store.close()

@@ -54,7 +54,17 @@ _HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re
 
 
 class ParseError(ValueError):
-    """A file that cannot be turned into documents; the message says why, in a client's terms."""
+    """A file that cannot be turned into documents: ``"<name>: <reason>"``, in a client's terms (``name`` is
+    the file's name, never a server path; callers that know better, like the CLI, re-raise with a path)."""
+
+    def __init__(self, name: str, reason: str, code: Literal["invalid_file", "unsupported_file"] = "invalid_file"):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+        self.code = code  # OpenAI's vector store file last_error.code
+
+    def __reduce__(self):  # the fields survive pickling (Ray carries exceptions across processes)
+        return (type(self), (self.name, self.reason, self.code))
 
 
 @dataclass(frozen=True)
@@ -109,12 +119,12 @@ def detect_kind(data: bytes, filename: str) -> Kind:
     claimed = _EXTENSIONS.get(suffix)
     if claimed in ("pdf", "image"):
         what = suffix[1:].upper()
-        raise ParseError(f"{_name(filename)}: the content is not a valid {what} file (corrupt or mislabelled)")
+        raise ParseError(_name(filename), f"the content is not a valid {what} file (corrupt or mislabelled)")
     for magic, what in _OTHER_MAGIC.items():
         if head.startswith(magic):
-            raise ParseError(f"{_name(filename)}: unsupported file type ({what}); {_SUPPORTED}")
+            raise ParseError(_name(filename), f"unsupported file type ({what}); {_SUPPORTED}", "unsupported_file")
     if b"\x00" in data[:8192]:
-        raise ParseError(f"{_name(filename)}: unsupported file type (binary content); {_SUPPORTED}")
+        raise ParseError(_name(filename), f"unsupported file type (binary content); {_SUPPORTED}", "unsupported_file")
     if claimed is not None:
         return claimed
     if _HTML_START.match(head):
@@ -122,24 +132,27 @@ def detect_kind(data: bytes, filename: str) -> Kind:
     return "text"  # any other text file (.csv, .rst, source code...) is read as plain text
 
 
-def parse(data: bytes, filename: str, limits: ParsingConfig | None = None) -> ParsedFile:
-    """Parse a file's bytes (``filename`` gives its extension and names it in messages)."""
+def parse(data: bytes, filename: str, limits: ParsingConfig | None = None, *, require_text: bool = True) -> ParsedFile:
+    """Parse a file's bytes (``filename`` gives its extension and names it in messages). ``require_text``:
+    a file with nothing to index (no text, no image) is a :class:`ParseError`."""
     limits = limits or ParsingConfig()
     if len(data) > limits.max_bytes:
-        raise ParseError(f"{_name(filename)}: larger than {limits.max_bytes} bytes (files.parsing.max_bytes)")
+        raise ParseError(_name(filename), f"larger than {limits.max_bytes} bytes (files.parsing.max_bytes)")
     parsed = PARSERS[detect_kind(data, filename)](data, filename, limits)
-    if not parsed.images and not any(s.text.strip() for s in parsed.sections):
+    if require_text and not parsed.images and not any(s.text.strip() for s in parsed.sections):
         hint = " (a scanned PDF? text is not recognised in images)" if parsed.kind == "pdf" else ""
-        raise ParseError(f"{_name(filename)}: no text to index{hint}")
+        raise ParseError(_name(filename), f"no text to index{hint}")
     return parsed
 
 
-def parse_path(path: Path, limits: ParsingConfig | None = None, filename: str | None = None) -> ParsedFile:
+def parse_path(
+    path: Path, limits: ParsingConfig | None = None, filename: str | None = None, *, require_text: bool = True
+) -> ParsedFile:
     limits = limits or ParsingConfig()
     filename = filename or path.name
     if path.stat().st_size > limits.max_bytes:  # refused before reading it into memory
-        raise ParseError(f"{_name(filename)}: larger than {limits.max_bytes} bytes (files.parsing.max_bytes)")
-    return parse(path.read_bytes(), filename, limits)
+        raise ParseError(_name(filename), f"larger than {limits.max_bytes} bytes (files.parsing.max_bytes)")
+    return parse(path.read_bytes(), filename, limits, require_text=require_text)
 
 
 def decode_text(data: bytes, filename: str) -> str:
@@ -148,8 +161,8 @@ def decode_text(data: bytes, filename: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParseError(
-            f"{_name(filename)}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "save it as UTF-8"
+            _name(filename),
+            f"not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8",
         ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -174,12 +187,12 @@ def jsonl_sections(lines: Iterable[str], where: str) -> Iterator[Section]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ParseError(f"{where}:{number}: not JSON ({exc})") from None
+            raise ParseError(f"{where}:{number}", f"not JSON ({exc})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ParseError(f'{where}:{number}: expected {{"text": str, "metadata": object}}')
+            raise ParseError(f"{where}:{number}", 'expected {"text": str, "metadata": object}')
         metadata = record.get("metadata") or {}
         if not isinstance(metadata, dict):
-            raise ParseError(f"{where}:{number}: metadata must be an object")
+            raise ParseError(f"{where}:{number}", "metadata must be an object")
         yield Section(record["text"], {**metadata, "line": number})
 
 
@@ -191,7 +204,7 @@ def parse_jsonl(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile
 def parse_pdf(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
     """Text per page (pypdf), with every decompression capped at ``max_decompressed_bytes``."""
     import pypdf
-    from pypdf.errors import FileNotDecryptedError
+    from pypdf.errors import FileNotDecryptedError, LimitReachedError
 
     name = _name(filename)
     cap = limits.max_decompressed_bytes
@@ -209,10 +222,10 @@ def parse_pdf(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
         with pypdf.apply_configuration(**caps):
             reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
             if reader.is_encrypted and not _opens_without_password(reader):
-                raise ParseError(f"{name}: the PDF is encrypted with a password; upload an unencrypted copy")
+                raise ParseError(name, "the PDF is encrypted with a password; upload an unencrypted copy")
             pages = len(reader.pages)
             if pages > limits.max_pages:
-                raise ParseError(f"{name}: {pages} pages, more than {limits.max_pages} (files.parsing.max_pages)")
+                raise ParseError(name, f"{pages} pages, more than {limits.max_pages} (files.parsing.max_pages)")
             title = (reader.metadata.title if reader.metadata else None) or None
             for number, page in enumerate(reader.pages, start=1):
                 text = page.extract_text() or ""
@@ -223,10 +236,14 @@ def parse_pdf(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
                     sections.append(Section(text, {"page": number}))
     except ParseError:
         raise
+    except LimitReachedError:
+        raise ParseError(
+            name, f"a compressed stream inflates past {cap} bytes (files.parsing.max_decompressed_bytes)"
+        ) from None
     except FileNotDecryptedError:
-        raise ParseError(f"{name}: the PDF is encrypted with a password; upload an unencrypted copy") from None
+        raise ParseError(name, "the PDF is encrypted with a password; upload an unencrypted copy") from None
     except Exception as exc:  # pypdf raises many types on damaged input (PdfReadError, KeyError, ValueError...)
-        raise ParseError(f"{name}: corrupt or unreadable PDF ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ParseError(name, f"corrupt or unreadable PDF ({type(exc).__name__}: {str(exc)[:200]})") from None
     return ParsedFile("pdf", sections, title=str(title) if title else None)
 
 
@@ -284,20 +301,20 @@ def parse_image(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile
 
     name = _name(filename)
     if len(data) > limits.max_image_bytes:
-        raise ParseError(f"{name}: image larger than {limits.max_image_bytes} bytes (files.parsing.max_image_bytes)")
+        raise ParseError(name, f"image larger than {limits.max_image_bytes} bytes (files.parsing.max_image_bytes)")
     try:
         image = Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)
         width, height = image.size
         if width * height > limits.max_image_pixels:
             raise ParseError(
-                f"{name}: {width}x{height} pixels, more than {limits.max_image_pixels} (files.parsing.max_image_pixels)"
+                name, f"{width}x{height} pixels, more than {limits.max_image_pixels} (files.parsing.max_image_pixels)"
             )
         fmt = image.format
         image.load()
     except ParseError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ParseError(f"{name}: corrupt or unsupported image ({type(exc).__name__})") from None
+        raise ParseError(name, f"corrupt or unsupported image ({type(exc).__name__})") from None
     return ParsedFile("image", [], images=[ParsedImage(image, fmt, (width, height), name)], title=name)
 
 
@@ -321,7 +338,7 @@ def _capped(text: str, filename: str, limits: ParsingConfig) -> str:
 
 def _too_much_text(filename: str, limits: ParsingConfig) -> ParseError:
     return ParseError(
-        f"{_name(filename)}: more than {limits.max_text_chars} characters of text (files.parsing.max_text_chars)"
+        _name(filename), f"more than {limits.max_text_chars} characters of text (files.parsing.max_text_chars)"
     )
 
 

@@ -1,28 +1,31 @@
 """Ingestion: files -> documents -> token-aware chunks -> vectors -> idempotent upsert, with a summary.
 
-Inputs: ``.txt`` and ``.md`` files (one document each), ``.jsonl`` files (one ``{"text", "metadata"}``
-document per line; its source is the file, its line number goes to ``metadata["line"]``), and folders
-of them (recursive, hidden entries skipped). A chunk's id hashes its source, text and metadata, so
-ingesting the same content twice writes nothing the second time; chunks already stored are not even
-embedded again. ``replace=True`` first deletes every chunk of each ingested source, for files whose
-content changed. New writes are flushed at the end, so searches use the built index.
+Inputs: ``.txt`` and ``.md`` files (one document each), ``.pdf`` files (one document per page with text,
+``metadata["page"]``), ``.html``/``.htm`` pages (their visible text and image alt texts, ``metadata["title"]``),
+``.jsonl`` files (one ``{"text", "metadata"}`` document per line; its source is the file, its line number
+goes to ``metadata["line"]``), and folders of them (recursive, hidden entries skipped). Files are read by
+:mod:`mmrag.serving.files.parsers`, the same parsers as uploads, with their limits. A chunk's id hashes its
+source, text and metadata, so ingesting the same content twice writes nothing the second time; chunks
+already stored are not even embedded again. ``replace=True`` first deletes every chunk of each ingested
+source, for files whose content changed. New writes are flushed at the end, so searches use the built index.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmrag.serving.files.config import ParsingConfig
+from mmrag.serving.files.parsers import ParseError, jsonl_sections, parse_path
 from mmrag.serving.retrieval.chunking import chunk_text
 from mmrag.serving.retrieval.config import RetrievalConfig
 from mmrag.serving.retrieval.encoders import Encoder
 from mmrag.serving.retrieval.store import ChunkRow, MilvusStore
 
-SUFFIXES = (".txt", ".md", ".jsonl")
+SUFFIXES = (".txt", ".md", ".jsonl", ".pdf", ".html", ".htm")
 
 
 @dataclass(frozen=True)
@@ -84,25 +87,19 @@ def source_name(path: Path, root: Path | None) -> str:
     return resolved.as_posix()
 
 
-def read_documents(path: Path, source: str) -> Iterator[Document]:
-    if path.suffix.lower() != ".jsonl":
-        yield Document(path.read_text(encoding="utf-8"), source, {})
+def read_documents(path: Path, source: str, limits: ParsingConfig | None = None) -> Iterator[Document]:
+    """The documents of one file; a file that cannot be read raises :class:`ParseError` naming its path."""
+    if path.suffix.lower() == ".jsonl":  # streamed line by line: a corpus file may be larger than memory
+        with path.open(encoding="utf-8") as lines:
+            for section in jsonl_sections(lines, str(path)):
+                yield Document(section.text, source, section.metadata)
         return
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{where}: expected {{"text": str, "metadata": object}}')
-            metadata = record.get("metadata") or {}
-            if not isinstance(metadata, dict):
-                raise ValueError(f"{where}: metadata must be an object")
-            yield Document(record["text"], source, {**metadata, "line": number})
+    try:
+        parsed = parse_path(path, limits, require_text=False)  # an empty file is no documents, not an error
+    except ParseError as exc:
+        raise ParseError(str(path), exc.reason, exc.code) from None
+    for section in parsed.sections:
+        yield Document(section.text, source, section.metadata)
 
 
 def chunk_documents(documents: Iterable[Document], encoder: Encoder, config: RetrievalConfig) -> list[ChunkRow]:
@@ -178,12 +175,14 @@ def ingest_paths(
     config: RetrievalConfig,
     *,
     source_root: Path | None = None,
+    parse_limits: ParsingConfig | None = None,
     **kwargs: Any,
 ) -> IngestSummary:
-    """Ingest files and folders; ``source_root`` makes sources relative (the CLI passes the cwd)."""
+    """Ingest files and folders; ``source_root`` makes sources relative (the CLI passes the cwd);
+    ``parse_limits`` bound what one PDF or HTML file may cost (default: ``files.parsing``'s defaults)."""
     started = time.perf_counter()
     files = find_files(paths)
-    documents = [doc for f in files for doc in read_documents(f, source_name(f, source_root))]
+    documents = [doc for f in files for doc in read_documents(f, source_name(f, source_root), parse_limits)]
     summary = IngestSummary(kwargs.pop("collection", None) or config.collection, files=len(files))
     summary.seconds = time.perf_counter() - started  # reading counts too
     return ingest_documents(documents, store, encoder, config, collection=summary.collection, summary=summary, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -19,6 +21,7 @@ CONFIG = MmragConfig.model_validate(
     {
         "limits": {"image_url_schemes": ["data"], "max_images_per_request": 4},
         "retrieval": {"default_mode": "none"},  # no retriever behind this app
+        "files": {"directory": tempfile.mkdtemp(prefix="mmrag-fuzz-files-")},  # uploads not in the user's cache
     }
 )
 APP = create_app(CONFIG, LocalBackend(FakeEngine(CONFIG, special_texts=False)))
