@@ -213,3 +213,35 @@ def test_xrag_retrieval_returns_the_vectors_the_projector_reads(tmp_path, corpus
         np.testing.assert_allclose(result.chunks[0].vector, encoder.encode([result.chunks[0].text])[0], atol=1e-5)
     finally:
         dense.close()
+
+
+def test_pdf_and_html_are_ingested_through_the_parsers(tmp_path, store, encoder, rconfig):
+    from tests.files.documents import pdf_bytes
+
+    root = tmp_path / "web"
+    root.mkdir()
+    (root / "report.pdf").write_bytes(
+        pdf_bytes(["The Harrowgate funicular climbs 212 metres.", "Its cars were rebuilt in 1990."])
+    )
+    (root / "page.html").write_text(
+        "<html><head><title>Cheese</title><script>var x = 'never';</script></head>"
+        "<body><p>Blue Gorse cheese ages in limestone caves.</p><img src='c.png' alt='a wheel of cheese'></body></html>"
+    )
+    (root / "empty.txt").write_text("")  # an empty file is no documents, not an error
+    summary = ingest_paths([root], store, encoder, rconfig, source_root=tmp_path, progress=False)
+    assert (summary.files, summary.documents, summary.new_chunks) == (3, 4, 3)
+    (hit,) = store.search(rconfig.collection, encoder.encode(["when were the cars rebuilt"])[0], "", 1)
+    assert (hit.source, hit.metadata["page"], hit.text) == ("web/report.pdf", 2, "Its cars were rebuilt in 1990.")
+    (hit,) = store.search(rconfig.collection, encoder.encode(["cheese caves"])[0], "", 1, 'source == "web/page.html"')
+    assert hit.metadata["title"] == "Cheese" and "[image: a wheel of cheese]" in hit.text and "never" not in hit.text
+
+
+def test_unreadable_pdf_fails_naming_its_path(tmp_path, store, encoder, rconfig):
+    from mmrag.serving.files.parsers import ParseError
+    from tests.files.documents import pdf_bytes
+
+    locked = tmp_path / "locked.pdf"
+    locked.write_bytes(pdf_bytes(["secret"], password="pw"))
+    with pytest.raises(ParseError, match=f"^{locked}: the PDF is encrypted"):
+        ingest_paths([locked], store, encoder, rconfig, progress=False)
+    assert not store.has_collection(rconfig.collection) or store.count(rconfig.collection) == 0
