@@ -57,6 +57,13 @@ class ServeBackend:
     async def engine_metrics(self) -> str:
         return await asyncio.wait_for(self._llm.metrics_text.remote(), HEALTH_TIMEOUT_S)
 
+    async def vector_stores_call(self, method: str, /, **kwargs: Any) -> Any:
+        """A Vector Stores API operation, run by the retriever replica (it owns the Milvus connection)."""
+        try:
+            return await self._retriever.vector_stores_call.remote(method, **kwargs)
+        except (BackPressureError, RayError) as exc:
+            raise client_error(exc, "retrieval") from exc
+
 
 def client_error(exc: Exception, stage: str) -> Exception:
     """What a client sees when a call to a stage fails.

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from mmrag.serving.files.config import FilesConfig
 from mmrag.serving.retrieval.config import RetrievalConfig
+from mmrag.serving.vector_stores.config import VectorStoresConfig
 
 
 class _Strict(BaseModel):
@@ -295,6 +296,7 @@ class MmragConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    vector_stores: VectorStoresConfig = Field(default_factory=VectorStoresConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
 

@@ -28,6 +28,7 @@ from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai.files_api import files_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
+from mmrag.serving.openai.vector_stores_api import vector_stores_router
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             yield delta
 
     app.include_router(files_router(config))
+    app.include_router(vector_stores_router(config, chat_backend=backend))
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from mmrag.serving.retrieval.config import RetrievalConfig, RetrievalMode, TextRagConfig
 from mmrag.serving.retrieval.errors import RetrievalRequestError, UnsupportedModeError
@@ -59,6 +59,19 @@ class RetrievalOptions(BaseModel):
         default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Collection to search."
     )
     hybrid: bool | None = Field(default=None, description="Dense + BM25 full-text, fused with RRF.")
+    vector_store_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Search these vector stores (/v1/vector_stores) instead of a collection; `mode` defaults "
+        "to 'text' then. The response's documents name each hit's file_id and filename.",
+    )
+
+    @model_validator(mode="after")
+    def _stores_or_collection(self) -> RetrievalOptions:
+        if self.vector_store_ids is not None and self.collection is not None:
+            raise ValueError("give either collection or vector_store_ids, not both")
+        return self
 
     @field_validator("filter")
     @classmethod
@@ -108,8 +121,10 @@ def resolve_options(options: RetrievalOptions | dict | None, config: RetrievalCo
     """Fill defaults and check the request against the server's limits (raises 400-type errors)."""
     if not isinstance(options, RetrievalOptions):
         options = RetrievalOptions.model_validate(options or {})
+    # Naming vector stores asks for retrieval, even where the server's default is none.
+    default_mode = "text" if options.vector_store_ids and config.default_mode == "none" else config.default_mode
     resolved = ResolvedOptions(
-        mode=options.mode or config.default_mode,
+        mode=options.mode or default_mode,
         top_k=options.top_k or config.top_k,
         filter=options.filter.strip() if options.filter and options.filter.strip() else None,
         collection=options.collection or config.collection,
@@ -150,6 +165,8 @@ class RetrievedDocument(BaseModel):
     id: str
     score: float
     source: str
+    file_id: str | None = Field(default=None, description="The file of a vector-store hit (`vector_store_ids`).")
+    filename: str | None = Field(default=None, description="That file's name.")
 
 
 class RetrievalInfo(BaseModel):

@@ -51,9 +51,17 @@ class Retriever:
 
     # -- the request path --------------------------------------------------------------------
 
-    async def retrieve(self, options: RetrievalOptions | dict | None, query_text: str) -> RetrievalResult:
-        """Retrieve for one chat request. Raises a ``RetrievalError`` (see ``errors.py``) or degrades."""
+    async def retrieve(
+        self, options: RetrievalOptions | dict | None, query_text: str, scope: tuple[str, str] | None = None
+    ) -> RetrievalResult:
+        """Retrieve for one chat request. Raises a ``RetrievalError`` (see ``errors.py``) or degrades.
+
+        ``scope``: (collection, filter) of the vector stores the request named, searched instead of its
+        collection (the request's own filter still applies); its hits name their file."""
         resolved = resolve_options(options, self.config)
+        if scope is not None:
+            where = f"({scope[1]}) and ({resolved.filter})" if resolved.filter else scope[1]
+            resolved = resolved.model_copy(update={"collection": scope[0], "filter": where})
         info = RetrievalInfo(
             mode=resolved.mode,
             mode_fallback=resolved.mode_fallback,
@@ -79,7 +87,15 @@ class Retriever:
             return self._degrade_or_raise(error, info)
         except RetrievalError as error:
             return self._degrade_or_raise(error, info)
-        info.documents = [RetrievedDocument(id=c.id, score=c.score, source=c.source) for c in chunks]
+        info.documents = [
+            RetrievedDocument(
+                id=c.id,
+                score=c.score,
+                source=c.source,
+                **({"file_id": c.metadata.get("file_id"), "filename": c.metadata.get("filename")} if scope else {}),
+            )
+            for c in chunks
+        ]
         return RetrievalResult(chunks=chunks, info=info)
 
     def search(self, options: ResolvedOptions, query_text: str) -> list[RetrievedChunk]:

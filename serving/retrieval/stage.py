@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
+from mmrag.serving.errors import InvalidRequestError
 from mmrag.serving.retrieval.errors import RetrievalUnavailableError
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
+
+if TYPE_CHECKING:
+    from mmrag.serving.vector_stores.service import VectorStoreService
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +46,46 @@ class RetrievalStage:
             self.core.check_collection(self.config.retrieval.collection)
         except RetrievalUnavailableError as exc:
             logger.warning("default collection not checked: %s", exc)
+        self._vector_stores: VectorStoreService | None = None
+        self._vector_stores_lock = threading.Lock()
+        vs = self.config.vector_stores
+        if vs.enabled and vs.resolved_records_path(self.config.retrieval).exists():
+            _ = self.vector_stores  # records from an earlier run: recover interrupted ingestions now
+
+    @property
+    def vector_stores(self) -> VectorStoreService | None:
+        """The Vector Stores API's service (made on first use; None when ``vector_stores.enabled`` is off)."""
+        if not self.config.vector_stores.enabled:
+            return None
+        with self._vector_stores_lock:
+            if self._vector_stores is None:
+                from mmrag.serving.vector_stores.service import VectorStoreService
+
+                self._vector_stores = VectorStoreService(self.config, self.core)
+            return self._vector_stores
+
+    async def vector_stores_call(self, method: str, /, **kwargs: Any) -> Any:
+        """One Vector Stores API operation (the ingress's ``VectorStoreBackend`` reaches it through the handle)."""
+        from mmrag.serving.vector_stores.backend import dispatch
+
+        return await asyncio.to_thread(lambda: dispatch(self.vector_stores, method, kwargs))
 
     async def retrieve(self, options: RetrievalOptions | dict | None, query_text: str) -> RetrievalResult:
-        return await self.core.retrieve(options, query_text)
+        if not isinstance(options, RetrievalOptions):
+            options = RetrievalOptions.model_validate(options or {})
+        scope = None
+        if options.vector_store_ids and options.mode != "none":
+            scope = await asyncio.to_thread(self._vector_store_scope, options.vector_store_ids)
+        return await self.core.retrieve(options, query_text, scope=scope)
+
+    def _vector_store_scope(self, store_ids: list[str]) -> tuple[str, str]:
+        service = self.vector_stores
+        if service is None:
+            raise InvalidRequestError(
+                "vector stores are not enabled on this server (vector_stores.enabled)",
+                param="retrieval.vector_store_ids",
+            )
+        return service.chat_scope(list(dict.fromkeys(store_ids)))
 
     async def check_health(self) -> None:
         """Unhealthy only when an embedded Milvus Lite stops answering (a restart reopens it); a remote
@@ -52,6 +94,9 @@ class RetrievalStage:
             await asyncio.to_thread(self.core.check_health)
 
     def __del__(self) -> None:
+        service = getattr(self, "_vector_stores", None)
+        if service is not None:
+            service.close()
         core = getattr(self, "core", None)
         if core is not None:
             core.close()

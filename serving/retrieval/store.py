@@ -138,11 +138,23 @@ class MilvusStore:
             described = self.client.describe_collection(name, timeout=self.config.write_timeout_s)
         return {str(k): str(v) for k, v in (described.get("properties") or {}).items()}
 
-    def create_collection(self, name: str, encoder: Encoder, xrag_encoder: Encoder | None = None) -> None:
+    def create_collection(
+        self,
+        name: str,
+        encoder: Encoder,
+        xrag_encoder: Encoder | None = None,
+        *,
+        vector_store_partitions: int | None = None,
+    ) -> None:
+        """``vector_store_partitions``: the vector stores' collection, with two more scalar fields,
+        ``vector_store_id`` (the partition key, hashed into that many partitions) and ``file_id``."""
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        if vector_store_partitions is not None:
+            schema.add_field("vector_store_id", DataType.VARCHAR, max_length=64, is_partition_key=True)
+            schema.add_field("file_id", DataType.VARCHAR, max_length=64)
         schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
         schema.add_field("source", DataType.VARCHAR, max_length=4096)
         schema.add_field("metadata", DataType.JSON)
@@ -170,12 +182,14 @@ class MilvusStore:
             # xRAG's projector was trained on raw inner products (research/xrag_milvus.md): exact IP.
             params.add_index("xrag_vector", index_type="FLAT", metric_type="IP")
             properties |= {"mmrag.xrag_encoder": xrag_encoder.name, "mmrag.xrag_dim": str(xrag_encoder.dim)}
+        partitions = {} if vector_store_partitions is None else {"num_partitions": vector_store_partitions}
         with self._translate("create collection", collection=name):
             self.client.create_collection(
                 name,
                 schema=schema,
                 index_params=params,
                 properties=properties,
+                **partitions,
                 description=f"mmrag chunks embedded by {encoder.name} ({encoder.dim}-d)",
                 timeout=self.config.write_timeout_s,
             )
@@ -254,6 +268,28 @@ class MilvusStore:
                 name, filter=f"source == {quote_string(source)}", timeout=self.config.write_timeout_s
             )
         return int(result["delete_count"]) if isinstance(result, dict) else len(result)
+
+    def delete_where(self, name: str, filter: str) -> int:
+        """Delete every row matching a server-built expression (a vector store's file, or a whole store)."""
+        with self._translate("delete", collection=name):
+            result = self.client.delete(name, filter=filter, timeout=self.config.write_timeout_s)
+        return int(result["delete_count"]) if isinstance(result, dict) else len(result)
+
+    def get_rows(self, name: str, ids: Sequence[str], fields: list[str]) -> list[dict[str, Any]]:
+        """The rows with these ids (those that exist), with ``fields``."""
+        if not ids:
+            return []
+        with self._translate("get", collection=name):
+            self._ensure_loaded(name)
+            return self.client.get(name, ids=list(ids), output_fields=fields, timeout=self.config.write_timeout_s)
+
+    def count_where(self, name: str, filter: str) -> int:
+        with self._translate("count", collection=name):
+            self._ensure_loaded(name)
+            rows = self.client.query(
+                name, filter=filter, output_fields=["count(*)"], timeout=self.config.write_timeout_s
+            )
+        return int(rows[0]["count(*)"])
 
     # -- search ----------------------------------------------------------------------------------
 

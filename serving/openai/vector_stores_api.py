@@ -1,0 +1,151 @@
+"""``/v1/vector_stores``: OpenAI's Vector Stores API over a :class:`VectorStoreBackend`.
+
+HTTP only: bodies and query strings are validated here (a 400 naming the field), the work is done by the
+service where the Milvus connection lives (``serving/vector_stores/service.py``), reached through the
+backend. An in-progress file or batch carries ``openai-poll-after-ms``, the SDK's ``*_and_poll`` interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
+from mmrag.serving.openai.protocol import format_error_location
+from mmrag.serving.vector_stores import protocol as p
+from mmrag.serving.vector_stores.backend import LocalVectorStoreBackend, Method, VectorStoreBackend, backend_of
+
+logger = logging.getLogger(__name__)
+
+# Vector-store bodies are small (a batch of 2000 file ids is ~70 KB).
+MAX_BODY_BYTES = 1 << 20
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def vector_stores_router(
+    config: MmragConfig, backend: VectorStoreBackend | None = None, chat_backend: Any = None
+) -> APIRouter:
+    """The routes; ``backend`` None: the one ``chat_backend`` offers (see ``backend_of``), else none (503s)."""
+    backend = backend or backend_of(chat_backend) or LocalVectorStoreBackend(None)
+    poll_ms = str(config.vector_stores.poll_after_ms)
+    router = APIRouter(prefix="/v1/vector_stores", tags=["vector_stores"])
+
+    async def call(method: Method, **kwargs: Any) -> Any:
+        try:
+            return await backend.call(method, **kwargs)
+        except OpenAIError:
+            raise
+        except Exception as exc:
+            logger.exception("vector store %s failed", method)
+            raise OpenAIError("internal server error") from exc
+
+    def polled(obj: dict[str, Any]) -> JSONResponse:
+        headers = {"openai-poll-after-ms": poll_ms} if obj.get("status") == "in_progress" else None
+        return JSONResponse(obj, headers=headers)
+
+    @router.post("")
+    async def create_store(request: Request) -> JSONResponse:
+        return JSONResponse(await call("create_store", body=await parse(request, p.CreateStore)))
+
+    @router.get("")
+    async def list_stores(request: Request) -> JSONResponse:
+        return JSONResponse(await call("list_stores", query=list_query(request, statuses=False)))
+
+    @router.get("/{store_id}")
+    async def get_store(store_id: str) -> JSONResponse:
+        return JSONResponse(await call("get_store", store_id=store_id))
+
+    @router.post("/{store_id}")
+    async def update_store(store_id: str, request: Request) -> JSONResponse:
+        body = await parse(request, p.UpdateStore)
+        return JSONResponse(await call("update_store", store_id=store_id, body=body))
+
+    @router.delete("/{store_id}")
+    async def delete_store(store_id: str) -> JSONResponse:
+        return JSONResponse(await call("delete_store", store_id=store_id))
+
+    @router.post("/{store_id}/files")
+    async def attach_file(store_id: str, request: Request) -> JSONResponse:
+        body = await parse(request, p.AttachFile)
+        return polled(await call("attach_file", store_id=store_id, body=body))
+
+    @router.get("/{store_id}/files")
+    async def list_files(store_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await call("list_files", store_id=store_id, query=list_query(request)))
+
+    @router.get("/{store_id}/files/{file_id}")
+    async def get_file(store_id: str, file_id: str) -> JSONResponse:
+        return polled(await call("get_file", store_id=store_id, file_id=file_id))
+
+    @router.post("/{store_id}/files/{file_id}")
+    async def update_file(store_id: str, file_id: str, request: Request) -> JSONResponse:
+        body = await parse(request, p.UpdateFile)
+        return JSONResponse(await call("update_file", store_id=store_id, file_id=file_id, body=body))
+
+    @router.delete("/{store_id}/files/{file_id}")
+    async def delete_file(store_id: str, file_id: str) -> JSONResponse:
+        return JSONResponse(await call("delete_file", store_id=store_id, file_id=file_id))
+
+    @router.post("/{store_id}/file_batches")
+    async def create_batch(store_id: str, request: Request) -> JSONResponse:
+        body = await parse(request, p.CreateBatch)
+        return polled(await call("create_batch", store_id=store_id, body=body))
+
+    @router.get("/{store_id}/file_batches/{batch_id}")
+    async def get_batch(store_id: str, batch_id: str) -> JSONResponse:
+        return polled(await call("get_batch", store_id=store_id, batch_id=batch_id))
+
+    @router.get("/{store_id}/file_batches/{batch_id}/files")
+    async def list_batch_files(store_id: str, batch_id: str, request: Request) -> JSONResponse:
+        query = list_query(request)
+        return JSONResponse(await call("list_files", store_id=store_id, query=query, batch_id=batch_id))
+
+    @router.post("/{store_id}/search")
+    async def search(store_id: str, request: Request) -> JSONResponse:
+        body = await parse(request, p.Search)
+        return JSONResponse(await call("search", store_id=store_id, body=body))
+
+    return router
+
+
+async def parse(request: Request, model: type[Model]) -> Model:
+    """A JSON body validated as ``model``; every refusal a 400 naming the field (413 past the size bound)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        payload = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError("the request body is nested too deeply") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return validated(model, payload)
+
+
+def list_query(request: Request, statuses: bool = True) -> p.ListQuery:
+    params = dict(request.query_params)
+    if not statuses and "filter" in params:
+        raise InvalidRequestError("filter: not a parameter of this listing", param="filter")
+    return validated(p.ListQuery, params)
+
+
+def validated(model: type[Model], payload: dict[str, Any]) -> Model:
+    try:
+        return model.model_validate(payload)
+    except RecursionError as exc:
+        raise InvalidRequestError("the request body is nested too deeply") from exc
+    except ValidationError as exc:
+        error = max(exc.errors(), key=lambda e: len(e["loc"]))
+        param = format_error_location(error["loc"]) or None
+        message = error["msg"].removeprefix("Value error, ")
+        raise InvalidRequestError(f"{param}: {message}" if param else message, param=param) from exc

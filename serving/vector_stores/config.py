@@ -1,0 +1,55 @@
+"""Configuration of the Vector Stores API (``vector_stores:``): where its records live and its limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmrag.serving.retrieval.config import RetrievalConfig
+
+
+class VectorStoresConfig(BaseModel):
+    """Vector stores share the retriever's Milvus and encoder; their chunks live in one collection."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(default=True, description="Serve /v1/vector_stores and `retrieval.vector_store_ids`.")
+    collection: str = Field(
+        default="mmrag_vector_stores",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$",
+        description="The Milvus collection holding every store's chunks (partitioned by `vector_store_id`).",
+    )
+    num_partitions: int = Field(
+        default=16, gt=0, le=1024, description="Milvus partitions the store ids are hashed into."
+    )
+    records_path: str | None = Field(
+        default=None,
+        description="SQLite file of the stores and their files. None: `vector_stores.sqlite3` beside the "
+        "Milvus Lite file, or in the mmrag cache directory for a Milvus server.",
+    )
+    ingest_workers: int = Field(default=1, gt=0, le=16, description="Files indexed at once, per retriever.")
+    embed_batch: int = Field(default=64, gt=0, description="Chunks encoded and written per Milvus upsert.")
+    max_files_per_batch: int = Field(default=500, gt=0, le=2000, description="Files per file batch request.")
+    max_chunks_per_file: int = Field(
+        default=20000, gt=0, description="A file that parses into more chunks fails (`invalid_file`)."
+    )
+    max_queries: int = Field(default=8, gt=0, description="Query strings per search request.")
+    max_stores_per_search: int = Field(
+        default=8, gt=0, description="Stores one chat request may name in `retrieval.vector_store_ids`."
+    )
+    poll_after_ms: int = Field(
+        default=250,
+        gt=0,
+        description="The `openai-poll-after-ms` hint sent with an in-progress file (the SDK's poll interval).",
+    )
+
+    def resolved_records_path(self, retrieval: RetrievalConfig) -> Path:
+        if self.records_path is not None:
+            return Path(self.records_path)
+        lite = retrieval.lite_path()
+        if lite is not None:
+            return lite.with_name(lite.stem + ".vector_stores.sqlite3")
+        from mmrag.serving.paths import cache_dir
+
+        return cache_dir() / "vector_stores.sqlite3"

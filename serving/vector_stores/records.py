@@ -1,0 +1,117 @@
+"""The durable records of vector stores, their files and file batches: one SQLite file, one writer process.
+
+Why SQLite and not a Milvus collection of records: a file's status is a small read-modify-write (attach,
+progress, complete, fail, delete racing an ingestion) that SQLite does in a transaction, where Milvus offers
+neither transactions nor a schema without a vector; and crash recovery ("every attachment left
+``in_progress`` was interrupted") is only correct when one process owns the records, which is what the
+retriever replica is (Milvus Lite already allows one process per file). The file sits beside the Lite file,
+so the two move, back up and disappear together. A retriever with several replicas on a Milvus server needs
+a records file on a volume they share and a single writer: not done here (see the service docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stores (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_active_at INTEGER NOT NULL,
+    name TEXT,
+    description TEXT,
+    metadata TEXT NOT NULL,
+    expires_after TEXT,
+    removed INTEGER NOT NULL DEFAULT 0  -- deleted through the API; its chunks may still be in Milvus
+);
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    vector_store_id TEXT NOT NULL REFERENCES stores(id) ON DELETE CASCADE,
+    file_id TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    last_error TEXT,
+    attributes TEXT NOT NULL,
+    chunking TEXT NOT NULL,
+    usage_bytes INTEGER NOT NULL DEFAULT 0,
+    batch_id TEXT,
+    removed INTEGER NOT NULL DEFAULT 0,  -- deleted through the API; its chunks may still be in Milvus
+    cleanup INTEGER NOT NULL DEFAULT 0,  -- failed; its chunks may still be in Milvus
+    UNIQUE (vector_store_id, file_id)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    vector_store_id TEXT NOT NULL REFERENCES stores(id) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id);
+"""
+_JSON_COLUMNS = ("metadata", "expires_after", "last_error", "attributes", "chunking")
+
+
+class Records:
+    """Thread-safe access to the records (one connection, one lock: writes are small and rare)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def one(self, sql: str, *args: Any) -> dict[str, Any] | None:
+        rows = self.all(sql, *args)
+        return rows[0] if rows else None
+
+    def all(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_decode(row) for row in self._db.execute(sql, args).fetchall()]
+
+    def execute(self, sql: str, *args: Any) -> int:
+        """One statement in its own transaction; the number of rows changed."""
+        with self.transaction() as db:
+            return db.execute(sql, args).rowcount
+
+
+def encode(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    for column in _JSON_COLUMNS:
+        if column in out and out[column] is not None:
+            out[column] = json.loads(out[column])
+    return out
+
+
+def now() -> int:
+    return int(time.time())
