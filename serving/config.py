@@ -103,6 +103,12 @@ class LimitsConfig(_Strict):
         "them; well above what a CLIP-style processor uses, so answers do not change.",
     )
     max_messages: int = Field(default=256, gt=0, description="Messages per request.")
+    max_prompt_chars: int | None = Field(
+        default=None,
+        gt=0,
+        description="Characters of message text per request, checked before images are fetched and retrieval "
+        "runs (a 400 on messages); None: 16 per token of engine.max_model_len, more than any prompt that fits.",
+    )
     max_content_parts: int = Field(
         default=1024,
         gt=0,

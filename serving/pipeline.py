@@ -43,6 +43,7 @@ from mmrag.serving.openai.protocol import (
     ChatMessage,
     CompressionOptions,
     ImagePart,
+    TextPart,
     format_error_location,
     new_completion_id,
     now,
@@ -131,7 +132,8 @@ class ChatPipeline:
         return await self.offload.run(self.parse, body)
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Limits, images and retrieval: everything before the engine."""
+        """Limits, images and retrieval: everything before the engine, the cheap checks first (a request
+        refused for its size costs no image fetch and no search)."""
         completion_id = new_completion_id()
         check_limits(request, self.config)
         generation = GenerationRequest(
@@ -174,7 +176,8 @@ class ChatPipeline:
         try:
             if resolve_options(request.retrieval, self.config.retrieval).mode == "none":
                 return None
-            query = query_text_from_messages(generation.messages)
+            # Cut before it crosses to the retriever: a 5 MB message must not cost 5 MB of encoding and BM25.
+            query = query_text_from_messages(generation.messages, self.config.retrieval.max_query_chars)
             return await self.backend.retrieve(request.retrieval, query)
         except RetrievalError as exc:
             raise retrieval_error_as_openai(exc) from exc
@@ -260,6 +263,30 @@ def check_limits(request: ChatCompletionRequest, config: MmragConfig) -> None:
             f"{num_images} images in the request; at most {limits.max_images_per_request} are accepted",
             param="messages",
         )
+    check_prompt_chars(request, config)
+
+
+# No tokenizer averages more characters per token over a whole prompt (English text: about 4).
+CHARS_PER_TOKEN_BOUND = 16
+
+
+def check_prompt_chars(request: ChatCompletionRequest, config: MmragConfig) -> None:
+    """Refuse, before images and retrieval, message text too long to fit the context in any tokenization
+    (the exact token count is the engine's, after retrieval: too late to spare the search)."""
+    limit = config.limits.max_prompt_chars or CHARS_PER_TOKEN_BOUND * config.engine.max_model_len
+    chars = sum(len(text) for message in request.messages for text in message_texts(message))
+    if chars > limit:
+        raise InvalidRequestError(
+            f"{chars} characters of message text; at most {limit} fit this server's context "
+            f"({config.engine.max_model_len} tokens)",
+            param="messages",
+        )
+
+
+def message_texts(message: ChatMessage) -> list[str]:
+    if isinstance(message.content, str):
+        return [message.content]
+    return [part.text for part in message.content or () if isinstance(part, TextPart)]
 
 
 def compression_settings(options: CompressionOptions | None, config: CompressionConfig) -> CompressionSettings:

@@ -169,6 +169,12 @@ class RetrievalConfig(_Strict):
         "a request asks).",
     )
     top_k: int = Field(default=4, gt=0, le=100, description="Chunks retrieved per request by default.")
+    max_query_chars: int = Field(
+        default=2000,
+        gt=0,
+        description="The search query (the last user message's text) is cut to its first this many characters: "
+        "the encoder reads only its first few hundred tokens anyway, and BM25 and the encoder stay fast.",
+    )
     max_top_k: int = Field(default=50, gt=0, le=16384, description="Largest `top_k` a request may ask.")
     hybrid: bool = Field(default=False, description="Default of `hybrid`: dense + BM25 full-text fused with RRF.")
     rrf_k: int = Field(default=60, gt=0, description="RRF constant: score = sum 1 / (rrf_k + rank).")

@@ -200,12 +200,17 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-def query_text_from_messages(messages: Sequence[dict[str, Any]]) -> str:
-    """The retrieval query: the text of the last user message (image parts ignored)."""
+def query_text_from_messages(messages: Sequence[dict[str, Any]], max_chars: int | None = None) -> str:
+    """The retrieval query: the text of the last user message (image parts ignored), cut to ``max_chars``."""
     for message in reversed(messages):
         if message.get("role") == "user":
-            return _text_of(message.get("content"))
+            return bounded_query(_text_of(message.get("content")), max_chars)
     return ""
+
+
+def bounded_query(query_text: str, max_chars: int | None) -> str:
+    """The query's first ``max_chars`` characters (``retrieval.max_query_chars``)."""
+    return query_text if max_chars is None else query_text[:max_chars]
 
 
 def build_text_rag_messages(

@@ -30,6 +30,7 @@ from mmrag.serving.retrieval.protocol import (
     RetrievalResult,
     RetrievedChunk,
     RetrievedDocument,
+    bounded_query,
     resolve_options,
 )
 from mmrag.serving.retrieval.store import MilvusStore
@@ -68,6 +69,8 @@ class Retriever:
             collection=resolved.collection,
             hybrid=resolved.hybrid,
         )
+        # Cut again here: a caller other than the pipeline (a batch stage) may pass the whole message.
+        query_text = bounded_query(query_text, self.config.max_query_chars)
         if resolved.mode == "none" or not query_text.strip():
             return RetrievalResult(info=info)
         if not is_valid_unicode(query_text):  # the tokenizer and gRPC would fail on it deep inside

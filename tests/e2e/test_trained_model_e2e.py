@@ -39,6 +39,7 @@ def client(tmp_path_factory):
         f"retrieval.uri={work / 'kb.db'}",
         "retrieval.collection=kb",
         "retrieval.ingest_demo_corpus=false",
+        "retrieval.default_mode=none",  # image questions come without documents; others ask per request
         f"retrieval.xrag.projector={trained_projector_path()}",
         # LOOK-M on (prompts with images only): keep the text and a quarter of the image entries.
         "compression.lookm.enabled=true",

@@ -117,6 +117,16 @@ def test_a_query_with_lone_surrogates_is_a_400_on_messages(filled, encoder):
     retriever.close()
 
 
+def test_the_retriever_cuts_long_queries(filled, encoder, monkeypatch):
+    filled.max_query_chars = 10
+    retriever = Retriever(filled, encoder)
+    searched: list[str] = []
+    monkeypatch.setattr(retriever, "search", lambda options, query: searched.append(query) or [])
+    run(retriever.retrieve(TEXT, "herons fish in reed beds"))
+    assert searched == ["herons fis"]
+    retriever.close()
+
+
 def test_faults_tell_clients_their_kind_not_the_store_file(rconfig, encoder):
     rconfig.on_failure = "degrade"
     retriever = Retriever(rconfig, encoder)

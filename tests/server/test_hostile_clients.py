@@ -112,7 +112,8 @@ def test_a_big_request_does_not_stall_a_tiny_one(monkeypatch, engine, heavy):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, heavy, gated)
-    big = chat(engine, png_url((64, 64)) if heavy == "decode_image" else None, text="x" * 100_000)
+    # Over the inline-parse size, within the prompt-length bound.
+    big = chat(engine, png_url((64, 64)) if heavy == "decode_image" else None, text="x" * 30_000)
     app = create_app(engine.config, LocalBackend(engine))
 
     async def scenario() -> list[str]:
@@ -234,3 +235,34 @@ def test_messages_echo_a_bounded_prefix_of_client_input(http, engine):
     response = http.post("/v1/chat/completions", json={**chat(engine), "model": "m" * 100_000})
     assert_error(response, 404, "model", "(100000 characters)")
     assert len(response.json()["error"]["message"]) < 300
+
+
+class RecordingRetriever:
+    """A retriever that finds nothing and records the queries it was asked."""
+
+    def __init__(self):
+        self.queries: list[str] = []
+
+    async def retrieve(self, options, query_text):
+        from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult
+
+        self.queries.append(query_text)
+        return RetrievalResult(info=RetrievalInfo(mode="text"))
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_retrieval(engine):
+    retriever = RecordingRetriever()
+    limit = 16 * engine.config.engine.max_model_len  # the default bound: 16 characters per context token
+    with TestClient(create_app(engine.config, LocalBackend(engine, retriever))) as http:
+        body = {**chat(engine, text="x" * (limit + 1)), "retrieval": {"mode": "text"}}
+        assert_error(http.post("/v1/chat/completions", json=body), 400, "messages", "characters of message text")
+    assert retriever.queries == [] and engine.seen == []
+
+
+def test_the_retrieval_query_is_cut_to_max_query_chars(engine):
+    retriever = RecordingRetriever()
+    assert engine.config.retrieval.max_query_chars == 2000
+    with TestClient(create_app(engine.config, LocalBackend(engine, retriever))) as http:
+        body = {**chat(engine, text="q" * 3000), "retrieval": {"mode": "text"}}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+    assert retriever.queries == ["q" * 2000]
