@@ -13,6 +13,7 @@ from ray import serve
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.stage import RetrievalStage
+from mmrag.serving.vector_stores.config import vector_stores_enabled
 
 RetrieverServer = serve.deployment(name="Retriever")(RetrievalStage)
 
@@ -20,6 +21,7 @@ RetrieverServer = serve.deployment(name="Retriever")(RetrievalStage)
 def retriever_options(config: MmragConfig) -> dict[str, Any]:
     """``Deployment.options`` for the retriever; refuses several replicas on one Milvus Lite file."""
     options = config.deployments.retriever.serve_options()
+    vector_stores_enabled(config)  # refuses vector stores over several replicas
     if config.retrieval.is_lite():
         most = options.get("autoscaling_config", {}).get("max_replicas", options.get("num_replicas", 1))
         if most > 1:

@@ -48,14 +48,17 @@ class RetrievalStage:
             logger.warning("default collection not checked: %s", exc)
         self._vector_stores: VectorStoreService | None = None
         self._vector_stores_lock = threading.Lock()
-        vs = self.config.vector_stores
-        if vs.enabled and vs.resolved_records_path(self.config.retrieval).exists():
+        from mmrag.serving.vector_stores.config import vector_stores_enabled
+
+        self._vector_stores_on = vector_stores_enabled(self.config)
+        records = self.config.vector_stores.resolved_records_path(self.config.retrieval)
+        if self._vector_stores_on and records.exists():
             _ = self.vector_stores  # records from an earlier run: recover interrupted ingestions now
 
     @property
     def vector_stores(self) -> VectorStoreService | None:
         """The Vector Stores API's service (made on first use; None when ``vector_stores.enabled`` is off)."""
-        if not self.config.vector_stores.enabled:
+        if not self._vector_stores_on:
             return None
         with self._vector_stores_lock:
             if self._vector_stores is None:
@@ -82,7 +85,7 @@ class RetrievalStage:
         service = self.vector_stores
         if service is None:
             raise InvalidRequestError(
-                "vector stores are not enabled on this server (vector_stores.enabled)",
+                "vector stores are not enabled on this server (vector_stores.enabled, one retriever replica)",
                 param="retrieval.vector_store_ids",
             )
         return service.chat_scope(list(dict.fromkeys(store_ids)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from mmrag.serving.errors import InvalidRequestError, ServiceUnavailableError
+from mmrag.serving.errors import InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from mmrag.serving.vector_stores.service import VectorStoreService
@@ -42,7 +42,11 @@ class VectorStoreBackend(Protocol):
 def dispatch(service: VectorStoreService | None, method: str, kwargs: dict[str, Any]) -> Any:
     """Run ``method`` on ``service`` (blocking): only the API's methods, never any other attribute."""
     if service is None:
-        raise ServiceUnavailableError("vector stores are not enabled on this server (vector_stores.enabled)")
+        # Permanent for this deployment (a 404, as for a route it lacks), not a 503 to retry.
+        raise NotFoundError(
+            "vector stores are not enabled on this server (vector_stores.enabled, one retriever replica)",
+            code="vector_stores_disabled",
+        )
     if method not in METHODS:
         raise InvalidRequestError(f"unknown vector store operation {method!r}")
     return getattr(service, method)(**kwargs)

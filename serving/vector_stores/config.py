@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmrag.serving.retrieval.config import RetrievalConfig
+
+if TYPE_CHECKING:
+    from mmrag.serving.config import MmragConfig
 
 
 class VectorStoresConfig(BaseModel):
@@ -14,7 +18,12 @@ class VectorStoresConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    enabled: bool = Field(default=True, description="Serve /v1/vector_stores and `retrieval.vector_store_ids`.")
+    enabled: bool | None = Field(
+        default=None,
+        description="Serve /v1/vector_stores and `retrieval.vector_store_ids`. None: when the retriever runs one "
+        "replica (always so on Milvus Lite): the records and ingestion jobs belong to one process, so with several "
+        "retriever replicas they are off, and true is a configuration error.",
+    )
     collection: str = Field(
         default="mmrag_vector_stores",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$",
@@ -53,3 +62,16 @@ class VectorStoresConfig(BaseModel):
         from mmrag.serving.paths import cache_dir
 
         return cache_dir() / "vector_stores.sqlite3"
+
+
+def vector_stores_enabled(config: MmragConfig) -> bool:
+    """Whether this server serves vector stores (see ``enabled``); raises for true with several retrievers."""
+    retriever = config.deployments.retriever
+    most = retriever.autoscaling.max_replicas if retriever.autoscaling else retriever.num_replicas
+    enabled = config.vector_stores.enabled
+    if enabled and most > 1:
+        raise ValueError(
+            "vector_stores.enabled needs one retriever replica (deployments.retriever): the stores' records and "
+            "ingestion jobs belong to one process"
+        )
+    return most == 1 if enabled is None else enabled
