@@ -59,6 +59,13 @@ class FilesConfig(_Strict):
         description="Largest upload, counted while it streams in; past it the upload stops with a 413 and "
         "nothing is kept.",
     )
+    upload_idle_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait for the next piece of an upload's body (a 408 after it, nothing kept): a "
+        "trickle of bytes must not hold a connection and a staging file open. No total limit: a large upload "
+        "on a slow link may take long.",
+    )
     parsing: ParsingConfig = Field(default_factory=ParsingConfig)
 
     def resolved_directory(self) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmrag.serving.files.config import ParsingConfig
+
+# pypdf logs a warning for every oddity of a damaged file ("EOF marker not found") before it raises or
+# recovers; the outcome is reported here (a ParseError, or the text), so its warnings are only noise.
+logging.getLogger("pypdf").setLevel(logging.ERROR)
 
 Kind = Literal["pdf", "html", "markdown", "text", "jsonl", "image"]
 

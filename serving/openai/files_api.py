@@ -11,6 +11,7 @@ keys the server is open and every client sees every file.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -24,9 +25,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.errors import InvalidRequestError, PayloadTooLargeError, clip
+from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError, clip
 from mmrag.serving.files.store import PURPOSES, FileObject, FileStore, Upload, not_found
 from mmrag.serving.offload import Offload
 
@@ -36,6 +38,11 @@ _MAX_FIELD_BYTES = 1024
 _MAX_PARTS = 8
 _EXPIRY_S = (3600, 30 * 24 * 3600)  # OpenAI's bounds on expires_after[seconds]
 _READ_CHUNK = 1 << 20
+
+
+class _UploadTimeoutError(OpenAIError):
+    status_code = 408
+    error_type = "invalid_request_error"
 
 
 class FileList(BaseModel):
@@ -97,22 +104,31 @@ def files_router(config: MmragConfig) -> APIRouter:
     router = APIRouter(prefix="/v1/files", tags=["files"], route_class=_OpenAIErrorsRoute)
 
     def owner_of(request: Request) -> str | None:
-        # The middleware has already checked the key; files are scoped to a digest of it (never the key).
-        if not keyed:
-            return None
-        token = request.headers.get("authorization", "").partition(" ")[2]
-        return "key-" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        return key_owner(request) if keyed else None
 
     @router.post("", response_model=FileObject, openapi_extra={"requestBody": _UPLOAD_BODY})
     async def create_file(request: Request) -> FileObject:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.files.max_file_bytes + _FORM_OVERHEAD:
             raise _too_large(config.files.max_file_bytes)
-        form = _UploadForm(request.headers.get("content-type", ""), await offload.run(store.begin))
+        boundary = _boundary(request.headers.get("content-type", ""))
+        form = _UploadForm(boundary, await offload.run(store.begin))
+        chunks = aiter(request.stream())
         try:
-            async for chunk in request.stream():
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), config.files.upload_idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise _UploadTimeoutError(
+                        f"no upload data for {config.files.upload_idle_timeout_s:g} s (files.upload_idle_timeout_s)",
+                        param="file",
+                    ) from None
                 await offload.run(form.feed, chunk)
             return await offload.run(form.commit, owner_of(request))
+        except ClientDisconnect:  # the client hung up mid-upload: nothing is kept, no one to answer
+            return Response(status_code=499)
         finally:
             await offload.run(form.upload.abort)  # a no-op once committed
 
@@ -161,6 +177,14 @@ def files_router(config: MmragConfig) -> APIRouter:
     return router
 
 
+def key_owner(request: Request) -> str:
+    """The owner id of a request's API key: a digest of the bearer token (the key itself is never stored).
+    The edge middleware has already accepted the key; like it, the last Authorization header counts."""
+    values = request.headers.getlist("authorization")
+    token = values[-1].partition(" ")[2] if values else ""
+    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
 def _too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"file larger than the {limit} bytes this server accepts (files.max_file_bytes)",
@@ -169,19 +193,22 @@ def _too_large(limit: int) -> PayloadTooLargeError:
     )
 
 
+def _boundary(content_type: str) -> bytes:
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidRequestError(
+            "send the upload as multipart/form-data with the fields `file` and `purpose`", param="file"
+        )
+    return boundary
+
+
 class _UploadForm:
     """A multipart body pushed through python-multipart chunk by chunk: the ``file`` part goes to an
     :class:`Upload` as it arrives, the other (small) fields are collected. Runs in worker threads."""
 
-    def __init__(self, content_type: str, upload: Upload):
+    def __init__(self, boundary: bytes, upload: Upload):
         self.upload = upload
-        kind, options = parse_options_header(content_type)
-        boundary = options.get(b"boundary")
-        if kind != b"multipart/form-data" or not boundary:
-            upload.abort()
-            raise InvalidRequestError(
-                "send the upload as multipart/form-data with the fields `file` and `purpose`", param="file"
-            )
         self.fields: dict[str, bytearray] = {}
         self.filename: bytes | None = None
         self._parts = 0

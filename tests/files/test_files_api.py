@@ -3,6 +3,7 @@ underneath: upload, list (pagination, purpose, order), retrieve, content, delete
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -23,11 +24,11 @@ from tests.files.documents import pdf_bytes
 LIMIT = 4096
 
 
-def make_app(tmp_path, **server):
+def make_app(tmp_path, files=None, **server):
     config = MmragConfig.model_validate(
         {
             "retrieval": {"default_mode": "none"},
-            "files": {"directory": str(tmp_path / "files"), "max_file_bytes": LIMIT},
+            "files": {"directory": str(tmp_path / "files"), "max_file_bytes": LIMIT, **(files or {})},
             "server": server,
         }
     )
@@ -299,3 +300,54 @@ def test_safe_filename_unit():
     assert safe_filename(None) == "upload"
     assert safe_filename(b"caf\xc3\xa9.txt") == "café.txt"
     assert safe_filename("x" * 300) == "x" * 255
+
+
+def post_partial_upload(app, then: dict | None) -> list[dict]:
+    """POST /v1/files straight to the ASGI app: the start of a file part, then ``then`` (a disconnect), or
+    nothing more ever (``None``: the client stalls). Returns the messages the app sent."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nthe first bytes'
+    messages = [{"type": "http.request", "body": head, "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if then is not None:
+            return then
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return sent
+
+
+def test_a_stalled_upload_is_a_408_and_keeps_nothing(tmp_path):
+    app = make_app(tmp_path, files={"upload_idle_timeout_s": 0.3})
+    sent = post_partial_upload(app, then=None)
+    assert sent[0]["status"] == 408
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["param"] == "file" and "upload_idle_timeout_s" in error["message"]
+    assert list((tmp_path / "files" / ".staging").iterdir()) == []
+
+
+def test_a_client_that_hangs_up_mid_upload_leaves_nothing(tmp_path):
+    app = make_app(tmp_path)
+    post_partial_upload(app, then={"type": "http.disconnect"})
+    assert list((tmp_path / "files" / ".staging").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == [".staging", ".trash"]
