@@ -306,10 +306,13 @@ class FileStore:
         for folder in (self.directory / ".staging", self.directory / ".trash"):
             for entry in os.scandir(folder):
                 try:
-                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                except FileNotFoundError:
+                    # The newest write inside counts: a slow upload keeps touching its `content`.
+                    touched = [entry.stat(follow_symlinks=False).st_mtime]
+                    touched += [inner.stat(follow_symlinks=False).st_mtime for inner in os.scandir(entry.path)]
+                except (FileNotFoundError, NotADirectoryError):
                     continue
+                if max(touched) < cutoff:
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _owned(record: dict[str, Any], owner: str | None) -> bool:

@@ -269,9 +269,15 @@ def test_store_sweeps_old_orphans_and_keeps_fresh_ones(tmp_path):
     for folder in (old, fresh):
         folder.mkdir()
         (folder / "content").write_bytes(b"half")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
-    store = FileStore(config)  # a crash left both; the old one is debris, the fresh one may be in flight
-    assert not old.exists() and fresh.exists()
+    slow = tmp_path / "store" / ".staging" / "upload-slow"  # started long ago, still being written
+    slow.mkdir()
+    (slow / "content").write_bytes(b"still coming")
+    two_hours_ago = (time.time() - 7200, time.time() - 7200)
+    os.utime(old / "content", two_hours_ago)
+    os.utime(old, two_hours_ago)
+    os.utime(slow, two_hours_ago)
+    store = FileStore(config)  # a crash left `old`; the others may be uploads in flight elsewhere
+    assert not old.exists() and fresh.exists() and slow.exists()
     assert store.list() == ([], False)
 
 
