@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmrag.serving.batch.output import OutputWriter, recover_output
-from mmrag.serving.batch.records import BatchLine, invalid_line_record, read_batch_input
+from mmrag.serving.batch.records import BatchInputError, BatchLine, invalid_line_record, read_batch_input
 from mmrag.serving.batch.summary import BatchSummary, Recorder
 from mmrag.serving.config import MmragConfig
 
@@ -35,6 +35,7 @@ def run_batch(
     """Answer every line of ``input_path`` not yet in ``output_path``; raises ``BatchInputError`` before
     any work when the input or the output cannot be used."""
     lines = read_batch_input(input_path)
+    check_distinct(input_path, output_path)
     answered = recover_output(output_path)
     todo = [line for line in lines if line.key not in answered]
     summary = BatchSummary(skipped=len(lines) - len(todo))
@@ -50,6 +51,12 @@ def run_batch(
         finally:
             recorder.finish()
     return summary
+
+
+def check_distinct(input_path: str | Path, output_path: str | Path) -> None:
+    # Appending answers to the input would corrupt it; said plainly rather than as "not an output record".
+    if Path(output_path).exists() and Path(output_path).samefile(input_path):
+        raise BatchInputError(f"the output file {output_path} is the input file; name another output file")
 
 
 def record_invalid_lines(lines: list[BatchLine], recorder: Recorder) -> list[BatchLine]:

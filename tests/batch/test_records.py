@@ -101,14 +101,18 @@ def test_recover_cuts_a_partial_last_line(tmp_path):
 def test_recover_cuts_a_whole_json_without_newline(tmp_path):
     # A kill between the line and its newline: not known to be complete, so it is run again.
     path = tmp_path / "out.jsonl"
-    path.write_text('{"custom_id": "a", "error": null}\n{"custom_id": "b", "error": null}')
+    with OutputWriter(path) as writer:
+        writer.write(success_record(parse_line(1, json.dumps(chat_line("a", "x"))), "r", {}))
+        writer.write(success_record(parse_line(2, json.dumps(chat_line("b", "y"))), "r", {}))
+    first, second = path.read_text().splitlines(keepends=True)
+    path.write_text(first + second.rstrip("\n"))
     assert recover_output(path) == {("custom_id", "a")}
-    assert path.read_text() == '{"custom_id": "a", "error": null}\n'
+    assert path.read_text() == first
 
 
 def test_recover_refuses_a_foreign_file(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('not json\n{"custom_id": "a", "error": null}\n')
-    with pytest.raises(BatchInputError, match="line 1 is not an output record"):
+    with pytest.raises(BatchInputError, match="line 1 is not a batch output record"):
         recover_output(path)
     assert path.read_text().startswith("not json")
