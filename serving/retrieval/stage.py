@@ -99,7 +99,10 @@ class RetrievalStage:
     def __del__(self) -> None:
         service = getattr(self, "_vector_stores", None)
         if service is not None:
-            service.close()
+            try:
+                service.close(wait=False)
+            except Exception:  # at interpreter exit the thread pool's module may already be torn down
+                logger.debug("closing the vector-store service failed", exc_info=True)
         core = getattr(self, "core", None)
         if core is not None:
             core.close()

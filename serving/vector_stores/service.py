@@ -80,9 +80,12 @@ class VectorStoreService:
         except OpenAIError as exc:
             logger.warning("vector stores not swept at start (retried on first use): %s", exc.message)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self.records.close()
+    def close(self, wait: bool = True) -> None:
+        """Stop taking jobs; ``wait``: let the running ones finish first (queued ones stay ``in_progress``, and
+        the next process fails them as interrupted)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+        if wait:
+            self.records.close()
 
     # -- stores ----------------------------------------------------------------------------------
 
