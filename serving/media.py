@@ -10,8 +10,16 @@
   bomb, or a processor bomb: the model's processor scales the short side up) never allocates it; so is
   the sum over a request's images. Decoded images larger than the model could use are downscaled at once.
 
-NOTE: the connection is made by name after the address check, so a DNS answer that changes between
-the check and the connect (rebinding) is not covered; pin resolution in the transport if that matters.
+- The connection goes to an address the check accepted, never to a second DNS answer: the request is
+  sent to that IP with the name in the Host header and as TLS SNI (certificates are still verified against
+  the name), so a rebinding DNS that answers a public address to the check and 127.0.0.1 to the connect
+  reaches nothing inward. Redirects are resolved, checked and pinned the same way.
+- Responses are asked for uncompressed (``Accept-Encoding: identity``); a server that compresses anyway
+  (gzip or deflate) is decompressed in bounded steps, so the size cap applies to the decoded bytes before
+  they exist and a small gzip bomb never expands; other encodings are refused.
+- Only PNG, JPEG, WebP and GIF are decoded (the formats OpenAI's API accepts): the format is decided from the
+  bytes by those four Pillow plugins alone, so TIFF, BMP, ICO, EPS (Ghostscript) and the rest never reach
+  a decoder.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import ipaddress
 import math
 import re
 import socket
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +49,10 @@ from mmrag.serving.offload import Offload
 Runner = Callable[..., Awaitable[Any]]
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}):")  # RFC 3986 scheme (bounded: no long echo)
+
+# Pillow format names of the images decoded: what OpenAI's API accepts, and what every image processor reads.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+_FORMATS_TEXT = "PNG, JPEG, WebP or GIF"
 
 
 @dataclass(frozen=True)
@@ -142,11 +155,13 @@ def decode_data_url(url: str, policy: ImagePolicy, *, param: str) -> bytes:
 def open_image(data: bytes, policy: ImagePolicy, *, param: str) -> Image.Image:
     """Pillow's lazy open: the header only, nothing decoded; its size is checked before anything is."""
     try:
-        image = Image.open(io.BytesIO(data))
+        # formats=: only these plugins look at the bytes; any other format is never opened by its plugin.
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:  # PIL's own guard fires first for extreme sizes
         raise PayloadTooLargeError(f"image declares too many pixels: {exc}", param=param) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidRequestError("the bytes are not a decodable image (PNG, JPEG, GIF, WebP...)", param=param) from exc
+        message = f"the bytes are not a decodable image: only {_FORMATS_TEXT} images are accepted"
+        raise InvalidRequestError(message, param=param) from exc
     check_image_shape(image.size, policy, param=param)
     return image
 
@@ -195,11 +210,11 @@ def check_image_shape(size: tuple[int, int], policy: ImagePolicy, *, param: str)
 
 
 async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:
-    async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False) as client:
+    async with _client(policy) as client:
         for _ in range(policy.max_redirects + 1):
-            await check_url_allowed(url, policy, param=param)
+            addresses = await check_url_allowed(url, policy, param=param)
             try:
-                data, location = await _get_once(client, url, policy, param=param)
+                data, location = await _get_pinned(client, url, addresses, policy, param=param)
             except httpx.HTTPError as exc:
                 raise InvalidRequestError(f"could not fetch the image: {type(exc).__name__}", param=param) from exc
             except httpx.InvalidURL as exc:  # httpx reads a redirect's Location itself (a data: URL, say)
@@ -211,11 +226,47 @@ async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:
     raise InvalidRequestError(f"more than {policy.max_redirects} redirects", param=param)
 
 
+def _client(policy: ImagePolicy) -> httpx.AsyncClient:
+    # trust_env=False: no proxy from the environment (it would connect by name, past the pinning).
+    return httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False)
+
+
+async def _get_pinned(
+    client: httpx.AsyncClient, url: str, addresses: list[str] | None, policy: ImagePolicy, *, param: str
+) -> tuple[bytes, str | None]:
+    """GET ``url`` from one of the checked ``addresses`` (in the resolver's order; the next one only when a
+    connection is refused), never from a fresh DNS answer. ``None``: the host was not checked (allowlisted,
+    or private addresses allowed), so it is fetched by name."""
+    target = httpx.URL(url)
+    if addresses is None:
+        return await _get_once(client, target, policy, param=param)
+    # The name goes in the Host header and TLS SNI, so virtual hosts answer and certificates verify as usual.
+    host_header = {"Host": target.netloc.decode("ascii")}
+    error: httpx.ConnectError | None = None
+    for address in addresses:
+        pinned = target.copy_with(host=address)
+        try:
+            return await _get_once(client, pinned, policy, param=param, headers=host_header, sni_hostname=target.host)
+        except httpx.ConnectError as exc:
+            error = exc
+    assert error is not None, "a checked host has at least one address"
+    raise error
+
+
 async def _get_once(
-    client: httpx.AsyncClient, url: str, policy: ImagePolicy, *, param: str
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    policy: ImagePolicy,
+    *,
+    param: str,
+    headers: dict[str, str] | None = None,
+    sni_hostname: str | None = None,
 ) -> tuple[bytes, str | None]:
     """One GET: (body, None), or (b"", Location) for a redirect."""
-    async with client.stream("GET", url) as response:
+    extensions = {"sni_hostname": sni_hostname} if sni_hostname else None
+    # identity: a compressed body would be decoded past the size cap; _BoundedDecoder covers servers that ignore it.
+    request_headers = {**(headers or {}), "Accept-Encoding": "identity"}
+    async with client.stream("GET", url, headers=request_headers, extensions=extensions) as response:
         if response.is_redirect:
             return b"", response.headers.get("location", "")
         if response.status_code != 200:
@@ -223,12 +274,67 @@ async def _get_once(
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > policy.max_bytes:
             raise PayloadTooLargeError(f"image larger than {policy.max_bytes} bytes", param=param)
+        decoder = _BoundedDecoder(response.headers.get("content-encoding", ""), policy.max_bytes, param=param)
         body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > policy.max_bytes:
+        received = 0
+        async for chunk in response.aiter_raw():  # raw: httpx would gunzip each chunk whole, unbounded
+            received += len(chunk)  # the wire bytes are capped too (trailing data after a gzip stream)
+            if received > policy.max_bytes:
                 raise PayloadTooLargeError(f"image larger than {policy.max_bytes} bytes", param=param)
+            body += decoder.feed(chunk, len(body))
+        body += decoder.flush(len(body))
         return bytes(body), None
+
+
+class _BoundedDecoder:
+    """Undoes a response's Content-Encoding (none, gzip or deflate) without ever producing more than
+    ``max_bytes`` in all: zlib is asked for at most the room left (+1, to see the cap crossed), so a
+    kilobyte that inflates to gigabytes is refused after ``max_bytes``, not after inflating."""
+
+    def __init__(self, content_encoding: str, max_bytes: int, *, param: str):
+        encoding = content_encoding.strip().lower()
+        self._max_bytes = max_bytes
+        self._param = param
+        self._zlib: zlib._Decompress | None = None
+        self._deflate = encoding == "deflate"
+        if encoding == "gzip" or encoding == "x-gzip":
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif self._deflate:
+            self._zlib = zlib.decompressobj()  # zlib-wrapped, as the RFC says; raw deflate tried below
+        elif encoding not in ("", "identity"):
+            raise InvalidRequestError("the image was sent with an unsupported Content-Encoding", param=param)
+
+    def feed(self, chunk: bytes, done: int) -> bytes:
+        """The decoded bytes of ``chunk``, ``done`` bytes having been decoded before it."""
+        if self._zlib is None:
+            return self._checked(chunk, done)
+        try:
+            out = self._zlib.decompress(chunk, self._max_bytes - done + 1)
+        except zlib.error as exc:
+            if not (self._deflate and done == 0):
+                raise InvalidRequestError("the image's compressed body is corrupt", param=self._param) from exc
+            self._deflate = False  # some servers send raw deflate for "deflate"
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self.feed(chunk, done)
+        if self._zlib.unconsumed_tail:  # stopped at max_length: more output is waiting
+            self._too_large()
+        return self._checked(out, done)
+
+    def flush(self, done: int) -> bytes:
+        if self._zlib is None:
+            return b""
+        out = self._checked(self._zlib.flush(self._max_bytes - done + 1), done)
+        if not self._zlib.eof:
+            raise InvalidRequestError("the image's compressed body is corrupt or cut short", param=self._param)
+        return out
+
+    def _checked(self, out: bytes, done: int) -> bytes:
+        if done + len(out) > self._max_bytes:
+            self._too_large()
+        return out
+
+    def _too_large(self) -> None:
+        raise PayloadTooLargeError(f"image larger than {self._max_bytes} bytes", param=self._param)
 
 
 def url_scheme(url: str) -> str:
@@ -266,7 +372,9 @@ def redirect_target(url: str, location: str, *, param: str) -> str:
         raise InvalidRequestError("the image URL redirects to a malformed URL", param=param) from exc
 
 
-async def check_url_allowed(url: str, policy: ImagePolicy, *, param: str) -> None:
+async def check_url_allowed(url: str, policy: ImagePolicy, *, param: str) -> list[str] | None:
+    """The addresses ``url``'s host resolves to, every one checked public (the fetch connects only to
+    them); ``None`` for a host not checked (allowlisted, or private addresses allowed)."""
     parts = split_http_url(url, param=param)
     if parts.scheme not in ("http", "https") or parts.scheme not in policy.schemes:
         raise InvalidRequestError(f"image URL scheme {parts.scheme!r} is not allowed (redirect?)", param=param)
@@ -274,10 +382,12 @@ async def check_url_allowed(url: str, policy: ImagePolicy, *, param: str) -> Non
     if not host:
         raise InvalidRequestError("image URL has no host", param=param)
     if host in policy.allowlist or policy.allow_private:
-        return
-    for address in await _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), param):
+        return None
+    addresses = await _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), param)
+    for address in addresses:
         if not is_public_address(address):
             raise InvalidRequestError(f"image URL host {host!r} resolves to a non-public address; refused", param=param)
+    return addresses
 
 
 async def _resolve(host: str, port: int, param: str) -> list[str]:
@@ -285,7 +395,11 @@ async def _resolve(host: str, port: int, param: str) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InvalidRequestError(f"image URL host {host!r} does not resolve", param=param) from exc
-    return sorted({info[4][0] for info in infos})
+    # The resolver's order (its address preference), each once; none: refused rather than fetched by name.
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise InvalidRequestError(f"image URL host {host!r} does not resolve", param=param)
+    return addresses
 
 
 # IPv6 forms that carry an IPv4 address in their low 32 bits: they reach (or name) that IPv4 host, so the
