@@ -83,6 +83,10 @@ def vector_stores_router(
     async def get_file(store_id: str, file_id: str) -> JSONResponse:
         return polled(await call("get_file", store_id=store_id, file_id=file_id))
 
+    @router.get("/{store_id}/files/{file_id}/content")
+    async def file_content(store_id: str, file_id: str) -> JSONResponse:
+        return JSONResponse(await call("file_content", store_id=store_id, file_id=file_id))
+
     @router.post("/{store_id}/files/{file_id}")
     async def update_file(store_id: str, file_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.UpdateFile)

@@ -26,6 +26,7 @@ Method = Literal[
     "attach_file",
     "list_files",
     "get_file",
+    "file_content",
     "update_file",
     "delete_file",
     "create_batch",

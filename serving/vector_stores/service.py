@@ -161,6 +161,27 @@ class VectorStoreService:
         self._store_row(store_id)
         return _file_object(self._file_row(store_id, file_id))
 
+    def file_content(self, store_id: str, file_id: str) -> dict[str, Any]:
+        """The indexed chunks of a completed file, in order (none for a file that is not completed)."""
+        self._store_row(store_id)
+        row = self._file_row(store_id, file_id)
+        texts: list[str] = []
+        if row["status"] == "completed":
+            store = self._store()
+            step = self.config.embed_batch
+            for start in range(0, self.config.max_chunks_per_file, step):
+                ids = [_chunk_id(store_id, file_id, i) for i in range(start, start + step)]
+                chunks = self._milvus(lambda ids=ids: store.get_rows(self.collection, ids, ["metadata", "text"]))
+                texts += [c["text"] for c in sorted(chunks, key=lambda c: c["metadata"]["chunk_index"])]
+                if len(chunks) < step:
+                    break
+        return {
+            "object": "vector_store.file_content.page",
+            "data": [{"type": "text", "text": text} for text in texts],
+            "has_more": False,
+            "next_page": None,
+        }
+
     def update_file(self, store_id: str, file_id: str, body: p.UpdateFile) -> dict[str, Any]:
         """New attributes: the records at once, the chunks (which filters read) rewritten in Milvus."""
         self._store_row(store_id)

@@ -332,3 +332,23 @@ def test_chat_with_unknown_vector_store_is_404(client, filled):
                 model=MODEL, messages=[{"role": "user", "content": "q"}], extra_body={"retrieval": retrieval}
             )
         assert (caught.value.status_code, caught.value.body["param"]) == (status, param), caught.value.body
+
+
+def test_pdf_and_image_files_and_a_file_content(client):
+    from tests.files.documents import pdf_bytes, png_bytes
+
+    store = client.vector_stores.create(name="formats")
+    pdf = upload(
+        client, "atlas.pdf", pdf_bytes(["The Kessel Span bridge is 412 metres long.", "Its toll is two silver coins."])
+    )
+    png = upload(client, "red-square-diagram.png", png_bytes((16, 16)))
+    locked = upload(client, "locked.pdf", pdf_bytes(["secret"], password="pw"))
+    for file_id, status in [(pdf, "completed"), (png, "completed"), (locked, "failed")]:
+        attached = client.vector_stores.files.create_and_poll(file_id=file_id, vector_store_id=store.id)
+        assert attached.status == status, attached.last_error
+    assert "encrypt" in attached.last_error.message.lower()
+    assert search(client, store.id, "toll of the Kessel Span")[0].file_id == pdf
+    assert search(client, store.id, "red square diagram")[0].file_id == png  # indexed by its name for now
+    pages = [part.text for part in client.vector_stores.files.content(pdf, vector_store_id=store.id)]
+    assert pages == ["The Kessel Span bridge is 412 metres long.", "Its toll is two silver coins."]
+    assert list(client.vector_stores.files.content(locked, vector_store_id=store.id)) == []
