@@ -308,13 +308,14 @@ class VectorStoreService:
         }
 
     def scope_filter(self, store_ids: list[str]) -> str:
-        """The expression that limits a search to these stores' completed files."""
+        """The expression that limits a search to these stores' completed files (a failed file's chunks are
+        deleted before its cleanup flag is cleared, so only these few can have chunks and be incomplete)."""
         ids = ", ".join(quote_string(s) for s in store_ids)
         expression = f"vector_store_id in [{ids}]"
         marks = ", ".join("?" * len(store_ids))
         partial = self.records.all(
             f"SELECT file_id FROM files WHERE vector_store_id IN ({marks}) "
-            "AND (status != 'completed' OR removed = 1 OR cleanup = 1)",
+            "AND (status = 'in_progress' OR removed = 1 OR cleanup = 1)",
             *store_ids,
         )
         if partial:
