@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
 import io
 import ipaddress
 import math
@@ -53,6 +54,10 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}):")  # RFC 3986 scheme (bou
 # Pillow format names of the images decoded: what OpenAI's API accepts, and what every image processor reads.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _FORMATS_TEXT = "PNG, JPEG, WebP or GIF"
+
+
+# A request whose images decode to more pixels than this (~24 MB as RGB) hands freed memory back to the OS.
+TRIM_AFTER_PIXELS = 8_000_000
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,10 @@ async def load_images(
     run = offload.run if offload is not None else asyncio.to_thread
     encoded = await asyncio.gather(*(fetch_image(url, policy, run, param=param) for param, url in urls))
     check_request_pixels(encoded, policy)
-    return list(await asyncio.gather(*(run(decode_image, i.data, policy, param=i.param) for i in encoded)))
+    images = list(await asyncio.gather(*(run(decode_image, i.data, policy, param=i.param) for i in encoded)))
+    if sum(i.size[0] * i.size[1] for i in encoded) > TRIM_AFTER_PIXELS:
+        await run(release_freed_memory)
+    return images
 
 
 async def load_image(url: str, policy: ImagePolicy, *, param: str) -> Image.Image:
@@ -125,6 +133,25 @@ async def fetch_image(url: str, policy: ImagePolicy, run: Runner, *, param: str)
     else:
         data = await fetch_http(url, policy, param=param)
     return EncodedImage(data, (await run(open_image, data, policy, param=param)).size, param)
+
+
+def release_freed_memory() -> None:
+    """Return the heap memory freed by decoding to the OS. glibc keeps freed memory in its arenas (one per
+    worker thread): six requests of two 25 Mpx images left the ingress (TestClient, fake engine) at 745 MiB
+    RSS; trimming after each keeps it at 61 MiB. ``malloc_trim(0)`` trims every arena, in well under a
+    millisecond when little is free (53 ms for 680 MiB). A no-op without glibc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 def check_request_pixels(images: list[EncodedImage], policy: ImagePolicy) -> None:
