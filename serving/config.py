@@ -115,6 +115,15 @@ class LimitsConfig(_Strict):
         description="Content parts (text and image_url) over a request's messages, counted before validation.",
     )
     max_request_bytes: int = Field(default=64 * 2**20, gt=0, description="HTTP body size cap.")
+    body_read_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Time to receive a whole request body (a 408 after it): a body sent slowly must not hold an "
+        "ingress slot for the whole server.request_timeout_s.",
+    )
+    body_idle_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest wait for the next piece of a request body (a 408 after it)."
+    )
     max_n: int = Field(default=8, gt=0, description="Largest `n` (choices per request).")
     max_completion_tokens: int | None = Field(
         default=None, description="Cap on max_tokens; None: whatever fits in max_model_len."
@@ -217,6 +226,24 @@ class ServerConfig(_Strict):
         default=None, description="Logical CPUs of a local Ray (None: the machine's count)."
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="End-to-end limit per request.")
+    keep_alive_timeout_s: int = Field(
+        default=5,
+        ge=1,
+        description="How long Serve's HTTP proxy keeps an idle client connection open between requests (Ray's "
+        "default is 90 s); raise it above the idle timeout of a load balancer in front.",
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None,
+        description="Host header names (port ignored) accepted besides loopback ones (localhost, 127.0.0.0/8, "
+        "::1); ['*']: any; others get a 403. None: loopback names only on a server bound to a loopback address "
+        "with no API keys (a web page cannot reach it through DNS rebinding), any name otherwise.",
+    )
+    allowed_origins: list[str] | None = Field(
+        default=None,
+        description="Origin headers (scheme://host[:port]) accepted besides loopback ones; ['*']: any; others get "
+        "a 403 (requests without Origin, i.e. not from a browser, always pass). None: loopback origins only on a "
+        "server bound to a loopback address with no API keys, any otherwise.",
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Bearer keys accepted on /v1/*; empty with no key file: open."
     )

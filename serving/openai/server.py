@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP surface: a FastAPI app, a thin adapter over the chat pipeline.
 
 Requests go through :class:`~mmrag.serving.pipeline.ChatPipeline`; this module adds what is HTTP's:
-authentication, body reading, SSE streaming, status codes and Prometheus metrics. It knows nothing about
+body reading (JSON only, within a size and a time limit), SSE streaming, status codes and Prometheus
+metrics; the checks made before any route runs (API keys, Host, Origin) are in :mod:`.edge`. It knows nothing about
 Ray: the Serve ingress gives it a backend that calls the deployments through handles; tests give it a
 :class:`~mmrag.serving.pipeline.LocalBackend` over an in-process engine. Every error leaves as
 ``{"error": {...}}`` with its status; an error after a stream has started is sent as a final SSE event,
@@ -10,7 +11,7 @@ then ``[DONE]``.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import logging
 import time
@@ -20,18 +21,35 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta
-from mmrag.serving.errors import AuthenticationError, EngineUnavailableError, OpenAIError, PayloadTooLargeError
+from mmrag.serving.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    OpenAIError,
+    PayloadTooLargeError,
+    clip,
+)
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
+from mmrag.serving.openai.edge import EdgeGuard
 from mmrag.serving.openai.files_api import files_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.vector_stores_api import vector_stores_router
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
 logger = logging.getLogger(__name__)
+
+# nginx's "client closed request": the client hung up before its request was read; no response reaches it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class RequestTimeoutError(OpenAIError):
+    status_code = 408
+    error_type = "invalid_request_error"
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
@@ -43,14 +61,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     pipeline = ChatPipeline(config, backend)
     metrics = IngressMetrics()
     started = now()
-    api_keys = [key.encode() for key in config.server.accepted_api_keys()]
-
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next):
-        # /health and /metrics stay open for probes and scrapers; the API needs a key when keys are set.
-        if api_keys and request.url.path.startswith("/v1/") and not _has_valid_key(request, api_keys):
-            return error_response(AuthenticationError("invalid or missing API key", code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(EdgeGuard, server=config.server, api_keys=config.server.accepted_api_keys())
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -94,18 +105,30 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             response = await _chat(http_request, start)
         except OpenAIError as exc:
             response = error_response(exc)
+        except ClientDisconnect:
+            # A careless or hostile client, not a fault of ours: one line, and its own status in the counts.
+            logger.info("client closed the connection before its request body was read")
+            response = Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception:
             logger.exception("unhandled error in chat completion")
             response = error_response(OpenAIError("internal server error"))
-        finally:
-            metrics.in_flight.dec()
         metrics.requests.labels(status=str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse):
-            metrics.latency.observe(time.perf_counter() - start)
+        if isinstance(response, StreamingResponse):
+            # The stream is served after this function returns: it stays in flight until its last byte.
+            return _StreamUntilDone(response, on_done=metrics.in_flight.dec)
+        metrics.in_flight.dec()
+        metrics.latency.observe(time.perf_counter() - start)
         return response
 
     async def _chat(http_request: Request, start: float) -> Response:
-        request = await pipeline.parse_off_loop(await read_body(http_request, config.limits.max_request_bytes))
+        require_json(http_request)
+        body = await read_body(
+            http_request,
+            config.limits.max_request_bytes,
+            idle_timeout_s=config.limits.body_idle_timeout_s,
+            total_timeout_s=config.limits.body_read_timeout_s,
+        )
+        request = await pipeline.parse_off_loop(body)
         prepared = await pipeline.prepare(request)
         deltas = pipeline.generate(prepared)
         if request.stream:
@@ -152,24 +175,59 @@ def openapi_with_chat_body(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def _has_valid_key(request: Request, api_keys: list[bytes]) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    # Compare against every key in constant time: no early exit that leaks which prefix matched.
-    return any([hmac.compare_digest(token.encode(), key) for key in api_keys])
+def require_json(http_request: Request) -> None:
+    """Bodies are JSON, and say so (as vLLM requires, with a 400): a web page can send ``text/plain`` or a
+    form to any server without the browser asking it first, but not ``application/json``."""
+    content_type = http_request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise InvalidRequestError(
+            f"Content-Type must be application/json, got {clip(content_type) if content_type else 'none'}",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
 
 
-async def read_body(http_request: Request, max_bytes: int) -> bytes:
+async def read_body(http_request: Request, max_bytes: int, *, idle_timeout_s: float, total_timeout_s: float) -> bytes:
+    """The body, refused past ``max_bytes`` (413) or when it arrives too slowly (408): a trickle of bytes
+    must not hold an ingress slot for the whole request timeout. A client that hangs up raises
+    ``ClientDisconnect``."""
     declared = http_request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total_timeout_s
+    chunks = aiter(http_request.stream())
     body = bytearray()
-    async for chunk in http_request.stream():
+    while True:
+        left = deadline - loop.time()
+        try:
+            async with asyncio.timeout(min(idle_timeout_s, left)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            if left <= idle_timeout_s:
+                raise RequestTimeoutError(f"request body not received within {total_timeout_s:g} s") from None
+            raise RequestTimeoutError(f"no request body data for {idle_timeout_s:g} s") from None
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
-    return bytes(body)
+
+
+class _StreamUntilDone(Response):
+    """A streaming response that calls ``on_done`` once it has been sent or abandoned, whatever happens."""
+
+    def __init__(self, response: StreamingResponse, on_done):
+        self._response = response
+        self._on_done = on_done
+        self.status_code = response.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._response(scope, receive, send)
+        finally:
+            self._on_done()
 
 
 async def _first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
