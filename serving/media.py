@@ -237,9 +237,11 @@ def check_image_shape(size: tuple[int, int], policy: ImagePolicy, *, param: str)
 
 
 async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:
-    async with _client(policy) as client:
-        for _ in range(policy.max_redirects + 1):
-            addresses = await check_url_allowed(url, policy, param=param)
+    for _ in range(policy.max_redirects + 1):
+        addresses = await check_url_allowed(url, policy, param=param)
+        # A client per hop: a connection pooled by IP must not carry the next name's request over a TLS
+        # session whose certificate was checked for another name.
+        async with _client(policy) as client:
             try:
                 data, location = await _get_pinned(client, url, addresses, policy, param=param)
             except httpx.HTTPError as exc:
@@ -247,9 +249,9 @@ async def fetch_http(url: str, policy: ImagePolicy, *, param: str) -> bytes:
             except httpx.InvalidURL as exc:  # httpx reads a redirect's Location itself (a data: URL, say)
                 message = "could not fetch the image: redirected to an invalid URL"
                 raise InvalidRequestError(message, param=param) from exc
-            if location is None:
-                return data
-            url = redirect_target(url, location, param=param)
+        if location is None:
+            return data
+        url = redirect_target(url, location, param=param)
     raise InvalidRequestError(f"more than {policy.max_redirects} redirects", param=param)
 
 
