@@ -9,7 +9,6 @@
   *before* decoding, so a small file that declares a huge or extremely elongated canvas (a decompression
   bomb, or a processor bomb: the model's processor scales the short side up) never allocates it; so is
   the sum over a request's images. Decoded images larger than the model could use are downscaled at once.
-
 - The connection goes to an address the check accepted, never to a second DNS answer: the request is
   sent to that IP with the name in the Host header and as TLS SNI (certificates are still verified against
   the name), so a rebinding DNS that answers a public address to the check and 127.0.0.1 to the connect
@@ -350,6 +349,7 @@ class _BoundedDecoder:
         return self._checked(out, done)
 
     def flush(self, done: int) -> bytes:
+        # All input was consumed by feed (no unconsumed_tail): at most an unfinished match is left to emit.
         if self._zlib is None:
             return b""
         out = self._checked(self._zlib.flush(self._max_bytes - done + 1), done)
