@@ -58,7 +58,7 @@ class IngestSummary:
         )
 
 
-def find_files(paths: Iterable[str | Path]) -> list[Path]:
+def find_files(paths: Iterable[str | Path], suffixes: Sequence[str] = SUFFIXES) -> list[Path]:
     """The ingestible files under ``paths``, in a stable order; an unsupported explicit file is an error."""
     found: list[Path] = []
     for path in map(Path, paths):
@@ -67,12 +67,12 @@ def find_files(paths: Iterable[str | Path]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.is_file()
-                and p.suffix.lower() in SUFFIXES
+                and p.suffix.lower() in suffixes
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
         elif path.is_file():
-            if path.suffix.lower() not in SUFFIXES:
-                raise ValueError(f"{path}: unsupported file type (supported: {', '.join(SUFFIXES)})")
+            if path.suffix.lower() not in suffixes:
+                raise ValueError(f"{path}: unsupported file type (supported: {', '.join(suffixes)})")
             found.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
