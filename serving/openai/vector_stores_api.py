@@ -133,6 +133,11 @@ async def parse(request: Request, model: type[Model]) -> Model:
         raise InvalidRequestError("the request body is nested too deeply") from exc
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    if b"\\u" in body:  # only an escape can carry a lone surrogate, which the encoder and SQLite cannot take
+        try:
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError("the request body holds a lone surrogate (not valid Unicode)") from exc
     return validated(model, payload)
 
 

@@ -352,3 +352,48 @@ def test_pdf_and_image_files_and_a_file_content(client):
     pages = [part.text for part in client.vector_stores.files.content(pdf, vector_store_id=store.id)]
     assert pages == ["The Kessel Span bridge is 412 metres long.", "Its toll is two silver coins."]
     assert list(client.vector_stores.files.content(locked, vector_store_id=store.id)) == []
+
+
+def test_malformed_bodies_are_4xx_in_openai_shape(http, filled):
+    store_id, ids = filled
+    routes = [
+        "/v1/vector_stores",
+        f"/v1/vector_stores/{store_id}",
+        f"/v1/vector_stores/{store_id}/files",
+        f"/v1/vector_stores/{store_id}/files/{ids['herons.md']}",
+        f"/v1/vector_stores/{store_id}/file_batches",
+        f"/v1/vector_stores/{store_id}/search",
+    ]
+    bodies = [
+        b"not json",
+        b"[1, 2]",
+        b'{"no_such_field": 1}',
+        b'{"a": ' * 3000 + b"1" + b"}" * 3000,
+        b'{"query": "\\ud800", "file_id": "\\ud800", "name": "\\ud800"}',
+        b'{"query": ["q"], "filters": ' + b'{"type": "and", "filters": [' * 300 + b"]}" * 300 + b"}",
+        b"x" * (2 << 20),
+    ]
+    for route in routes:
+        for body in bodies:
+            response = http.post(route, content=body, headers={"content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (route, body[:40], response.status_code, response.text[:300])
+            error = response.json()["error"]
+            assert error["message"] and error["type"] == "invalid_request_error", (route, body[:40], error)
+    # Nothing above changed the store.
+    assert http.get(f"/v1/vector_stores/{store_id}").json()["file_counts"]["completed"] == 3
+
+
+def test_lone_surrogates_are_400(http, filled):
+    store_id, ids = filled
+    for route, body in [
+        ("/v1/vector_stores", b'{"name": "\\ud800"}'),
+        (f"/v1/vector_stores/{store_id}/search", b'{"query": "\\ud800"}'),
+        (f"/v1/vector_stores/{store_id}/search", b'{"query": ["ok", "\\udfffx"]}'),
+        (f"/v1/vector_stores/{store_id}/files/{ids['herons.md']}", b'{"attributes": {"\\ud800": 1}}'),
+    ]:
+        response = http.post(route, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (route, body, response.text)
+        assert "surrogate" in response.json()["error"]["message"]
+    # A pair is one character, and fine.
+    response = http.post(f"/v1/vector_stores/{store_id}/search", json={"query": "heron \U0001f426"})
+    assert response.status_code == 200
