@@ -397,3 +397,34 @@ def test_lone_surrogates_are_400(http, filled):
     # A pair is one character, and fine.
     response = http.post(f"/v1/vector_stores/{store_id}/search", json={"query": "heron \U0001f426"})
     assert response.status_code == 200
+
+
+def test_deleting_a_file_or_store_while_it_is_indexed(client, stage, monkeypatch):
+    """A delete during indexing hides the file at once; the job stops, and its chunks and records go."""
+    import threading
+
+    from mmrag.serving.vector_stores.sources import FileSource
+
+    release = threading.Event()
+    sections = FileSource.sections
+
+    def held(self, file_id):
+        release.wait(30)
+        return sections(self, file_id)
+
+    monkeypatch.setattr(FileSource, "sections", held)
+    service = stage.vector_stores
+    store = client.vector_stores.create(name="race")
+    file_id = upload(client, "herons.md")
+    assert client.vector_stores.files.create(file_id=file_id, vector_store_id=store.id).status == "in_progress"
+    client.vector_stores.files.delete(file_id, vector_store_id=store.id)
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.files.retrieve(file_id, vector_store_id=store.id)
+    other = client.vector_stores.create(name="race-store")
+    client.vector_stores.files.create(file_id=file_id, vector_store_id=other.id)
+    client.vector_stores.delete(other.id)
+    release.set()
+    service._pool.shutdown(wait=True)
+    assert service._store().count_where(service.collection, f'file_id == "{file_id}"') == 0
+    assert service.records.all("SELECT * FROM files") == []
+    assert [s["id"] for s in service.records.all("SELECT id FROM stores")] == [store.id]
