@@ -30,6 +30,11 @@ class ParsingConfig(_Strict):
         gt=0,
         description="Most characters of text extracted from one file; past it parsing stops and the file fails.",
     )
+    max_html_bytes: int = Field(
+        default=50 * 2**20,
+        gt=0,
+        description="HTML: largest page parsed (its parse tree takes several times its size in memory).",
+    )
     max_decompressed_bytes: int = Field(
         default=64 * 2**20,
         gt=0,

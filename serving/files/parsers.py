@@ -172,13 +172,21 @@ def decode_text(data: bytes, filename: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _decoded(data: bytes, filename: str, limits: ParsingConfig) -> str:
+    # UTF-8 takes at most 4 bytes a character: past 4 x max_text_chars bytes the text is too long for sure,
+    # and is refused before decoding allocates it.
+    if len(data) > 4 * limits.max_text_chars:
+        raise _too_much_text(filename, limits)
+    return _capped(decode_text(data, filename), filename, limits)
+
+
 def parse_text(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
-    text = _capped(decode_text(data, filename), filename, limits)
+    text = _decoded(data, filename, limits)
     return ParsedFile("text", [Section(text)])
 
 
 def parse_markdown(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
-    text = _capped(decode_text(data, filename), filename, limits)
+    text = _decoded(data, filename, limits)
     heading = re.search(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", text, re.MULTILINE)
     return ParsedFile("markdown", [Section(text)], title=heading.group(1) if heading else None)
 
@@ -202,7 +210,7 @@ def jsonl_sections(lines: Iterable[str], where: str) -> Iterator[Section]:
 
 
 def parse_jsonl(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
-    text = _capped(decode_text(data, filename).removeprefix("\ufeff"), filename, limits)
+    text = _decoded(data, filename, limits).removeprefix("\ufeff")
     return ParsedFile("jsonl", list(jsonl_sections(text.split("\n"), _name(filename))))
 
 
@@ -278,6 +286,10 @@ def parse_html(data: bytes, filename: str, limits: ParsingConfig) -> ParsedFile:
     place as ``[image: alt]`` (also returned in ``image_refs``)."""
     from bs4 import BeautifulSoup
 
+    if len(data) > limits.max_html_bytes:
+        raise ParseError(
+            _name(filename), f"HTML page larger than {limits.max_html_bytes} bytes (files.parsing.max_html_bytes)"
+        )
     # bs4 decodes the bytes itself: the declared <meta charset>, a BOM, else a guess.
     soup = BeautifulSoup(data, "html.parser")
     title = soup.title.get_text(" ", strip=True) if soup.title else None

@@ -157,6 +157,15 @@ def test_unsupported_types_are_named(data, name, what):
     assert "supported: PDF, HTML, Markdown" in str(caught.value)
 
 
+def test_text_and_html_size_limits():
+    with pytest.raises(ParseError, match=r"max_text_chars"):
+        parse(b"x" * 41, "a.txt", ParsingConfig(max_text_chars=10))  # refused before decoding
+    with pytest.raises(ParseError, match=r"max_text_chars"):
+        parse(b"x" * 11, "a.md", ParsingConfig(max_text_chars=10))
+    with pytest.raises(ParseError, match=r"HTML page larger than 100 bytes"):
+        parse(b"<html><body>" + b"x" * 100 + b"</body></html>", "a.html", ParsingConfig(max_html_bytes=100))
+
+
 def test_empty_and_oversized_files():
     with pytest.raises(ParseError, match="no text to index"):
         parse(b"  \n", "empty.md")
