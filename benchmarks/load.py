@@ -12,6 +12,12 @@
 3. Over time: latency percentiles of the succeeded requests and the server's memory (RSS of
    ``mmrag serve`` and all its descendants: Ray, replicas, vLLM engine processes).
 
+Before the load, one client alone measures the unloaded latency of the same small request; the load's
+p99 is reported as a ratio to it. ``offered_reached`` says whether the client really sent at least 0.9x the
+scheduled rate (on a shared machine it may not: then the point does not show overload). ``--hostile`` runs
+the clients of ``benchmarks/hostile.py`` (slow bodies and headers, large images, huge queries) beside the
+load, and reports how each of their attempts ended.
+
 By default the benchmark starts its own server with small queues (so that shedding really happens) and
 stops it afterwards; ``--url`` measures a running server instead (no memory figures then).
 """
@@ -26,6 +32,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from mmrag.benchmarks.hostile import HostileMix
 
 HELP = "Load at ~2x capacity on loopback: succeeded / shed / unexpected / lost, latency and memory."
 
@@ -51,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="Completion tokens per request.")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="Client timeout per request.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-s", type=float, default=None, help="Unloaded latency seconds (10; quick 5).")
+    parser.add_argument("--hostile", action="store_true", help="Hostile clients beside the load (see hostile.py).")
+    parser.add_argument("--hostile-connections", type=int, default=8, help="Slow sockets per slow kind.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     probe_s = args.probe_s or (8.0 if args.quick else 20.0)
     load_s = args.load_s or (15.0 if args.quick else 60.0)
+    args.baseline_s = args.baseline_s or (5.0 if args.quick else 10.0)
     if args.url:
         result = asyncio.run(measure(args.url, None, args, probe_s, load_s))
     else:
@@ -77,11 +89,17 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "timeout_s": args.timeout_s,
         "seed": args.seed,
+        "baseline_s": args.baseline_s,
+        "hostile": args.hostile,
+        "hostile_connections": args.hostile_connections if args.hostile else None,
     }
     path = write_result("load", result, config, args.out)
     _plot(result, plot_path(path))
-    for key in ("capacity_rps", "offered_rps", "achieved_rps", "sent", "succeeded", "rejected", "unexpected", "lost"):
+    keys = ("capacity_rps", "offered_rps", "achieved_rps", "offered_reached", "sent", "succeeded", "rejected")
+    for key in (*keys, "unexpected", "lost", "unloaded_latency_s_p99", "latency_s_p99", "p99_vs_unloaded"):
         print(f"{key}: {result[key]}")
+    if args.hostile:
+        print(f"hostile: {result['hostile']}")
     print(f"wrote {path} and {plot_path(path)}")
     return 0 if result["unexpected"] == 0 and result["lost"] == 0 else 1
 
@@ -92,16 +110,29 @@ async def measure(url: str, pid: int | None, args: argparse.Namespace, probe_s: 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
         capacity = await probe_capacity(client, args, probe_s)
+        unloaded = await unloaded_latencies(client, args, args.baseline_s)
         rate = capacity * args.overload
         memory: list[tuple[float, float]] = []
         sampler = asyncio.create_task(sample_memory(pid, memory)) if pid else None
+        hostile = HostileMix(model=MODEL, connections=args.hostile_connections) if args.hostile else None
+        mix = asyncio.create_task(hostile.run(url, client, load_s)) if hostile else None
         outcomes = await offer_load(client, args, rate, load_s)
+        if mix:
+            await mix
         if sampler:
             sampler.cancel()
     figures = summarize(outcomes)
     span = max((o["t"] for o in outcomes), default=0.0) or 1.0
     # The client shares the machine: if it could not send on schedule, the achieved rate says so.
-    figures.update(capacity_rps=capacity, offered_rps=rate, achieved_rps=len(outcomes) / span, memory_timeline=memory)
+    achieved = len(outcomes) / span
+    figures.update(capacity_rps=capacity, offered_rps=rate, achieved_rps=achieved, memory_timeline=memory)
+    figures["offered_reached"] = achieved >= 0.9 * rate
+    figures["unloaded_requests"] = len(unloaded)
+    figures["unloaded_latency_s_p50"] = _percentile(unloaded, 50)
+    figures["unloaded_latency_s_p99"] = _percentile(unloaded, 99)
+    loaded, alone = figures["latency_s_p99"], figures["unloaded_latency_s_p99"]
+    figures["p99_vs_unloaded"] = loaded / alone if loaded and alone else None
+    figures["hostile"] = hostile.summary() if hostile else None
     if memory:
         figures["memory_peak_mib"] = max(m for _, m in memory)
     return figures
@@ -123,6 +154,19 @@ async def probe_capacity(client, args: argparse.Namespace, seconds: float) -> fl
     started = time.monotonic()
     await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
     return done / (time.monotonic() - started)
+
+
+async def unloaded_latencies(client, args: argparse.Namespace, seconds: float) -> list[float]:
+    """Latencies of one client alone, back to back, after a warm-up request: the baseline of the p99."""
+    await client.post("/v1/chat/completions", json=_body(args, "warm-up"))
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline or len(latencies) < 5:
+        sent = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=_body(args, f"alone {len(latencies)}"))
+        if response.status_code == 200:
+            latencies.append(time.monotonic() - sent)
+    return sorted(latencies)
 
 
 async def offer_load(client, args: argparse.Namespace, rate: float, seconds: float) -> list[dict[str, Any]]:
@@ -239,9 +283,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     t = [r["t"] for r in rows]
     top.plot(t, [r["p50_s"] for r in rows], marker="o")
     top.set_ylabel("p50 latency of successes (s)")
+    ratio = result.get("p99_vs_unloaded")
     top.set_title(
         f"{result['offered_rps']:.1f} req/s scheduled ({result['achieved_rps']:.1f} sent) vs "
         f"capacity {result['capacity_rps']:.1f} req/s"
+        + (f"; p99 {ratio:.2f}x unloaded" if ratio else "")
+        + ("; hostile mix on" if result.get("hostile") else "")
     )
     bottom_of = [0] * len(rows)
     for kind, colour in (

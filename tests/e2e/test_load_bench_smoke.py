@@ -14,14 +14,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def test_load_benchmark_bounded(server_url, tmp_path):
     out = tmp_path / "load.json"
-    args = parse_benchmark_args(
-        "load",
-        ["--quick", "--out", str(out), "--url", server_url, "--probe-s", "3", "--load-s", "5", "--max-requests", "200"],
-    )
+    bounds = ["--probe-s", "3", "--load-s", "5", "--max-requests", "200", "--baseline-s", "1"]
+    hostile = ["--hostile", "--hostile-connections", "2"]
+    args = parse_benchmark_args("load", ["--quick", "--out", str(out), "--url", server_url, *bounds, *hostile])
     assert load.run(args) == 0
     figures = json.loads(out.read_text())["figures"]
     assert figures["capacity_rps"] > 0 and 0 < figures["sent"] <= 200
     assert figures["unexpected"] == 0 and figures["lost"] == 0
     assert figures["succeeded"] + figures["rejected"] == figures["sent"]
     assert figures["succeeded"] > 0
+    assert figures["unloaded_requests"] >= 5 and figures["p99_vs_unloaded"] > 0
+    # The hostile clients were refused (4xx), cut off or still waiting; none got a 5xx.
+    hostile = figures["hostile"]
+    assert set(hostile["huge_query"]) == {"400"}, hostile
+    assert sum(hostile["large_image"].values()) > 0 and sum(hostile["slow_body"].values()) > 0, hostile
+    statuses = [status for counts in hostile.values() for status in counts]
+    assert not [s for s in statuses if s.startswith("5")], hostile
     assert out.with_suffix(".png").is_file()
