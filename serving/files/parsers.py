@@ -114,14 +114,18 @@ class ParsedFile:
 def detect_kind(data: bytes, filename: str) -> Kind:
     """The kind of a file from its leading bytes, else its extension; :class:`ParseError` if unsupported."""
     head = data[:1024]
-    if b"%PDF-" in head:  # the header may follow a few junk bytes, as readers allow
+    suffix = Path(filename).suffix.lower()
+    claimed = _EXTENSIONS.get(suffix)
+    # Readers accept the PDF header anywhere in the first 1024 bytes; there it counts only for a .pdf name,
+    # so a text file that mentions "%PDF-" near its start stays text.
+    if head.startswith(b"%PDF-") or (claimed == "pdf" and b"%PDF-" in head):
         return "pdf"
     if head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff"):
         return "image"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image"
-    suffix = Path(filename).suffix.lower()
-    claimed = _EXTENSIONS.get(suffix)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ParseError(_name(filename), "UTF-16 text; save it as UTF-8")
     if claimed in ("pdf", "image"):
         what = suffix[1:].upper()
         raise ParseError(_name(filename), f"the content is not a valid {what} file (corrupt or mislabelled)")

@@ -187,6 +187,14 @@ def test_messages_never_carry_a_path_and_errors_pickle():
     )
 
 
+def test_pdf_header_inside_text_does_not_make_a_pdf():
+    note = b"# PDF notes\n\nEvery PDF starts with %PDF-1.7 and ends with %%EOF.\n"
+    assert parse(note, "notes.md").kind == "markdown"
+    assert detect_kind(b"junk\n" + pdf_bytes(["x"]), "late-header.pdf") == "pdf"  # tolerated for a .pdf
+    with pytest.raises(ParseError, match="UTF-16 text; save it as UTF-8"):
+        parse("hello".encode("utf-16"), "wide.txt")
+
+
 def test_detect_kind_prefers_magic():
     assert detect_kind(png_bytes(), "photo.txt") == "image"
     assert detect_kind(b"# title", "x.markdown") == "markdown"
