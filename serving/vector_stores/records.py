@@ -5,13 +5,16 @@ progress, complete, fail, delete racing an ingestion) that SQLite does in a tran
 neither transactions nor a schema without a vector; and crash recovery ("every attachment left
 ``in_progress`` was interrupted") is only correct when one process owns the records, which is what the
 retriever replica is (Milvus Lite already allows one process per file). The file sits beside the Lite file,
-so the two move, back up and disappear together. A retriever with several replicas on a Milvus server needs
-a records file on a volume they share and a single writer: not done here (see the service docstring).
+so the two move, back up and disappear together. One process writes (it holds ``<file>.lock``); another
+that opens the same records, such as a batch job beside the server, only reads them. Several retriever
+replicas would need one shared writer: not done (vector stores are off with several, see ``config.py``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -72,9 +75,27 @@ class Records:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
 
+        self._owner_fd: int | None = None
+
+    def try_own(self) -> bool:
+        """Take the records' writer lock (``<file>.lock``, held until :meth:`close` or the process ends): one
+        process indexes and recovers; another (a batch job on the same records) only reads."""
+        if self._owner_fd is None:
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._owner_fd = fd
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)  # releases the lock
+                self._owner_fd = None
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -75,6 +75,10 @@ class VectorStoreService:
         self._running: set[tuple[str, str]] = set()  # (store, file) with a job queued or running here
         self._lock = threading.Lock()
         self._collection_ready = False
+        self.owner = self.records.try_own()
+        if not self.owner:
+            logger.warning("vector store records %s are written by another process: read-only here", self.records.path)
+            return
         try:
             self._sweep()  # interrupted attachments are failed now, not at the first request
         except OpenAIError as exc:
@@ -84,12 +88,12 @@ class VectorStoreService:
         """Stop taking jobs; ``wait``: let the running ones finish first (queued ones stay ``in_progress``, and
         the next process fails them as interrupted)."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
-        if wait:
-            self.records.close()
+        self.records.close()
 
     # -- stores ----------------------------------------------------------------------------------
 
     def create_store(self, body: p.CreateStore) -> dict[str, Any]:
+        self._writable()
         self._sweep()
         for i, file_id in enumerate(body.file_ids or []):  # every file exists, or no store is made
             self._filename(file_id, param=f"file_ids[{i}]")
@@ -119,6 +123,7 @@ class VectorStoreService:
         return self._store_object(self._store_row(store_id))
 
     def update_store(self, store_id: str, body: p.UpdateStore) -> dict[str, Any]:
+        self._writable()
         self._store_row(store_id)
         fields = body.model_fields_set
         with self.records.transaction() as db:
@@ -132,6 +137,7 @@ class VectorStoreService:
         return self.get_store(store_id)
 
     def delete_store(self, store_id: str) -> dict[str, Any]:
+        self._writable()
         self._store_row(store_id)
         with self.records.transaction() as db:
             db.execute("UPDATE stores SET removed = 1 WHERE id = ?", (store_id,))
@@ -142,6 +148,7 @@ class VectorStoreService:
     # -- files -----------------------------------------------------------------------------------
 
     def attach_file(self, store_id: str, body: p.AttachFile) -> dict[str, Any]:
+        self._writable()
         self._store_row(store_id)
         self._attach(store_id, body)
         return self.get_file(store_id, body.file_id)
@@ -184,6 +191,7 @@ class VectorStoreService:
 
     def update_file(self, store_id: str, file_id: str, body: p.UpdateFile) -> dict[str, Any]:
         """New attributes: the records at once, the chunks (which filters read) rewritten in Milvus."""
+        self._writable()
         self._store_row(store_id)
         row = self._file_row(store_id, file_id)
         if row["status"] == "in_progress":
@@ -218,6 +226,7 @@ class VectorStoreService:
         return self.get_file(store_id, file_id)
 
     def delete_file(self, store_id: str, file_id: str) -> dict[str, Any]:
+        self._writable()
         self._store_row(store_id)
         self._file_row(store_id, file_id)
         self.records.execute(
@@ -229,6 +238,7 @@ class VectorStoreService:
     # -- batches ---------------------------------------------------------------------------------
 
     def create_batch(self, store_id: str, body: p.CreateBatch) -> dict[str, Any]:
+        self._writable()
         self._store_row(store_id)
         attachments = body.attachments()
         if len(attachments) > self.config.max_files_per_batch:
@@ -289,7 +299,7 @@ class VectorStoreService:
         ranked = sorted(best.values(), key=lambda h: h.score, reverse=True)
         if threshold is not None:
             ranked = [h for h in ranked if h.score >= threshold]
-        self.records.execute("UPDATE stores SET last_active_at = ? WHERE id = ?", now(), store_id)
+        self._touch([store_id])
         return {
             "object": "vector_store.search_results.page",
             "search_query": queries,
@@ -333,9 +343,7 @@ class VectorStoreService:
         for store_id in store_ids:
             self._store_row(store_id, param="retrieval.vector_store_ids")
         self._ensure_collection()
-        now_ = now()
-        for store_id in store_ids:
-            self.records.execute("UPDATE stores SET last_active_at = ? WHERE id = ?", now_, store_id)
+        self._touch(store_ids)
         return self.collection, self.scope_filter(store_ids)
 
     # -- ingestion -------------------------------------------------------------------------------
@@ -464,6 +472,8 @@ class VectorStoreService:
     def _sweep(self) -> None:
         """Remove the chunks of every attachment that must not keep any: interrupted (``in_progress`` with no
         job here: marked failed), failed with cleanup pending, or deleted (then its record goes too)."""
+        if not self.owner:
+            return  # another process indexes: what is in progress there is not interrupted
         with self._lock:
             running = set(self._running)
         rows = self.records.all(
@@ -503,6 +513,20 @@ class VectorStoreService:
             self.records.execute("DELETE FROM stores WHERE id = ? AND removed = 1", s["id"])
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if not self.owner:
+            raise ServiceUnavailableError(
+                "vector stores are managed by another process on these records (the server's retriever); "
+                "this one only reads them",
+                retry_after_s=60,
+            )
+
+    def _touch(self, store_ids: list[str]) -> None:
+        if self.owner:
+            stamp = now()
+            for store_id in store_ids:
+                self.records.execute("UPDATE stores SET last_active_at = ? WHERE id = ?", stamp, store_id)
 
     def _chunking(self, strategy: p.AutoChunkingStrategy | p.StaticChunkingStrategy | None) -> tuple[int, int]:
         """Token sizes for our chunker: ``auto`` is ``retrieval.chunking``; ``static`` is scaled down, overlap

@@ -428,3 +428,30 @@ def test_deleting_a_file_or_store_while_it_is_indexed(client, stage, monkeypatch
     assert service._store().count_where(service.collection, f'file_id == "{file_id}"') == 0
     assert service.records.all("SELECT * FROM files") == []
     assert [s["id"] for s in service.records.all("SELECT id FROM stores")] == [store.id]
+
+
+def test_a_second_process_on_the_records_only_reads(client, config, stage, make_stage, monkeypatch):
+    """A batch job (or any second retriever) on the same records must not fail the server's in-progress files
+    as interrupted, nor index: it reads (chat scopes, listings) and answers 503 to writes."""
+    import threading
+
+    from mmrag.serving.errors import ServiceUnavailableError
+    from mmrag.serving.vector_stores import protocol as p
+    from mmrag.serving.vector_stores.sources import FileSource
+
+    release = threading.Event()
+    sections = FileSource.sections
+    monkeypatch.setattr(FileSource, "sections", lambda self, file_id: release.wait(30) and sections(self, file_id))
+    store = client.vector_stores.create(name="owned")
+    file_id = upload(client, "herons.md")
+    client.vector_stores.files.create(file_id=file_id, vector_store_id=store.id)
+
+    reader = make_stage(config).vector_stores  # the records exist: made at start, and not their owner
+    assert stage.vector_stores.owner and not reader.owner
+    assert reader.get_file(store.id, file_id)["status"] == "in_progress"  # not "interrupted"
+    assert reader.chat_scope([store.id])[0] == reader.collection
+    with pytest.raises(ServiceUnavailableError):
+        reader.create_store(p.CreateStore(name="no"))
+    release.set()
+    stage.vector_stores._pool.shutdown(wait=True)
+    assert reader.get_file(store.id, file_id)["status"] == "completed"
