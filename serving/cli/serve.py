@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -49,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
 def start_serving(config) -> None:
     """Start (or join) Ray, then deploy the app and wait until every replica is up."""
+    environment = local_ray_environment(config.server)
+    if environment and "ray" in sys.modules:  # Ray reads it once, on import
+        logger.warning("Ray was imported before its listeners could be kept on loopback")
+    os.environ.update(environment)
     import ray
     from ray import serve
 
@@ -62,20 +68,41 @@ def start_serving(config) -> None:
         configure_logging=True,
         ignore_reinit_error=True,
     )
-    serve.start(
-        http_options={
-            "host": config.server.host,
-            "port": config.server.port,
-            "request_timeout_s": config.server.request_timeout_s,
-        },
-        logging_config=SERVE_LOGGING,
-    )
+    serve.start(http_options=http_options(config.server), logging_config=SERVE_LOGGING)
     serve.run(
         build_application(config),
         name="mmrag",
         route_prefix="/",
         logging_config={"log_level": config.server.log_level},
     )
+
+
+def http_options(server) -> dict:
+    """Serve's HTTP proxy (uvicorn). Ray exposes no header-read timeout and no connection bound for it:
+    docs/usage.md ("Slow and hostile clients") says what a reverse proxy in front should add."""
+    return {
+        "host": server.host,
+        "port": server.port,
+        "request_timeout_s": server.request_timeout_s,
+        "keep_alive_timeout_s": server.keep_alive_timeout_s,
+    }
+
+
+def local_ray_environment(server) -> dict[str, str]:
+    """Environment that keeps a local Ray's listeners on loopback when the server itself is on loopback.
+
+    A local Ray takes the machine's outward address as its node IP and binds its GCS, raylet, workers'
+    gRPC, agents and metrics exporters to it or to every interface. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+    (what Ray does by default on macOS and Windows) its node IP is 127.0.0.1 and they bind there; other
+    nodes cannot join then, which a single-machine ``mmrag serve`` never needs. One listener stays on every
+    interface: each Serve replica's inter-deployment gRPC server, which Ray binds to ``[::]:0`` unconditionally
+    (ray/serve/_private/replica.py). Not applied when joining a cluster or serving on a non-loopback address,
+    nor over a value the user set."""
+    from mmrag.serving.openai.edge import is_loopback
+
+    if server.ray_address is not None or not is_loopback(server.host):
+        return {}
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")}
 
 
 def stop_serving() -> None:
