@@ -49,7 +49,7 @@ def vector_stores_router(
         headers = {"openai-poll-after-ms": poll_ms} if obj.get("status") == "in_progress" else None
         return JSONResponse(obj, headers=headers)
 
-    @router.post("")
+    @router.post("", openapi_extra=documented(p.CreateStore))
     async def create_store(request: Request) -> JSONResponse:
         return JSONResponse(await call("create_store", body=await parse(request, p.CreateStore)))
 
@@ -61,7 +61,7 @@ def vector_stores_router(
     async def get_store(store_id: str) -> JSONResponse:
         return JSONResponse(await call("get_store", store_id=store_id))
 
-    @router.post("/{store_id}")
+    @router.post("/{store_id}", openapi_extra=documented(p.UpdateStore))
     async def update_store(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.UpdateStore)
         return JSONResponse(await call("update_store", store_id=store_id, body=body))
@@ -70,7 +70,7 @@ def vector_stores_router(
     async def delete_store(store_id: str) -> JSONResponse:
         return JSONResponse(await call("delete_store", store_id=store_id))
 
-    @router.post("/{store_id}/files")
+    @router.post("/{store_id}/files", openapi_extra=documented(p.AttachFile))
     async def attach_file(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.AttachFile)
         return polled(await call("attach_file", store_id=store_id, body=body))
@@ -87,7 +87,7 @@ def vector_stores_router(
     async def file_content(store_id: str, file_id: str) -> JSONResponse:
         return JSONResponse(await call("file_content", store_id=store_id, file_id=file_id))
 
-    @router.post("/{store_id}/files/{file_id}")
+    @router.post("/{store_id}/files/{file_id}", openapi_extra=documented(p.UpdateFile))
     async def update_file(store_id: str, file_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.UpdateFile)
         return JSONResponse(await call("update_file", store_id=store_id, file_id=file_id, body=body))
@@ -96,7 +96,7 @@ def vector_stores_router(
     async def delete_file(store_id: str, file_id: str) -> JSONResponse:
         return JSONResponse(await call("delete_file", store_id=store_id, file_id=file_id))
 
-    @router.post("/{store_id}/file_batches")
+    @router.post("/{store_id}/file_batches", openapi_extra=documented(p.CreateBatch))
     async def create_batch(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.CreateBatch)
         return polled(await call("create_batch", store_id=store_id, body=body))
@@ -110,7 +110,7 @@ def vector_stores_router(
         query = list_query(request)
         return JSONResponse(await call("list_files", store_id=store_id, query=query, batch_id=batch_id))
 
-    @router.post("/{store_id}/search")
+    @router.post("/{store_id}/search", openapi_extra=documented(p.Search))
     async def search(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.Search)
         return JSONResponse(await call("search", store_id=store_id, body=body))
@@ -139,6 +139,23 @@ async def parse(request: Request, model: type[Model]) -> Model:
         except UnicodeEncodeError as exc:
             raise InvalidRequestError("the request body holds a lone surrogate (not valid Unicode)") from exc
     return validated(model, payload)
+
+
+def documented(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's JSON body in the OpenAPI document (the route parses it itself, to answer in OpenAI's shape),
+    its ``$defs`` inlined so the schema stands alone."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    body = {"required": True, "content": {"application/json": {"schema": inline(schema)}}}
+    return {"requestBody": body}
 
 
 def list_query(request: Request, statuses: bool = True) -> p.ListQuery:
