@@ -455,3 +455,13 @@ def test_a_second_process_on_the_records_only_reads(client, config, stage, make_
     release.set()
     stage.vector_stores._pool.shutdown(wait=True)
     assert reader.get_file(store.id, file_id)["status"] == "completed"
+
+
+def test_a_huge_unbroken_word_is_indexed_cut(client):
+    """One 'token' 100,000 characters long (an unknown word) would overflow Milvus's text field: it is cut."""
+    store = client.vector_stores.create(name="long")
+    file_id = upload(client, "long.txt", b"start " + b"a" * 100_000 + b" end " + "\u00e9t\u00e9 ".encode() * 20_000)
+    attached = client.vector_stores.files.create_and_poll(file_id=file_id, vector_store_id=store.id)
+    assert attached.status == "completed", attached.last_error
+    texts = [part.text for part in client.vector_stores.files.content(file_id, vector_store_id=store.id)]
+    assert texts and max(len(t.encode()) for t in texts) <= 60_000
