@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmrag.serving.retrieval.config import RetrievalConfig
-
-if TYPE_CHECKING:
-    from mmrag.serving.config import MmragConfig
 
 
 class VectorStoresConfig(BaseModel):
@@ -64,8 +61,9 @@ class VectorStoresConfig(BaseModel):
         return cache_dir() / "vector_stores.sqlite3"
 
 
-def vector_stores_enabled(config: MmragConfig) -> bool:
-    """Whether this server serves vector stores (see ``enabled``); raises for true with several retrievers."""
+def vector_stores_enabled(config: Any) -> bool:
+    """Whether the server of ``config`` (an ``MmragConfig``, not imported: it imports this module) serves
+    vector stores (see ``enabled``); raises for true with several retriever replicas."""
     retriever = config.deployments.retriever
     most = retriever.autoscaling.max_replicas if retriever.autoscaling else retriever.num_replicas
     enabled = config.vector_stores.enabled
