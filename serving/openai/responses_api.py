@@ -153,7 +153,8 @@ def validated(model: type[BaseModel], payload: dict[str, Any], context: dict[str
         raise InvalidRequestError("the request body is nested too deeply") from exc
     except ValidationError as exc:
         error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the deepest location is the most specific
-        param = format_error_location(error["loc"]) or None
+        # The part-type tags pydantic puts in a location are not fields of the request.
+        param = format_error_location(tuple(p for p in error["loc"] if p not in rp.PART_TYPES)) or None
         message = error["msg"].removeprefix("Value error, ")
         raise InvalidRequestError(f"{param}: {message}" if param else message, param=param) from exc
 

@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     StringConstraints,
     ValidationInfo,
@@ -61,17 +60,16 @@ class InputText(_Loose):
 
 class InputImage(_Loose):
     type: Literal["input_image"]
-    image_url: str | None = Field(default=None, min_length=1, description="A data: URL or an http(s) URL.")
+    file_id: _Unsupported = None  # before image_url: an image sent by file_id is refused for that, by name
+    image_url: str = Field(min_length=1, description="A data: URL or an http(s) URL.")
     detail: Literal["auto", "low", "high", "original"] = "auto"
-    file_id: _Unsupported = None
 
-    @model_validator(mode="after")
-    def _url_only(self) -> InputImage:
-        if self.file_id is not None:
+    @field_validator("file_id", mode="before")
+    @classmethod
+    def _url_only(cls, value: Any) -> Any:
+        if value is not None:
             raise ValueError("images by file_id are not supported by this server; send image_url")
-        if self.image_url is None:
-            raise ValueError("input_image needs image_url")
-        return self
+        return value
 
 
 class OutputText(_Loose):
@@ -86,15 +84,9 @@ class Refusal(_Loose):
     refusal: str
 
 
-InputPart = Annotated[
-    InputText | InputImage | OutputText | Refusal,
-    Discriminator(
-        "type",
-        custom_error_type="invalid_part",
-        custom_error_message="a content part is input_text or input_image (output_text or refusal in assistant "
-        "messages); input_file and input_audio are not supported by this server",
-    ),
-]
+InputPart = Annotated[InputText | InputImage | OutputText | Refusal, Field(discriminator="type")]
+# The part types served (others, input_file and input_audio among them, are refused by name: check_items).
+PART_TYPES = ("input_text", "input_image", "output_text", "refusal")
 
 
 class InputMessage(_Loose):
@@ -229,8 +221,8 @@ class ResponsesRequest(BaseModel):
 def check_items(payload: dict[str, Any], limits: LimitsConfig) -> None:
     """What pydantic would report vaguely, refused by name before validation: items and parts are counted
     first (a body of a million parts costs the counting, not a million models), then input items other than
-    messages (tool calls and outputs, reasoning, references: a tool-using conversation mmrag does not run)
-    and tools other than file_search."""
+    messages (tool calls and outputs, reasoning, references: a tool-using conversation mmrag does not run),
+    part types other than PART_TYPES, and tools other than file_search."""
     items = payload.get("input")
     if isinstance(items, list):
         if not items:
@@ -251,6 +243,15 @@ def check_items(payload: dict[str, Any], limits: LimitsConfig) -> None:
                     f"input[{i}].type: items of type {clip(kind, 64)} are not supported by this server (only messages)",
                     param=f"input[{i}].type",
                 )
+            content = item.get("content") if isinstance(item, dict) else None
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind not in PART_TYPES:
+                    raise InvalidRequestError(
+                        f"input[{i}].content[{j}].type: parts of type {clip(kind, 64)} are not supported by this "
+                        f"server (only {', '.join(PART_TYPES)})",
+                        param=f"input[{i}].content[{j}].type",
+                    )
     tools = payload.get("tools")
     if isinstance(tools, list):
         for i, tool in enumerate(tools):
