@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,9 +114,8 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             logger.exception("unhandled error in chat completion")
             response = error_response(OpenAIError("internal server error"))
         metrics.requests.labels(status=str(response.status_code)).inc()
-        if isinstance(response, StreamingResponse):
-            # The stream is served after this function returns: it stays in flight until its last byte.
-            return _StreamUntilDone(response, on_done=metrics.in_flight.dec)
+        if isinstance(response, _StreamThenCall):
+            return response  # served after this returns: in flight until its last byte (see _chat)
         metrics.in_flight.dec()
         metrics.latency.observe(time.perf_counter() - start)
         return response
@@ -138,7 +137,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             metrics.ttft.observe(time.perf_counter() - start)
             ids = {"completion_id": prepared.completion_id, "created": now(), "model": request.model}
             events = sse_events(first, deltas, include_usage=include_usage, metrics=metrics, start=start, **ids)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return _StreamThenCall(events, media_type="text/event-stream", on_done=metrics.in_flight.dec)
         completion = await pipeline.complete(prepared, _timed(deltas, start))
         metrics.observe_usage(completion.usage)
         return JSONResponse(completion.model_dump())
@@ -216,18 +215,17 @@ async def read_body(http_request: Request, max_bytes: int, *, idle_timeout_s: fl
             raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
 
 
-class _StreamUntilDone(Response):
-    """A streaming response that calls ``on_done`` once it has been sent or abandoned, whatever happens."""
+class _StreamThenCall(StreamingResponse):
+    """A streaming response that calls ``on_done`` once it has been sent or abandoned (the client hung up,
+    the stream failed): a background task would be skipped on a disconnect."""
 
-    def __init__(self, response: StreamingResponse, on_done):
-        self._response = response
+    def __init__(self, content: AsyncIterator[str], *, on_done: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
         self._on_done = on_done
-        self.status_code = response.status_code
-        self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await self._response(scope, receive, send)
+            await super().__call__(scope, receive, send)
         finally:
             self._on_done()
 
