@@ -126,8 +126,12 @@ def test_a_big_request_does_not_stall_a_tiny_one(monkeypatch, engine, heavy):
                 order.append(name)
 
             big_request = asyncio.create_task(send("big", big))
-            while not started.is_set():
+            # Bounded: a big request that failed before its gate must fail the test, not hang it.
+            for _ in range(2000):
+                if started.is_set() or big_request.done():
+                    break
                 await asyncio.sleep(0.005)
+            assert started.is_set(), big_request.result() if big_request.done() else "the big request never started"
             await send("tiny", chat(engine, text="hi"))
             tiny_answered.set()
             await big_request
