@@ -31,7 +31,7 @@ Model = TypeVar("Model", bound=BaseModel)
 def vector_stores_router(
     config: MmragConfig, backend: VectorStoreBackend | None = None, chat_backend: Any = None
 ) -> APIRouter:
-    """The routes; ``backend`` None: the one ``chat_backend`` offers (see ``backend_of``), else none (503s)."""
+    """The routes; ``backend`` None: the one ``chat_backend`` offers (see ``backend_of``), else none (404s)."""
     backend = backend or backend_of(chat_backend) or LocalVectorStoreBackend(None)
     poll_ms = str(config.vector_stores.poll_after_ms)
     router = APIRouter(prefix="/v1/vector_stores", tags=["vector_stores"])
