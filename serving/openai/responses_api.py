@@ -220,7 +220,8 @@ class ChatFieldNames:
         if exc.param:
             new = self.name(exc.param)
             if new != exc.param:
-                exc.message = exc.message.replace(exc.param, new)
+                if exc.message.startswith(exc.param):  # "messages[1].content[0].image_url.url: ..."
+                    exc.message = new + exc.message[len(exc.param) :]
                 exc.param = new
         return exc
 

@@ -362,3 +362,61 @@ def test_stored_responses_are_not_served(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.responses.retrieve("resp_123")
     assert "not stored" in caught.value.body["message"]
+
+
+def test_file_search_where_there_are_no_vector_stores(encoder, tmp_path, monkeypatch):
+    """No retriever behind the app: a 404; a retriever with vector stores off: a 400 (as chat); both name
+    the tool's vector_store_ids."""
+    from fastapi.testclient import TestClient
+
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.openai.server import create_app
+    from mmrag.serving.pipeline import LocalBackend
+    from mmrag.serving.retrieval import retriever as retriever_module
+    from mmrag.serving.retrieval.stage import RetrievalStage
+    from tests.fake_engine import FakeEngine
+    from tests.vector_stores.conftest import close_stage
+
+    monkeypatch.setattr(retriever_module, "load_encoder", lambda _config: encoder)
+    config = MmragConfig.model_validate(
+        {
+            "retrieval": {"uri": str(tmp_path / "milvus.db"), "ingest_demo_corpus": False, "default_mode": "none"},
+            "files": {"directory": str(tmp_path / "files")},
+            "vector_stores": {"enabled": False},
+        }
+    )
+    stage = RetrievalStage(config)
+    body = {"model": MODEL, "input": "q", "tools": [file_search("vs_1")]}
+    try:
+        for backend, status in [
+            (LocalBackend(FakeEngine(config)), 404),
+            (LocalBackend(FakeEngine(config), stage), 400),
+        ]:
+            with TestClient(create_app(config, backend)) as http:
+                response = http.post("/v1/responses", json=body)
+            assert response.status_code == status, response.text
+            error = response.json()["error"]
+            assert error["param"] == "tools[0].vector_store_ids" and "not enabled" in error["message"], error
+    finally:
+        close_stage(stage)
+
+
+def test_chat_errors_are_named_as_responses_fields(http):
+    """An error raised on the chat path names the Responses field, in its param and its message."""
+    body = {
+        "model": MODEL,
+        "instructions": "sys",
+        "input": [
+            {"role": "user", "content": "first"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "x"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                ],
+            },
+        ],
+    }
+    error = http.post("/v1/responses", json=body).json()["error"]
+    assert error["param"] == "input[1].content[1].image_url", error
+    assert "messages" not in error["message"], error
