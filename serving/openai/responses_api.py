@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -51,18 +51,24 @@ logger = logging.getLogger(__name__)
 
 # The file_search tool's position in ``tools`` (at most one tool is accepted).
 TOOL = "tools[0]"
+# nginx's "client closed request", as the chat route answers a client gone before its body was read.
+CLIENT_CLOSED_REQUEST = 499
 
 
-def responses_router(config: MmragConfig, pipeline: ChatPipeline, metrics: IngressMetrics) -> APIRouter:
-    """The ``/v1/responses`` routes over the app's pipeline (and the vector stores its backend offers)."""
-    # Imported here: the server module mounts this router, so it cannot be imported at this module's top.
-    from mmrag.serving.openai.server import (
-        CLIENT_CLOSED_REQUEST,
-        error_response,
-        read_body,
-        require_json,
-    )
+def responses_router(
+    config: MmragConfig,
+    pipeline: ChatPipeline,
+    metrics: IngressMetrics,
+    *,
+    require_json: Callable[[Request], None],
+    read_body: Callable[..., Awaitable[bytes]],
+) -> APIRouter:
+    """The ``/v1/responses`` routes over the app's pipeline (and the vector stores its backend offers).
 
+    ``require_json`` and ``read_body`` are the app's own body rules (``server.require_json``,
+    ``server.read_body``: JSON only, size and read-time limits), passed in so they stay in one place: the
+    server mounts this router, so this module cannot import it.
+    """
     vector_stores = backend_of(pipeline.backend)
     router = APIRouter(tags=["responses"])
 
@@ -73,13 +79,13 @@ def responses_router(config: MmragConfig, pipeline: ChatPipeline, metrics: Ingre
         try:
             response = await _respond(http_request, start)
         except OpenAIError as exc:
-            response = error_response(exc)
+            response = JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
         except ClientDisconnect:
             logger.info("client closed the connection before its request body was read")
             response = Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception:
             logger.exception("unhandled error in a response")
-            response = error_response(OpenAIError("internal server error"))
+            response = JSONResponse(OpenAIError("internal server error").to_dict(), status_code=500)
         metrics.requests.labels(status=str(response.status_code)).inc()
         if isinstance(response, StreamThenCall):
             return response  # served after this returns: in flight until its last byte
@@ -123,7 +129,7 @@ def responses_router(config: MmragConfig, pipeline: ChatPipeline, metrics: Ingre
         except OpenAIError as exc:
             raise names.renamed(exc) from None
         metrics.observe_usage(chat.usage_of(builder.last))
-        return JSONResponse(builder.response("done"))
+        return JSONResponse(builder.response(done=True))
 
     return router
 
@@ -229,7 +235,9 @@ class ChatFieldNames:
 class ResponseBuilder:
     """The response's output items, filled from the prepared chat and the engine's deltas."""
 
-    def __init__(self, request: rp.ResponsesRequest, prepared: PreparedChat, config: MmragConfig, first: Any):
+    def __init__(
+        self, request: rp.ResponsesRequest, prepared: PreparedChat, config: MmragConfig, first: GenerationDelta | None
+    ):
         self.request = request
         self.prepared = prepared
         self.id = rp.new_response_id()
@@ -318,10 +326,9 @@ class ResponseBuilder:
         )
         return usage.model_dump(exclude_none=True)
 
-    def response(self, stage: str) -> dict[str, Any]:
-        """The response object: ``in_progress`` (no output yet) or ``done`` (whole)."""
+    def response(self, done: bool) -> dict[str, Any]:
+        """The response object: in progress (no output yet) or done (whole)."""
         request = self.request
-        done = stage == "done"
         output = []
         if done:
             output = [*([self.file_search] if self.file_search else []), self.message(done=True)]
@@ -383,8 +390,8 @@ class EventWriter:
 
 def opening_events(builder: ResponseBuilder, event: EventWriter) -> Iterator[str]:
     """Everything before the first text delta: the response, the file_search call, the message's start."""
-    yield event("response.created", response=builder.response("in_progress"))
-    yield event("response.in_progress", response=builder.response("in_progress"))
+    yield event("response.created", response=builder.response(done=False))
+    yield event("response.in_progress", response=builder.response(done=False))
     output_index = 0
     if builder.file_search is not None:
         # The search ran before the stream opened (a bad store is a clean 404, not a broken stream).
@@ -410,7 +417,7 @@ def closing_events(builder: ResponseBuilder, event: EventWriter) -> Iterator[str
     yield event("response.content_part.done", **ids, part=builder.text_part(done=True))
     yield event("response.output_item.done", output_index=output_index, item=builder.message(done=True))
     final = "response.incomplete" if builder.incomplete else "response.completed"
-    yield event(final, response=builder.response("done"))
+    yield event(final, response=builder.response(done=True))
 
 
 def _text_ids(builder: ResponseBuilder, output_index: int) -> dict[str, Any]:

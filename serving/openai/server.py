@@ -152,7 +152,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
 
     app.include_router(files_router(config))
     app.include_router(vector_stores_router(config, chat_backend=backend))
-    app.include_router(responses_router(config, pipeline, metrics))
+    app.include_router(responses_router(config, pipeline, metrics, require_json=require_json, read_body=read_body))
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 

@@ -41,6 +41,7 @@ LAYERS = {
     "mmrag.serving.openai": 2,
     "mmrag.serving.pipeline": 3,
     "mmrag.serving.openai.server": 4,
+    "mmrag.serving.openai.responses_api": 4,  # an HTTP adapter over the pipeline, mounted by the server
     "mmrag.serving.batch": 4,
     "mmrag.serving.server_process": 4,
     "mmrag.deployments": 5,
