@@ -420,3 +420,24 @@ def test_chat_errors_are_named_as_responses_fields(http):
     error = http.post("/v1/responses", json=body).json()["error"]
     assert error["param"] == "input[1].content[1].image_url", error
     assert "messages" not in error["message"], error
+
+
+def test_citations_come_from_the_engine_s_copy(config, engine, stage, store):
+    """Behind Serve the engine gets a copy of the request (pickled across the handle), so only the deltas
+    say how many chunks entered the prompt: the citations must come from there."""
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from mmrag.serving.openai.server import create_app
+    from mmrag.serving.pipeline import LocalBackend
+
+    class CopyingBackend(LocalBackend):
+        def generate(self, request):
+            return super().generate(copy.deepcopy(request))
+
+    store_id, ids = store
+    with TestClient(create_app(config, CopyingBackend(engine, stage))) as http:
+        body = {"model": MODEL, "input": QUESTION, "tools": [file_search(store_id, max_num_results=1)]}
+        message = http.post("/v1/responses", json=body).json()["output"][1]
+    assert [a["file_id"] for a in message["content"][0]["annotations"]] == [ids["trains.txt"]]
