@@ -159,8 +159,8 @@ def validated(model: type[BaseModel], payload: dict[str, Any], context: dict[str
         raise InvalidRequestError("the request body is nested too deeply") from exc
     except ValidationError as exc:
         error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the deepest location is the most specific
-        # The part-type tags pydantic puts in a location are not fields of the request.
-        param = format_error_location(tuple(p for p in error["loc"] if p not in rp.PART_TYPES)) or None
+        # The item and part type tags pydantic puts in a location are not fields of the request.
+        param = format_error_location(tuple(p for p in error["loc"] if p not in rp.TAGS)) or None
         message = error["msg"].removeprefix("Value error, ")
         raise InvalidRequestError(f"{param}: {message}" if param else message, param=param) from exc
 
@@ -201,6 +201,7 @@ class ChatFieldNames:
     def __init__(self, request: rp.ResponsesRequest):
         self.offset = 1 if request.instructions is not None else 0
         self.string_input = isinstance(request.input, str)
+        self.positions = [i for i, _ in rp.input_messages(request)]  # chat message -> input item
 
     def name(self, param: str) -> str:
         match = self._MESSAGE.match(param)
@@ -208,9 +209,9 @@ class ChatFieldNames:
             index = int(match[1]) - self.offset
             if index < 0:
                 return "instructions"
-            if self.string_input:
+            if self.string_input or index >= len(self.positions):
                 return "input"
-            return f"input[{index}]{match[2].replace('.image_url.url', '.image_url')}"
+            return f"input[{self.positions[index]}]{match[2].replace('.image_url.url', '.image_url')}"
         renames = {
             "messages": "input",
             "max_tokens": "max_output_tokens",

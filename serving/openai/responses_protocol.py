@@ -19,8 +19,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -33,8 +35,10 @@ from mmrag.serving.openai.protocol import CompressionOptions, CompressionUsage
 
 # Values of ``include`` mmrag can honour.
 INCLUDABLE = ("file_search_call.results",)
-# The one ``input`` item type served (see check_items).
+# The ``input`` item types served (see check_items): messages, and an earlier turn's file_search call, as
+# a client sends a previous response's output back; the call is dropped (its chunks were that turn's).
 MESSAGE_ITEM = "message"
+ITEM_TYPES = (MESSAGE_ITEM, "file_search_call")
 
 
 def _refuse(name: str, value: Any, *, allowed: tuple[Any, ...] = ()) -> Any:
@@ -87,6 +91,8 @@ class Refusal(_Loose):
 InputPart = Annotated[InputText | InputImage | OutputText | Refusal, Field(discriminator="type")]
 # The part types served (others, input_file and input_audio among them, are refused by name: check_items).
 PART_TYPES = ("input_text", "input_image", "output_text", "refusal")
+# Union tags pydantic puts in an error's location (not fields of the request).
+TAGS = frozenset((*ITEM_TYPES, *PART_TYPES))
 
 
 class InputMessage(_Loose):
@@ -103,6 +109,22 @@ class InputMessage(_Loose):
             if kinds & {"output_text", "refusal"} and self.role != "assistant":
                 raise ValueError(f"output_text and refusal parts belong to assistant messages, not {self.role}")
         return self
+
+
+class PastFileSearchCall(_Loose):
+    """An earlier response's file_search_call sent back in ``input``: accepted, and not put before the model."""
+
+    type: Literal["file_search_call"]
+
+
+def _item_type(item: Any) -> Any:
+    return item.get("type", MESSAGE_ITEM) if isinstance(item, dict) else getattr(item, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag(MESSAGE_ITEM)] | Annotated[PastFileSearchCall, Tag("file_search_call")],
+    Discriminator(_item_type),
+]
 
 
 class RankingOptions(_Loose):
@@ -167,7 +189,7 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    input: str | list[InputMessage] = Field(description="A user message's text, or a list of messages.")
+    input: str | list[InputItem] = Field(description="A user message's text, or a list of messages.")
     instructions: str | None = Field(default=None, description="A system message put before the input.")
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -238,9 +260,10 @@ def check_items(payload: dict[str, Any], limits: LimitsConfig) -> None:
             )
         for i, item in enumerate(items):
             kind = item.get("type", MESSAGE_ITEM) if isinstance(item, dict) else MESSAGE_ITEM
-            if kind != MESSAGE_ITEM:
+            if kind not in ITEM_TYPES:
                 raise InvalidRequestError(
-                    f"input[{i}].type: items of type {clip(kind, 64)} are not supported by this server (only messages)",
+                    f"input[{i}].type: items of type {clip(kind, 64)} are not supported by this server "
+                    f"(only {' and '.join(ITEM_TYPES)})",
                     param=f"input[{i}].type",
                 )
             content = item.get("content") if isinstance(item, dict) else None
@@ -271,7 +294,7 @@ def chat_payload(request: ResponsesRequest, retrieval: dict[str, Any]) -> dict[s
     if isinstance(request.input, str):
         messages.append({"role": "user", "content": request.input})
     else:
-        messages.extend({"role": m.role, "content": _chat_content(m.content)} for m in request.input)
+        messages.extend({"role": m.role, "content": _chat_content(m.content)} for _, m in input_messages(request))
     payload: dict[str, Any] = {"model": request.model, "messages": messages, "retrieval": retrieval}
     optional = {
         "max_completion_tokens": request.max_output_tokens,
@@ -281,6 +304,13 @@ def chat_payload(request: ResponsesRequest, retrieval: dict[str, Any]) -> dict[s
     }
     payload.update({key: value for key, value in optional.items() if value is not None})
     return payload
+
+
+def input_messages(request: ResponsesRequest) -> list[tuple[int, InputMessage]]:
+    """The messages of a list ``input``, with their positions in it (past tool calls skipped)."""
+    if isinstance(request.input, str):
+        return []
+    return [(i, item) for i, item in enumerate(request.input) if isinstance(item, InputMessage)]
 
 
 def _chat_content(content: str | list[Any]) -> str | list[dict[str, Any]]:

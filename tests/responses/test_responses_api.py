@@ -441,3 +441,29 @@ def test_citations_come_from_the_engine_s_copy(config, engine, stage, store):
         body = {"model": MODEL, "input": QUESTION, "tools": [file_search(store_id, max_num_results=1)]}
         message = http.post("/v1/responses", json=body).json()["output"][1]
     assert [a["file_id"] for a in message["content"][0]["annotations"]] == [ids["trains.txt"]]
+
+
+def test_a_previous_output_sent_back_as_input(client, store, engine):
+    """The multi-turn pattern `input=[*earlier input, *response.output, next question]`: the earlier
+    file_search_call is accepted and dropped, the message goes back as an assistant turn."""
+    store_id, _ = store
+    first = client.responses.create(model=MODEL, input=QUESTION, tools=[file_search(store_id, max_num_results=1)])
+    follow_up = [
+        {"role": "user", "content": QUESTION},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"role": "user", "content": "and how high does it climb"},
+    ]
+    response = client.responses.create(model=MODEL, input=follow_up)
+    assert response.output_text == "and how high does it climb "
+    seen = engine.seen[-1]
+    assert [m["role"] for m in seen.messages] == ["user", "assistant", "user"]
+    assert seen.messages[1]["content"][0]["text"] == first.output_text
+    # An error in a message after the skipped call still names that message's place in `input`.
+    bad = [
+        *follow_up[:2],
+        {"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+    ]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input=bad)
+    assert caught.value.body["param"] == "input[2].content[0].image_url"
+    assert bad[1]["type"] == "file_search_call"
