@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "compression": "mmrag.benchmarks.compression",
     "accuracy": "mmrag.benchmarks.accuracy",
     "xrag": "mmrag.benchmarks.xrag",
+    "serving": "mmrag.benchmarks.serving",
 }
 
 
