@@ -1,0 +1,189 @@
+"""``mmrag bench serving`` without servers: statistics, validity, the load loop, SSE parsing, flags, plot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from mmrag.benchmarks import serving
+from mmrag.benchmarks.serving import RequestRecord
+from mmrag.serving.cli.bench import parse_benchmark_args
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert serving.percentile(values, 50) == pytest.approx(2.5)
+    assert serving.percentile(values, 0) == 1.0 and serving.percentile(values, 100) == 4.0
+    assert serving.percentile(values, 90) == pytest.approx(3.7)
+    assert serving.percentile([], 50) is None
+
+
+def test_in_flight_mean_weights_by_time():
+    # Two requests over [0, 2): one all along, one for the second half -> 1.5 in flight on average.
+    assert serving.in_flight_mean([(0.0, 2.0), (1.0, 2.0)], 0.0, 2.0) == pytest.approx(1.5)
+    # Parts outside the window do not count.
+    assert serving.in_flight_mean([(-5.0, 1.0), (1.0, 9.0)], 0.0, 2.0) == pytest.approx(1.0)
+    assert serving.in_flight_mean([(0.0, 1.0)], 1.0, 1.0) == 0.0
+
+
+def test_tpot_is_decode_time_per_token_after_the_first():
+    record = RequestRecord(ok=True, ttft_s=0.1, e2e_s=0.5, tokens=5)
+    assert record.tpot_s == pytest.approx(0.1)
+    assert RequestRecord(ok=True, ttft_s=0.1, e2e_s=0.2, tokens=1).tpot_s is None
+    assert RequestRecord(ok=False, error="HTTP 500").tpot_s is None
+
+
+def test_summarize_point_marks_unreached_concurrency_and_errors_invalid():
+    ok = [RequestRecord(ok=True, ttft_s=0.01 * i, e2e_s=0.1 * i, tokens=4, gaps_s=[0.02, 0.03]) for i in (1, 2, 3)]
+    point = serving.summarize_point(ok, concurrency=4, wall_s=0.6, reached=3.9, loop_lag_s=[0.0, 0.001])
+    assert point["valid"] and point["invalid_because"] == []
+    assert point["ttft_s_p50"] == pytest.approx(0.02) and point["tbt_s_p50"] == pytest.approx(0.025)
+    assert point["output_tokens"] == 12 and point["output_tokens_per_s"] == pytest.approx(20.0)
+    assert point["output_tokens_per_request"] == [4]
+
+    starved = serving.summarize_point(ok, concurrency=4, wall_s=0.6, reached=3.0, loop_lag_s=[])
+    assert not starved["valid"] and "concurrency reached 3.00" in starved["invalid_because"][0]
+    failed = serving.summarize_point([*ok, RequestRecord(ok=False, error="HTTP 503")], 4, 0.6, 4.0, [])
+    assert not failed["valid"] and failed["errors"] == 1 and failed["error_kinds"] == ["HTTP 503"]
+
+
+def _point(system: str, concurrency: int, ttft: float, tokens_per_s: float, valid: bool = True) -> dict:
+    point = dict.fromkeys(serving.METRICS, None)
+    point.update(
+        system=system,
+        concurrency=concurrency,
+        ttft_s_p50=ttft,
+        output_tokens_per_s=tokens_per_s,
+        valid=valid,
+        concurrency_reached=float(concurrency),
+        errors=0,
+    )
+    return point
+
+
+def test_aggregate_takes_median_and_spread_over_rounds_and_ratios_against_vllm_serve():
+    points = [
+        _point("vllm-serve", 1, 0.010, 100),
+        _point("vllm-serve", 1, 0.020, 120),
+        _point("vllm-serve", 1, 0.030, 110),
+        _point("mmrag", 1, 0.030, 90),
+        _point("mmrag", 1, 0.010, 80, valid=False),
+        _point("mmrag", 1, 0.020, 70),
+    ]
+    summary = serving.aggregate(points, ("mmrag", "vllm-serve"), (1, 4))
+    ttft = summary["mmrag"]["1"]["ttft_s_p50"]
+    assert ttft == {"median": 0.02, "min": 0.01, "max": 0.03}
+    assert summary["mmrag"]["1"]["rounds"] == 3 and not summary["mmrag"]["1"]["all_valid"]
+    assert "4" not in summary["mmrag"]  # no rounds at that concurrency: no row, not a row of Nones
+    assert summary["mmrag"]["1"]["tbt_s_p50"] is None
+    ratio = serving.ratios(summary)["mmrag/vllm-serve"]["1"]
+    assert ratio["ttft_s_p50"] == pytest.approx(1.0)
+    assert ratio["output_tokens_per_s"] == pytest.approx(80 / 110)
+    assert ratio["tbt_s_p50"] is None
+
+
+def test_plan_shuffles_every_round_with_the_seed():
+    args = parse_benchmark_args("serving", ["--quick", "--rounds", "6", "--seed", "3"])
+    settings = serving.settings_from(args)
+    order = serving.plan(settings)
+    assert len(order) == 6 and all(sorted(r) == sorted(serving.SYSTEMS) for r in order)
+    assert len({tuple(r) for r in order}) > 1  # not always the same system first
+    assert serving.plan(settings) == order  # the seed fixes it
+    assert settings.concurrencies == (1, 4) and settings.requests_at(4) == 16 and settings.requests_at(1) == 8
+
+
+def test_unknown_system_is_refused():
+    args = parse_benchmark_args("serving", ["--systems", "mmrag,tgi"])
+    with pytest.raises(SystemExit, match="tgi"):
+        serving.settings_from(args)
+
+
+def test_run_point_keeps_the_concurrency_and_counts_every_request():
+    in_flight = 0
+    peak = 0
+
+    async def send(index: int) -> RequestRecord:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return RequestRecord(ok=True, ttft_s=0.001, e2e_s=0.01, tokens=2, gaps_s=[0.005])
+
+    records, wall, reached, lags = asyncio.run(serving.run_point(send, concurrency=4, total=20))
+    assert len(records) == 20 and peak == 4
+    assert 3.6 <= reached <= 4.0 and wall > 0 and lags
+
+
+def _sse(*events: object) -> bytes:
+    return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
+
+
+def _chunk(content: str | None = None, role: str | None = None, finish: str | None = None) -> dict:
+    delta = {k: v for k, v in (("role", role), ("content", content)) if v is not None}
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _stream_with(body: bytes, status: int = 200) -> RequestRecord:
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+
+    async def go() -> RequestRecord:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await serving.http_stream(client, serving.chat_body("m", 3, 0))
+
+    return asyncio.run(go())
+
+
+def test_http_stream_counts_token_chunks_not_the_role_header_and_takes_usage():
+    body = _sse(
+        _chunk(role="assistant", content=""),
+        _chunk("a"),
+        _chunk(""),  # a token that decodes to no text still is a token chunk
+        _chunk("c", finish="length"),
+        {"choices": [], "usage": {"completion_tokens": 3}},
+        "[DONE]",
+    )
+    record = _stream_with(body)
+    assert record.ok and record.tokens == 3 and len(record.gaps_s) == 2
+    assert 0 <= record.ttft_s <= record.e2e_s
+
+
+def test_http_stream_failures_are_records_not_exceptions():
+    assert _stream_with(b'{"error": {}}', status=503).error == "HTTP 503"
+    assert _stream_with(_sse(_chunk("a"))).error == "stream ended without [DONE]"
+    broken = _stream_with(_sse({"error": {"type": "internal_error", "message": "boom"}}))
+    assert not broken.ok and "internal_error" in broken.error
+
+
+def test_vllm_serve_flags_parse_back_to_the_same_engine_arguments():
+    pytest.importorskip("vllm")
+    kwargs = {
+        "model": "/ckpt",
+        "served_model_name": ["mmrag-tiny-llava"],
+        "max_model_len": 2048,
+        "dtype": "auto",
+        "enforce_eager": True,
+        "seed": 0,
+        "limit_mm_per_prompt": {"image": 8},
+        "disable_log_stats": False,
+        "hf_overrides": {"architectures": ["AimLlavaForConditionalGeneration"], "aim_keep_ratio": 1.0},
+    }
+    flags = serving.vllm_serve_flags(kwargs)
+    assert flags[:2] == ["--model", "/ckpt"] and "--enforce-eager" in flags
+    serving.check_flags_round_trip(kwargs, flags)
+    with pytest.raises(ValueError, match="max_model_len"):
+        serving.check_flags_round_trip({**kwargs, "max_model_len": 4096}, flags)
+
+
+def test_plot_writes_a_png(tmp_path):
+    points = [_point(s, c, 0.01 * c, 100.0 / c) for s in serving.SYSTEMS for c in (1, 4) for _ in range(2)]
+    for p in points:
+        p["tbt_s_p50"] = 0.002
+    settings = serving.settings_from(parse_benchmark_args("serving", ["--quick"]))
+    figures = {"model": "tiny-random", "summary": serving.aggregate(points, serving.SYSTEMS, (1, 4))}
+    path = tmp_path / "serving.png"
+    serving.plot(figures, settings, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
