@@ -33,8 +33,6 @@ from mmrag.serving.config import LimitsConfig
 from mmrag.serving.errors import InvalidRequestError, clip
 from mmrag.serving.openai.protocol import CompressionOptions, CompressionUsage
 
-# Values of ``include`` mmrag can honour.
-INCLUDABLE = ("file_search_call.results",)
 # The ``input`` item types served (see check_items): messages, and an earlier turn's file_search call, as
 # a client sends a previous response's output back; the call is dropped (its chunks were that turn's).
 MESSAGE_ITEM = "message"

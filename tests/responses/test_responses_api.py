@@ -467,3 +467,13 @@ def test_a_previous_output_sent_back_as_input(client, store, engine):
         client.responses.create(model=MODEL, input=bad)
     assert caught.value.body["param"] == "input[2].content[0].image_url"
     assert bad[1]["type"] == "file_search_call"
+
+
+def test_a_cut_stream_ends_with_response_incomplete(client):
+    """As OpenAI does: an answer cut by max_output_tokens ends the stream with response.incomplete (the SDK's
+    get_final_response then raises, as it does against OpenAI)."""
+    events = list(client.responses.create(model=MODEL, input="one two three", max_output_tokens=1, stream=True))
+    assert events[-1].type == "response.incomplete" and "response.completed" not in [e.type for e in events]
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert final.output[0].status == "incomplete" and final.output[0].content[0].text == "one "
