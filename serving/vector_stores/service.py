@@ -443,7 +443,7 @@ class VectorStoreService:
                         "id": _chunk_id(store_id, file_id, index),
                         "vector_store_id": store_id,
                         "file_id": file_id,
-                        "text": _bounded(chunk.text),
+                        "text": chunk.text,
                         "source": filename,
                         "metadata": {**metadata, "attributes": attributes},
                     }
@@ -670,16 +670,6 @@ def _file_object(row: dict[str, Any]) -> dict[str, Any]:
         "attributes": row["attributes"],
         "chunking_strategy": row["chunking"],
     }
-
-
-# The text field holds at most 65,535 bytes; a chunk is longer only when one "token" is a huge unbroken
-# run of characters (the tokenizer makes it one unknown token), of which the encoder reads nothing more anyway.
-MAX_CHUNK_BYTES = 60_000
-
-
-def _bounded(text: str) -> str:
-    data = text.encode()
-    return text if len(data) <= MAX_CHUNK_BYTES else data[:MAX_CHUNK_BYTES].decode("utf-8", errors="ignore")
 
 
 def _file_expr(store_id: str, file_id: str) -> str:

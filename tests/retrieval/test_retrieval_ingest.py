@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mmrag.serving.retrieval.chunking import MAX_CHUNK_BYTES
 from mmrag.serving.retrieval.errors import EncoderMismatchError, InvalidFilterError
 from mmrag.serving.retrieval.ingest import Document, find_files, ingest_documents, ingest_paths
 
@@ -65,6 +66,17 @@ def test_long_document_is_chunked_with_overlap(tmp_path, store, encoder, rconfig
     first = next(r["text"] for r in rows if r["metadata"]["chunk_index"] == 0)
     second = next(r["text"] for r in rows if r["metadata"]["chunk_index"] == 1)
     assert text.startswith(first) and first[-10:] in second  # overlap carried into the next chunk
+
+
+def test_an_unbroken_run_longer_than_the_text_field_is_cut_not_fatal(store, encoder, rconfig):
+    """One 100,000-character "word" is one unknown token to the encoder; Milvus's text field holds
+    65,535 bytes, so the chunk is cut rather than the whole ingestion failing."""
+    text = "Herons wade. " + "é" * 100_000 + " Herons fish."
+    summary = ingest_documents([Document(text, "run.md", {})], store, encoder, rconfig, progress=False)
+    rows = store.client.query(rconfig.collection, filter="", output_fields=["text"], limit=10)
+    assert summary.chunks == len(rows) >= 1
+    assert all(len(r["text"].encode()) <= MAX_CHUNK_BYTES for r in rows)
+    assert rows[0]["text"].startswith("Herons wade.")
 
 
 def test_chunk_size_beyond_the_encoder_is_refused(store, encoder, rconfig):
