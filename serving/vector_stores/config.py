@@ -44,6 +44,14 @@ class VectorStoresConfig(BaseModel):
     max_stores_per_search: int = Field(
         default=8, gt=0, description="Stores one chat request may name in `retrieval.vector_store_ids`."
     )
+    max_retrieved_images: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Image files a chat request's search may put into the prompt as images (best hits first); "
+        "they count against `limits.max_images_per_request` with the request's own images, and the image hits "
+        "beyond either limit are listed in `retrieval.documents` with why they were left out. 0: none.",
+    )
     poll_after_ms: int = Field(
         default=250,
         gt=0,

@@ -15,7 +15,9 @@ is ``vector_store_id``, not in a collection per store, because
 
 Rows are the retrieval schema (``store.py``) plus ``vector_store_id`` and ``file_id``: ``source`` holds the
 file name (what the text-RAG prompt shows) and ``metadata`` holds ``file_id``, ``filename``, ``chunk_index``,
-the section's own metadata (a PDF page) and ``attributes`` (what search filters read).
+the section's own metadata (a PDF page) and ``attributes`` (what search filters read). An image file is one
+chunk, ``kind: "image"``, whose text describes it (:func:`image_description`): a chat request that retrieves
+it loads the file and shows the model the image (``serving/pipeline.py``).
 
 Records (stores, attachments, batches) are in SQLite (``records.py`` says why). Ingestion runs in a thread
 pool of this process: an attachment is ``in_progress`` until its chunks are all written and flushed, then
@@ -36,9 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from mmrag.serving.config import MmragConfig
@@ -212,6 +216,11 @@ class VectorStoreService:
                 for chunk in chunks:
                     chunk["metadata"] = {**chunk["metadata"], "attributes": attributes}
                     chunk |= {"vector_store_id": store_id, "file_id": file_id}
+                    if chunk["metadata"].get("kind") == "image":  # an image is found by its attributes too
+                        meta = chunk["metadata"]
+                        text = image_description(meta["filename"], attributes, meta.get("image_text", ""))
+                        chunk["text"] = _text_field(text)
+                        chunk["dense"] = self.core.encoder.encode([chunk["text"]])[0].tolist()
                 if chunks:
                     self._milvus(lambda chunks=chunks: store.upsert(self.collection, chunks))
                 if len(chunks) < step:
@@ -430,6 +439,9 @@ class VectorStoreService:
         encoder = self.core.encoder
         rows: list[dict[str, Any]] = []
         for section in self.files.sections(file_id):
+            if section.metadata.get("image"):  # an image file: one chunk, its description (see image_description)
+                rows.append(_image_row(store_id, file_id, len(rows), filename, section.text, attributes))
+                continue
             for chunk in chunk_text(section.text, encoder.token_spans, chunk_tokens, overlap):
                 index = len(rows)
                 if index >= self.config.max_chunks_per_file:
@@ -670,6 +682,56 @@ def _file_object(row: dict[str, Any]) -> dict[str, Any]:
         "attributes": row["attributes"],
         "chunking_strategy": row["chunking"],
     }
+
+
+def image_description(filename: str, attributes: dict[str, Any], text: str = "") -> str:
+    """The text an image file is found by: the words of its name (``red-square.png``: "red square"), the text
+    it came with when it is not just that name (alt or nearby text), and its attachment's attribute values (a
+    client's ``description``). The model's own description at ingestion is the next step (docs/usage.md)."""
+    words = " ".join(_NAME_WORDS.split(_CAMEL.sub(" ", Path(filename).stem))).strip()
+    lines = [f"Image: {words} ({filename})" if words else f"Image: {filename}"]
+    if text.strip() and text.strip() != filename:
+        lines.append(text.strip())
+    lines += [
+        f"{key}: {value}"
+        for key, value in attributes.items()
+        if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value).strip()
+    ]
+    return "\n".join(lines)
+
+
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+_NAME_WORDS = re.compile(r"[\W_]+")
+
+
+def _image_row(
+    store_id: str, file_id: str, index: int, filename: str, text: str, attributes: dict[str, Any]
+) -> dict[str, Any]:
+    """An image file's one chunk: ``kind: "image"`` tells a chat request to load the file and show it as an image
+    (``image_text``: the text it came with, kept so that new attributes rewrite the description)."""
+    text = "" if text.strip() == filename else text.strip()
+    description = image_description(filename, attributes, text)
+    return {
+        "id": _chunk_id(store_id, file_id, index),
+        "vector_store_id": store_id,
+        "file_id": file_id,
+        "text": _text_field(description),
+        "source": filename,
+        "metadata": {
+            "kind": "image",
+            "file_id": file_id,
+            "filename": filename,
+            "chunk_index": index,
+            "attributes": attributes,
+            **({"image_text": text} if text else {}),
+        },
+    }
+
+
+def _text_field(text: str) -> str:
+    """Within Milvus's 65,535-byte text field (as chunk_text cuts text chunks): attribute values are short, but
+    sixteen of them are not bounded together."""
+    return text.encode()[:60000].decode(errors="ignore")
 
 
 def _file_expr(store_id: str, file_id: str) -> str:
