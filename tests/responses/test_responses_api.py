@@ -477,3 +477,22 @@ def test_a_cut_stream_ends_with_response_incomplete(client):
     final = events[-1].response
     assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
     assert final.output[0].status == "incomplete" and final.output[0].content[0].text == "one "
+
+
+def test_responses_are_counted_in_the_ingress_metrics(http):
+    """In flight while served (a stream until its last byte), counted by status, tokens added to usage."""
+
+    def metric(name: str) -> float:
+        lines = http.get("/metrics").text.splitlines()
+        return sum(
+            float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+
+    before = (metric("mmrag_requests_total"), metric("mmrag_completion_tokens_total"))
+    http.post("/v1/responses", json={"model": MODEL, "input": "one two"})
+    with http.stream("POST", "/v1/responses", json={"model": MODEL, "input": "three", "stream": True}) as response:
+        list(response.iter_lines())
+    http.post("/v1/responses", json={"model": MODEL, "input": "x", "temperature": 9})
+    assert metric("mmrag_requests_total") - before[0] == 3
+    assert metric("mmrag_completion_tokens_total") - before[1] == 3
+    assert metric("mmrag_requests_in_flight") == 0
