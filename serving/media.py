@@ -42,7 +42,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from mmrag.serving.config import LimitsConfig
-from mmrag.serving.errors import InvalidRequestError, PayloadTooLargeError
+from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
 from mmrag.serving.offload import Offload
 
 # Runs a blocking call off the event loop: Offload.run, or asyncio.to_thread.
@@ -111,6 +111,49 @@ async def load_images(
     check_request_pixels(encoded, policy)
     images = list(await asyncio.gather(*(run(decode_image, i.data, policy, param=i.param) for i in encoded)))
     if sum(i.size[0] * i.size[1] for i in encoded) > TRIM_AFTER_PIXELS:
+        await run(release_freed_memory)
+    return images
+
+
+async def decode_image_bytes(
+    blobs: list[tuple[str, bytes]], policy: ImagePolicy, offload: Offload | None = None, *, pixels_used: int = 0
+) -> list[Image.Image | OpenAIError]:
+    """Images whose bytes are already here (``(param, bytes)``: image files a vector store retrieved), checked
+    and decoded as :func:`load_images` does: size, then each header, then the request's pixel budget (of which
+    ``pixels_used`` is taken by the request's own images), then decoding, all in ``offload``'s threads.
+
+    These are not the client's images, so one that fails a check does not fail the request: its error is
+    returned in its place (the caller leaves that image out and says why), and the budget goes to the next.
+    """
+    run = offload.run if offload is not None else asyncio.to_thread
+    results: list[Image.Image | OpenAIError | EncodedImage] = []
+    total = pixels_used
+    for param, data in blobs:
+        try:
+            if len(data) > policy.max_bytes:
+                raise PayloadTooLargeError(f"image larger than {policy.max_bytes} bytes", param=param)
+            size = (await run(open_image, data, policy, param=param)).size
+            if total + size[0] * size[1] > policy.max_request_pixels:
+                raise PayloadTooLargeError(
+                    f"the request's images would declare more than {policy.max_request_pixels} pixels in all",
+                    param=param,
+                )
+        except OpenAIError as exc:
+            results.append(exc)
+            continue
+        total += size[0] * size[1]
+        results.append(EncodedImage(data, size, param))
+
+    async def decode(item: Image.Image | OpenAIError | EncodedImage) -> Image.Image | OpenAIError:
+        if not isinstance(item, EncodedImage):
+            return item
+        try:
+            return await run(decode_image, item.data, policy, param=item.param)
+        except OpenAIError as exc:
+            return exc
+
+    images = list(await asyncio.gather(*(decode(item) for item in results)))
+    if total - pixels_used > TRIM_AFTER_PIXELS:
         await run(release_freed_memory)
     return images
 

@@ -1,4 +1,5 @@
-"""The chat pipeline: validate -> fetch images -> retrieve -> (engine: build the prompt once, generate) -> usage.
+"""The chat pipeline: validate -> fetch images -> retrieve (image hits: their files join the images) -> (engine:
+build the prompt once, generate) -> usage.
 
 One sequence for every way in: the HTTP app (:mod:`mmrag.serving.openai.server`) and ``mmrag batch``
 (in-process and on Ray Data, :mod:`mmrag.serving.batch`) are thin adapters over :class:`ChatPipeline`, so a
@@ -9,11 +10,13 @@ jobs and tests.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -34,7 +37,7 @@ from mmrag.serving.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
-from mmrag.serving.media import ImagePolicy, load_images
+from mmrag.serving.media import ImagePolicy, decode_image_bytes, load_images
 from mmrag.serving.offload import Offload
 from mmrag.serving.openai import chat
 from mmrag.serving.openai.protocol import (
@@ -52,9 +55,11 @@ from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import (
     RetrievalOptions,
     RetrievalResult,
+    insert_retrieved_images,
     query_text_from_messages,
     resolve_options,
 )
+from mmrag.serving.vector_stores.access import with_owner
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +122,7 @@ class ChatPipeline:
         self.config = config
         self.backend = backend
         self.offload = Offload(config.limits.worker_threads)
+        self._files: Any = None  # the Files API's store, opened by the first retrieved image (FileStore)
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
         """A request body (bytes, as received) -> a validated request; over-size bodies are refused first."""
@@ -131,9 +137,10 @@ class ChatPipeline:
             return self.parse(body)
         return await self.offload.run(self.parse, body)
 
-    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+    async def prepare(self, request: ChatCompletionRequest, owner: str | None = None) -> PreparedChat:
         """Limits, images and retrieval: everything before the engine, the cheap checks first (a request
-        refused for its size costs no image fetch and no search)."""
+        refused for its size costs no image fetch and no search). ``owner``: the request's key id on a server
+        with API keys (it searches only that key's vector stores), None on an open one."""
         completion_id = new_completion_id()
         check_limits(request, self.config)
         generation = GenerationRequest(
@@ -143,7 +150,9 @@ class ChatPipeline:
             sampling=sampling_options(request),
             compression=compression_settings(request.compression, self.config.compression),
         )
-        generation.retrieval = await self._retrieve(request, generation)
+        generation.retrieval = await self._retrieve(request, generation, owner)
+        if generation.retrieval is not None and generation.retrieval.chunks:
+            await self._show_retrieved_images(generation)
         return PreparedChat(completion_id, request, generation)
 
     def generate(self, prepared: PreparedChat) -> AsyncIterator[GenerationDelta]:
@@ -171,16 +180,126 @@ class ChatPipeline:
         ]
         return await load_images(image_urls, ImagePolicy.from_limits(self.config.limits), self.offload)
 
-    async def _retrieve(self, request: ChatCompletionRequest, generation: GenerationRequest) -> RetrievalResult | None:
+    async def _retrieve(
+        self, request: ChatCompletionRequest, generation: GenerationRequest, owner: str | None = None
+    ) -> RetrievalResult | None:
         """Run the retrieval stage when the request (or the server default) asks for it."""
         try:
             if resolve_options(request.retrieval, self.config.retrieval).mode == "none":
                 return None
             # Cut before it crosses to the retriever: a 5 MB message must not cost 5 MB of encoding and BM25.
             query = query_text_from_messages(generation.messages, self.config.retrieval.max_query_chars)
-            return await self.backend.retrieve(request.retrieval, query)
+            return await self.backend.retrieve(with_owner(request.retrieval, owner), query)
         except RetrievalError as exc:
             raise retrieval_error_as_openai(exc) from exc
+
+    async def _show_retrieved_images(self, generation: GenerationRequest) -> None:
+        """Image hits (vector-store image files) leave the text chunks and enter the prompt as images.
+
+        The retriever returns file ids, not bytes: the files are read here from the Files API's store (the
+        same ``files.directory`` its routes use), then checked and decoded as the request's own images are,
+        against what the request's images left of its budgets (``limits.max_images_per_request``, the pixel
+        budget) and at most ``vector_stores.max_retrieved_images``, best hits first. A hit that is not shown
+        (a text-only model, a limit, a file gone or too large) is no error: its document says why.
+        """
+        result = generation.retrieval
+        assert result is not None
+        hits = [c for c in result.chunks if c.metadata.get("kind") == "image" and c.metadata.get("file_id")]
+        if not hits:
+            return
+        result.chunks = [c for c in result.chunks if c.metadata.get("kind") != "image"]
+        documents = {d.id: d for d in result.info.documents}
+        for hit in hits:
+            if hit.id in documents:
+                documents[hit.id].kind = "image"
+        limits = self.config.limits
+        room = min(
+            self.config.vector_stores.max_retrieved_images, limits.max_images_per_request - len(generation.images)
+        )
+        dropped: dict[str, str] = {}
+        queue: list[Any] = []
+        if not model_reads_images(self.config.model.name, self.config.model.path):
+            dropped = {hit.id: f"the served model ({self.config.model.served_name}) reads text only" for hit in hits}
+        else:
+            files: set[str] = set()
+            for hit in hits:  # one store's file may be in another store named too
+                if hit.metadata["file_id"] in files:
+                    dropped[hit.id] = "the same file as a better hit"
+                else:
+                    files.add(hit.metadata["file_id"])
+                    queue.append(hit)
+        shown: list[tuple[Any, Any]] = []
+        policy = ImagePolicy.from_limits(limits)
+        pixels = sum(image.width * image.height for image in generation.images)
+        while queue and len(shown) < room:  # a hit that cannot be shown gives its place to the next one
+            batch, queue = queue[: room - len(shown)], queue[room - len(shown) :]
+            blobs = [await self.offload.run(self._read_file, hit.metadata["file_id"], policy) for hit in batch]
+            ready = [(hit, blob) for hit, blob in zip(batch, blobs, strict=True) if isinstance(blob, bytes)]
+            dropped |= {hit.id: blob for hit, blob in zip(batch, blobs, strict=True) if isinstance(blob, str)}
+            images = await decode_image_bytes(
+                [(hit.metadata["file_id"], blob) for hit, blob in ready], policy, self.offload, pixels_used=pixels
+            )
+            for (hit, _), image in zip(ready, images, strict=True):
+                if isinstance(image, OpenAIError):
+                    dropped[hit.id] = image.message
+                else:
+                    shown.append((hit, image))
+                    pixels += image.width * image.height
+        limit = (
+            f"over the request's image limit: at most {self.config.vector_stores.max_retrieved_images} retrieved "
+            f"(vector_stores.max_retrieved_images) and {limits.max_images_per_request} in all with the request's "
+            "own (limits.max_images_per_request)"
+        )
+        dropped |= {hit.id: limit for hit in queue}
+        for hit_id, reason in dropped.items():
+            if hit_id in documents:
+                documents[hit_id].image_dropped = reason
+        result.info.context_images = len(shown)
+        if not shown:
+            return
+        captions = [f"Retrieved image (source: {_caption_name(hit.source)}):" for hit, _ in shown]
+        generation.messages, at = insert_retrieved_images(generation.messages, captions)
+        generation.images[at:at] = [image for _, image in shown]
+
+    def _read_file(self, file_id: str, policy: ImagePolicy) -> bytes | str:
+        """A retrieved image file's bytes (at most one over the image size limit), or why it cannot be read.
+        Blocking: run it off the event loop."""
+        if self._files is None:
+            from mmrag.serving.files.store import FileStore
+
+            self._files = FileStore(self.config.files)  # mkdir and a sweep: not at start, nor on the event loop
+        try:
+            _, handle = self._files.open(file_id)
+            with handle:
+                return handle.read(policy.max_bytes + 1)
+        except NotFoundError:
+            return "the file no longer exists"
+        except OSError as exc:
+            logger.warning("retrieved image file %s unreadable: %s", file_id, exc)
+            return f"the file could not be read ({type(exc).__name__})"
+
+
+def _caption_name(name: str) -> str:
+    """A file name fit for the prompt's text: no characters of a chat-template token (``<image>``,
+    ``<|im_start|>``, ``[INST]``), which the engine refuses in message text, and not long."""
+    cleaned = re.sub(r"[<>\[\]|{}]", "", name).strip()
+    return cleaned[:100] or "image"
+
+
+@functools.lru_cache(maxsize=8)
+def model_reads_images(name: str, path: str | None) -> bool:
+    """Whether the served model takes images: the registry says for a registered model; a checkpoint
+    directory's ``config.json`` does when it has a vision tower (``vision_config``: LLaVA and the like). A
+    directory this process cannot read is taken to (the engine refuses the images if it does not)."""
+    if path is None:
+        from mmrag.serving.models.registry import MODELS
+
+        return MODELS[name].multimodal
+    try:
+        checkpoint = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return isinstance(checkpoint, dict) and "vision_config" in checkpoint
 
 
 def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatCompletionRequest:

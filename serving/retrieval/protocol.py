@@ -4,8 +4,10 @@ Request: the ``openai`` client sends ``extra_body={"retrieval": {...}}``, parsed
 :class:`RetrievalOptions`; absent fields take the server's ``retrieval`` configuration.
 
 Response: a top-level ``retrieval`` field holding :class:`RetrievalInfo` (in streaming, on the first
-chunk): which documents were retrieved (id, score, source), how many entered the prompt, and whether
-retrieval was degraded and why.
+chunk): which documents were retrieved (id, score, source, ``kind``: text or image), how many entered the
+prompt, and whether retrieval was degraded and why. Image hits (vector-store image files) are not text
+chunks: the pipeline shows them to the model as images, before the last user message's own content
+(:func:`insert_retrieved_images`).
 
 Text RAG template (``mode: "text"``), built by :func:`build_text_rag_messages`::
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -167,6 +169,12 @@ class RetrievedDocument(BaseModel):
     source: str
     file_id: str | None = Field(default=None, description="The file of a vector-store hit (`vector_store_ids`).")
     filename: str | None = Field(default=None, description="That file's name.")
+    kind: Literal["text", "image"] = Field(
+        default="text", description="'image': an image file, shown to the model as an image (not as text)."
+    )
+    image_dropped: str | None = Field(
+        default=None, description="An image hit that did not enter the prompt: why (model, limits, the file)."
+    )
 
 
 class RetrievalInfo(BaseModel):
@@ -178,7 +186,10 @@ class RetrievalInfo(BaseModel):
     hybrid: bool = False
     documents: list[RetrievedDocument] = Field(default_factory=list, description="Best first.")
     context_documents: int = Field(
-        default=0, description="How many of `documents` entered the prompt (the rest did not fit)."
+        default=0, description="How many of the text `documents` entered the prompt (the rest did not fit)."
+    )
+    context_images: int = Field(
+        default=0, description="How many of the image `documents` entered the prompt as images."
     )
     context_truncated: bool = Field(default=False, description="A document was cut or dropped to fit.")
     degraded: bool = Field(default=False, description="Retrieval failed and the answer was made without it.")
@@ -311,3 +322,28 @@ def _join_content(content: Any, context: str, context_first: bool) -> Any:
     if not text:
         return context
     return f"{context}\n\n{text}" if context_first else f"{text}\n\n{context}"
+
+
+def insert_retrieved_images(
+    messages: list[dict[str, Any]], captions: Sequence[str]
+) -> tuple[list[dict[str, Any]], int]:
+    """``messages`` with one ``caption`` text part and one image part per retrieved image, at the start of
+    the last user message (text RAG's context, placed there later, goes before them: documents, images, then
+    the question), and the index in the request's image list where those images go (the image parts of
+    earlier messages come first). Raises ``ValueError`` when there is no user message."""
+    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+    if last is None:
+        raise ValueError("no user message to show the images in")
+    before = sum(
+        1
+        for message in messages[:last]
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image"
+    )
+    parts = [part for caption in captions for part in ({"type": "text", "text": caption}, {"type": "image"})]
+    content = messages[last].get("content")
+    own = content if isinstance(content, list) else [{"type": "text", "text": content}] if content else []
+    updated = list(messages)
+    updated[last] = {**messages[last], "content": [*parts, *own]}
+    return updated, before

@@ -1,0 +1,185 @@
+"""Images as documents: an image file attached to a vector store is found by the text describing it and, when a
+chat request's search hits it, shown to the model as an image (the fake engine records what it was given),
+within the request's image limits; a text-only model gets none and the response says why. Real app, real
+Milvus Lite, the real `openai` SDK."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.openai.server import create_app
+from mmrag.serving.pipeline import LocalBackend
+from mmrag.serving.retrieval.protocol import insert_retrieved_images
+from mmrag.serving.vector_stores.service import image_description
+from tests.batch.engines import RetrievalEchoEngine
+from tests.files.documents import png_bytes
+
+RED = (200, 30, 30)
+TRAINS = b"The Harrowgate funicular opened in 1898 and climbs 212 metres up the cliff.\n"
+
+
+@pytest.fixture
+def serve(tmp_path: Path, make_stage):
+    """``serve(**overrides)`` -> (SDK client, fake engine) over the real app, the config's sections updated."""
+    clients = []
+
+    def make(**overrides) -> tuple[openai.OpenAI, RetrievalEchoEngine]:
+        sections = {
+            "retrieval": {"uri": str(tmp_path / "milvus.db"), "ingest_demo_corpus": False, "default_mode": "none"},
+            "files": {"directory": str(tmp_path / "files")},
+            "vector_stores": {"poll_after_ms": 20},
+        }
+        for name, values in overrides.items():
+            sections[name] = {**sections.get(name, {}), **values}
+        config = MmragConfig.model_validate(sections)
+        engine = RetrievalEchoEngine(config)
+        http = TestClient(create_app(config, LocalBackend(engine, make_stage(config))))
+        clients.append(http.__enter__())
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        return client, engine
+
+    yield make
+    for http in clients:
+        http.__exit__(None, None, None)
+
+
+def attach(client: openai.OpenAI, store_id: str, name: str, data: bytes, attributes=None) -> str:
+    file_id = client.files.create(file=(name, data), purpose="assistants").id
+    attached = client.vector_stores.files.create_and_poll(
+        file_id=file_id, vector_store_id=store_id, attributes=attributes
+    )
+    assert attached.status == "completed", attached.last_error
+    return file_id
+
+
+def ask(client: openai.OpenAI, store_id: str, messages, top_k: int = 2):
+    model = client.models.list().data[0].id
+    response = client.chat.completions.create(
+        model=model, messages=messages, extra_body={"retrieval": {"vector_store_ids": [store_id], "top_k": top_k}}
+    )
+    return response, response.model_extra["retrieval"]
+
+
+def data_url(color: tuple[int, int, int]) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(png_bytes((8, 8), color)).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_a_retrieved_image_enters_the_prompt_as_an_image(serve):
+    client, engine = serve()
+    store = client.vector_stores.create(name="pictures")
+    image_id = attach(client, store.id, "red-square.png", png_bytes((8, 8), RED), {"description": "a plain red tile"})
+    text_id = attach(client, store.id, "trains.txt", TRAINS)
+    # Indexed by the words of its name and its attributes' values; search names it as usual.
+    (hit,) = client.vector_stores.search(store.id, query="red square", max_num_results=1).data
+    assert hit.file_id == image_id and "red square" in hit.content[0].text and "a plain red tile" in hit.content[0].text
+
+    _, info = ask(client, store.id, [{"role": "user", "content": "Show me the red square"}])
+    image_doc, text_doc = info["documents"]
+    assert (image_doc["file_id"], image_doc["kind"], image_doc["image_dropped"]) == (image_id, "image", None)
+    assert (text_doc["file_id"], text_doc["kind"]) == (text_id, "text")
+    assert info["context_images"] == 1
+    (request,) = engine.seen
+    (image,) = request.images
+    assert image.size == (8, 8) and image.getpixel((0, 0)) == RED
+    # The image, captioned, leads the user's message; the text chunks stay text chunks.
+    assert request.messages[-1]["content"] == [
+        {"type": "text", "text": "Retrieved image (source: red-square.png):"},
+        {"type": "image"},
+        {"type": "text", "text": "Show me the red square"},
+    ]
+    assert [c.metadata["file_id"] for c in request.retrieval.chunks] == [text_id]
+
+
+def test_retrieved_images_sit_between_earlier_and_last_message_images(serve):
+    client, engine = serve()
+    store = client.vector_stores.create(name="pictures")
+    attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))
+    blue, green = (20, 40, 220), (20, 200, 40)
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "first"}, data_url(blue)]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [data_url(green), {"type": "text", "text": "and the red square?"}]},
+    ]
+    _, info = ask(client, store.id, messages, top_k=1)
+    assert info["context_images"] == 1
+    (request,) = engine.seen
+    assert [image.getpixel((0, 0)) for image in request.images] == [blue, RED, green]  # the parts' order
+    kinds = [p["type"] for p in request.messages[-1]["content"]]
+    assert kinds == ["text", "image", "image", "text"]
+
+
+def test_image_limits_keep_the_best_hits(serve):
+    client, engine = serve(vector_stores={"max_retrieved_images": 2}, limits={"max_images_per_request": 3})
+    store = client.vector_stores.create(name="squares")
+    colors = {"red-square.png": RED, "blue-square.png": (20, 40, 220), "green-square.png": (20, 200, 40)}
+    for name, color in colors.items():
+        attach(client, store.id, name, png_bytes((8, 8), color))
+    _, info = ask(client, store.id, [{"role": "user", "content": "a square"}], top_k=3)
+    shown = [d for d in info["documents"] if d["image_dropped"] is None]
+    left_out = [d for d in info["documents"] if d["image_dropped"] is not None]
+    assert all(d["kind"] == "image" for d in info["documents"]) and info["context_images"] == 2
+    assert len(shown) == 2 and info["documents"][:2] == shown  # best first
+    assert len(left_out) == 1 and "vector_stores.max_retrieved_images" in left_out[0]["image_dropped"]
+    assert len(engine.seen[-1].images) == 2
+    # The request's own images count too: two of its own leave room for one retrieved.
+    own = [data_url((0, 0, 0)), data_url((255, 255, 255)), {"type": "text", "text": "a square"}]
+    _, info = ask(client, store.id, [{"role": "user", "content": own}], top_k=3)
+    assert info["context_images"] == 1 and len(engine.seen[-1].images) == 3
+    assert sum(d["image_dropped"] is not None for d in info["documents"]) == 2
+    assert all("limits.max_images_per_request" in d["image_dropped"] for d in info["documents"][1:])
+
+
+def test_a_text_only_model_gets_no_retrieved_image(serve):
+    client, engine = serve(model={"name": "smol-lm"})  # registered as text only
+    store = client.vector_stores.create(name="pictures")
+    attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))
+    attach(client, store.id, "trains.txt", TRAINS)
+    response, info = ask(client, store.id, [{"role": "user", "content": "Show me the red square"}])
+    assert response.choices[0].message.content  # answered, not refused
+    image_doc = next(d for d in info["documents"] if d["kind"] == "image")
+    assert "reads text only" in image_doc["image_dropped"] and info["context_images"] == 0
+    (request,) = engine.seen
+    assert request.images == [] and request.messages[-1]["content"] == "Show me the red square"
+    assert [c.metadata.get("kind") for c in request.retrieval.chunks] == [None]  # the text hit only
+
+
+def test_a_retrieved_image_over_the_pixel_limit_is_left_out(serve):
+    client, engine = serve(limits={"max_image_pixels": 32})  # the request's limits, not the file parser's
+    store = client.vector_stores.create(name="pictures")
+    attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))
+    _, info = ask(client, store.id, [{"role": "user", "content": "the red square"}], top_k=1)
+    (doc,) = info["documents"]
+    assert doc["kind"] == "image" and "more than the limit of 32" in doc["image_dropped"]
+    assert info["context_images"] == 0 and engine.seen[-1].images == []
+
+
+def test_new_attributes_rewrite_an_image_description(serve):
+    client, _ = serve()
+    store = client.vector_stores.create(name="pictures")
+    image_id = attach(
+        client, store.id, "IMG_0042.png", png_bytes(), {"description": "a lighthouse on a rocky coast at dusk"}
+    )
+    attach(client, store.id, "trains.txt", TRAINS)
+    hits = client.vector_stores.search(store.id, query="lighthouse by the sea").data
+    assert hits[0].file_id == image_id
+    client.vector_stores.files.update(file_id=image_id, vector_store_id=store.id, attributes={"description": "ramen"})
+    (hit,) = client.vector_stores.search(store.id, query="a bowl of ramen noodles", max_num_results=1).data
+    assert hit.file_id == image_id and "ramen" in hit.content[0].text and "lighthouse" not in hit.content[0].text
+
+
+def test_image_description_and_message_insertion():
+    assert image_description("myHolidayPhoto_2021.JPG", {"a": "sunny", "b": 3, "c": True, "d": " "}) == (
+        "Image: my Holiday Photo 2021 (myHolidayPhoto_2021.JPG)\na: sunny\nb: 3"
+    )
+    assert image_description("x.png", {}, "alt: a cat") == "Image: x (x.png)\nalt: a cat"
+    messages, at = insert_retrieved_images([{"role": "system", "content": "s"}, {"role": "user", "content": ""}], ["c"])
+    assert at == 0 and messages[1]["content"] == [{"type": "text", "text": "c"}, {"type": "image"}]
+    with pytest.raises(ValueError):
+        insert_retrieved_images([{"role": "system", "content": "s"}], ["c"])
