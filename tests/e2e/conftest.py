@@ -1,4 +1,5 @@
-"""One real server for the whole end-to-end session: `mmrag serve` (Ray Serve + vLLM + tiny LLaVA)."""
+"""Real servers shared by the end-to-end session: `mmrag serve` (Ray Serve + vLLM) on the tiny random LLaVA
+with the test configuration (plumbing), and, started on first use, the default server as a user gets it."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ def server_url(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def client(server_url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def default_client(tmp_path_factory) -> openai.OpenAI:
+    """``mmrag serve`` with no configuration at all: smol, text retrieval over the demo corpus, vector stores."""
+    work = tmp_path_factory.mktemp("default")
+    with running_server(cache_dir=work / "cache", log_path=work / "serve.log") as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -8,8 +8,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from mmrag.serving.server_process import running_server
-
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODEL = "smol"
@@ -25,10 +23,8 @@ DEMO_QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    work = tmp_path_factory.mktemp("smol")
-    with running_server(cache_dir=work / "cache", log_path=work / "serve.log") as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(default_client):
+    return default_client
 
 
 def _ask(client, question: str, **extra) -> openai.types.chat.ChatCompletion:

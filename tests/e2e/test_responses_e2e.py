@@ -8,7 +8,6 @@ from __future__ import annotations
 import openai
 import pytest
 
-from mmrag.serving.server_process import running_server
 from tests.responses.conftest import DOCS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -18,10 +17,8 @@ QUESTION = "When did the Harrowgate funicular open?"
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    work = tmp_path_factory.mktemp("responses-e2e")
-    with running_server(cache_dir=work / "cache", log_path=work / "serve.log") as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+def client(default_client):
+    return default_client  # the session's default server, shared with the other tests of it
 
 
 @pytest.fixture(scope="module")
