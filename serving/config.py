@@ -250,6 +250,11 @@ class ServerConfig(_Strict):
     api_key_file: str | None = Field(
         default=None, description="File with one accepted key per line (e.g. a mounted Kubernetes Secret)."
     )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer keys that are also accepted and see every vector store (not only their own), and "
+        "may share one with another key (`mmrag_shared_with` on POST /v1/vector_stores/{id}).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
     engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="vLLM's own log level (it is chatty at INFO)."
@@ -258,7 +263,7 @@ class ServerConfig(_Strict):
     def accepted_api_keys(self) -> list[str]:
         """Keys from the config, the key file and ``$MMRAG_API_KEYS`` (comma-separated), read when a
         replica starts (on Kubernetes, a Secret arrives as that variable or as the file)."""
-        keys = [key.get_secret_value() for key in self.api_keys]
+        keys = [key.get_secret_value() for key in [*self.api_keys, *self.admin_api_keys]]
         keys += [key.strip() for key in os.environ.get("MMRAG_API_KEYS", "").split(",") if key.strip()]
         if self.api_key_file:
             keys += [line.strip() for line in Path(self.api_key_file).read_text().splitlines() if line.strip()]

@@ -41,7 +41,7 @@ from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai import responses_protocol as rp
 from mmrag.serving.openai.protocol import ChatCompletionRequest, format_error_location
-from mmrag.serving.openai.vector_stores_api import documented
+from mmrag.serving.openai.vector_stores_api import documented, request_owners
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, PreparedChat, reject_lone_surrogates
 from mmrag.serving.retrieval.protocol import RetrievalInfo, query_text_from_messages
 from mmrag.serving.vector_stores.backend import backend_of
@@ -70,6 +70,7 @@ def responses_router(
     server mounts this router, so this module cannot import it.
     """
     vector_stores = backend_of(pipeline.backend)
+    owner_of = request_owners(config)
     router = APIRouter(tags=["responses"])
 
     @router.post("/v1/responses", openapi_extra=documented(rp.ResponsesRequest))
@@ -116,7 +117,8 @@ def responses_router(
             request = await pipeline.offload.run(parse_responses_body, body, config)
         names = ChatFieldNames(request)
         try:
-            prepared = await pipeline.prepare(chat_request(request, retrieval_options(request, vector_stores), config))
+            chat_req = chat_request(request, retrieval_options(request, vector_stores), config)
+            prepared = await pipeline.prepare(chat_req, owner=owner_of(http_request))
             deltas = pipeline.generate(prepared)
             first = await anext(deltas, None)  # raises before any byte is sent: a clean 4xx
             metrics.ttft.observe(time.perf_counter() - start)

@@ -39,7 +39,7 @@ from mmrag.serving.openai.edge import EdgeGuard
 from mmrag.serving.openai.files_api import files_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.responses_api import responses_router
-from mmrag.serving.openai.vector_stores_api import vector_stores_router
+from mmrag.serving.openai.vector_stores_api import request_owners, vector_stores_router
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def error_response(error: OpenAIError) -> JSONResponse:
 def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     app = FastAPI(title="mmrag", version="0.1.0")
     pipeline = ChatPipeline(config, backend)
+    owner_of = request_owners(config)  # the key's id: a keyed chat searches only its vector stores
     metrics = IngressMetrics()
     started = now()
     app.add_middleware(EdgeGuard, server=config.server, api_keys=config.server.accepted_api_keys())
@@ -129,7 +130,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             total_timeout_s=config.limits.body_read_timeout_s,
         )
         request = await pipeline.parse_off_loop(body)
-        prepared = await pipeline.prepare(request)
+        prepared = await pipeline.prepare(request, owner=owner_of(http_request))
         deltas = pipeline.generate(prepared)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)

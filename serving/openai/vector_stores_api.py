@@ -3,12 +3,16 @@
 HTTP only: bodies and query strings are validated here (a 400 naming the field), the work is done by the
 service where the Milvus connection lives (``serving/vector_stores/service.py``), reached through the
 backend. An in-progress file or batch carries ``openai-poll-after-ms``, the SDK's ``*_and_poll`` interval.
+
+With API keys configured every call carries the request's owner (its key id, never the key) to the service,
+which answers only with that key's stores (``serving/vector_stores/access.py``); without keys, ``None``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -17,8 +21,10 @@ from pydantic import BaseModel, ValidationError
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
+from mmrag.serving.openai.files_api import key_owner
 from mmrag.serving.openai.protocol import format_error_location
 from mmrag.serving.vector_stores import protocol as p
+from mmrag.serving.vector_stores.access import key_id
 from mmrag.serving.vector_stores.backend import LocalVectorStoreBackend, Method, VectorStoreBackend, backend_of
 
 logger = logging.getLogger(__name__)
@@ -35,10 +41,12 @@ def vector_stores_router(
     backend = backend or backend_of(chat_backend) or LocalVectorStoreBackend(None)
     poll_ms = str(config.vector_stores.poll_after_ms)
     router = APIRouter(prefix="/v1/vector_stores", tags=["vector_stores"])
+    owner_of = request_owners(config)
+    key_ids = {key_id(key) for key in config.server.accepted_api_keys()}
 
-    async def call(method: Method, **kwargs: Any) -> Any:
+    async def call(method: Method, request: Request, **kwargs: Any) -> Any:
         try:
-            return await backend.call(method, **kwargs)
+            return await backend.call(method, owner=owner_of(request), **kwargs)
         except OpenAIError:
             raise
         except Exception as exc:
@@ -51,71 +59,84 @@ def vector_stores_router(
 
     @router.post("", openapi_extra=documented(p.CreateStore))
     async def create_store(request: Request) -> JSONResponse:
-        return JSONResponse(await call("create_store", body=await parse(request, p.CreateStore)))
+        return JSONResponse(await call("create_store", request, body=await parse(request, p.CreateStore)))
 
     @router.get("")
     async def list_stores(request: Request) -> JSONResponse:
-        return JSONResponse(await call("list_stores", query=list_query(request, statuses=False)))
+        return JSONResponse(await call("list_stores", request, query=list_query(request, statuses=False)))
 
     @router.get("/{store_id}")
-    async def get_store(store_id: str) -> JSONResponse:
-        return JSONResponse(await call("get_store", store_id=store_id))
+    async def get_store(store_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await call("get_store", request, store_id=store_id))
 
     @router.post("/{store_id}", openapi_extra=documented(p.UpdateStore))
     async def update_store(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.UpdateStore)
-        return JSONResponse(await call("update_store", store_id=store_id, body=body))
+        for i, shared in enumerate(body.mmrag_shared_with or []):
+            if shared not in key_ids:  # a typo would share with nobody, silently
+                raise InvalidRequestError(
+                    f"mmrag_shared_with[{i}]: not the key id of an API key of this server",
+                    param=f"mmrag_shared_with[{i}]",
+                )
+        return JSONResponse(await call("update_store", request, store_id=store_id, body=body))
 
     @router.delete("/{store_id}")
-    async def delete_store(store_id: str) -> JSONResponse:
-        return JSONResponse(await call("delete_store", store_id=store_id))
+    async def delete_store(store_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await call("delete_store", request, store_id=store_id))
 
     @router.post("/{store_id}/files", openapi_extra=documented(p.AttachFile))
     async def attach_file(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.AttachFile)
-        return polled(await call("attach_file", store_id=store_id, body=body))
+        return polled(await call("attach_file", request, store_id=store_id, body=body))
 
     @router.get("/{store_id}/files")
     async def list_files(store_id: str, request: Request) -> JSONResponse:
-        return JSONResponse(await call("list_files", store_id=store_id, query=list_query(request)))
+        return JSONResponse(await call("list_files", request, store_id=store_id, query=list_query(request)))
 
     @router.get("/{store_id}/files/{file_id}")
-    async def get_file(store_id: str, file_id: str) -> JSONResponse:
-        return polled(await call("get_file", store_id=store_id, file_id=file_id))
+    async def get_file(store_id: str, file_id: str, request: Request) -> JSONResponse:
+        return polled(await call("get_file", request, store_id=store_id, file_id=file_id))
 
     @router.get("/{store_id}/files/{file_id}/content")
-    async def file_content(store_id: str, file_id: str) -> JSONResponse:
-        return JSONResponse(await call("file_content", store_id=store_id, file_id=file_id))
+    async def file_content(store_id: str, file_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await call("file_content", request, store_id=store_id, file_id=file_id))
 
     @router.post("/{store_id}/files/{file_id}", openapi_extra=documented(p.UpdateFile))
     async def update_file(store_id: str, file_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.UpdateFile)
-        return JSONResponse(await call("update_file", store_id=store_id, file_id=file_id, body=body))
+        return JSONResponse(await call("update_file", request, store_id=store_id, file_id=file_id, body=body))
 
     @router.delete("/{store_id}/files/{file_id}")
-    async def delete_file(store_id: str, file_id: str) -> JSONResponse:
-        return JSONResponse(await call("delete_file", store_id=store_id, file_id=file_id))
+    async def delete_file(store_id: str, file_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await call("delete_file", request, store_id=store_id, file_id=file_id))
 
     @router.post("/{store_id}/file_batches", openapi_extra=documented(p.CreateBatch))
     async def create_batch(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.CreateBatch)
-        return polled(await call("create_batch", store_id=store_id, body=body))
+        return polled(await call("create_batch", request, store_id=store_id, body=body))
 
     @router.get("/{store_id}/file_batches/{batch_id}")
-    async def get_batch(store_id: str, batch_id: str) -> JSONResponse:
-        return polled(await call("get_batch", store_id=store_id, batch_id=batch_id))
+    async def get_batch(store_id: str, batch_id: str, request: Request) -> JSONResponse:
+        return polled(await call("get_batch", request, store_id=store_id, batch_id=batch_id))
 
     @router.get("/{store_id}/file_batches/{batch_id}/files")
     async def list_batch_files(store_id: str, batch_id: str, request: Request) -> JSONResponse:
         query = list_query(request)
-        return JSONResponse(await call("list_files", store_id=store_id, query=query, batch_id=batch_id))
+        return JSONResponse(await call("list_files", request, store_id=store_id, query=query, batch_id=batch_id))
 
     @router.post("/{store_id}/search", openapi_extra=documented(p.Search))
     async def search(store_id: str, request: Request) -> JSONResponse:
         body = await parse(request, p.Search)
-        return JSONResponse(await call("search", store_id=store_id, body=body))
+        return JSONResponse(await call("search", request, store_id=store_id, body=body))
 
     return router
+
+
+def request_owners(config: MmragConfig) -> Callable[[Request], str | None]:
+    """A request's owner: its key's id on a server with API keys (as the Files API scopes files), else None."""
+    if not config.server.accepted_api_keys():
+        return lambda _request: None
+    return key_owner
 
 
 async def parse(request: Request, model: type[Model]) -> Model:

@@ -78,17 +78,20 @@ class RetrievalStage:
             options = RetrievalOptions.model_validate(options or {})
         scope = None
         if options.vector_store_ids and options.mode != "none":
-            scope = await asyncio.to_thread(self._vector_store_scope, options.vector_store_ids)
+            from mmrag.serving.vector_stores.access import owner_of
+
+            # The key's id, which the ingress put on the options (OwnedRetrievalOptions): its stores only.
+            scope = await asyncio.to_thread(self._vector_store_scope, options.vector_store_ids, owner_of(options))
         return await self.core.retrieve(options, query_text, scope=scope)
 
-    def _vector_store_scope(self, store_ids: list[str]) -> tuple[str, str]:
+    def _vector_store_scope(self, store_ids: list[str], owner: str | None = None) -> tuple[str, str]:
         service = self.vector_stores
         if service is None:
             raise InvalidRequestError(
                 "vector stores are not enabled on this server (vector_stores.enabled, one retriever replica)",
                 param="retrieval.vector_store_ids",
             )
-        return service.chat_scope(list(dict.fromkeys(store_ids)))
+        return service.chat_scope(list(dict.fromkeys(store_ids)), owner=owner)
 
     async def check_health(self) -> None:
         """Unhealthy only when an embedded Milvus Lite stops answering (a restart reopens it); a remote

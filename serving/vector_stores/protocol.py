@@ -75,10 +75,19 @@ class CreateStore(_Strict):
     _pairs = field_validator("metadata")(_bounded_pairs)
 
 
+KeyId = Annotated[str, StringConstraints(pattern=r"^key-[0-9a-f]{32}$")]  # access.key_id of an API key
+
+
 class UpdateStore(_Strict):
     name: str | None = Field(default=None, max_length=256)
     expires_after: ExpiresAfter | None = None
     metadata: Metadata | None = None
+    mmrag_shared_with: list[KeyId] | None = Field(
+        default=None,
+        max_length=1000,
+        description="mmrag's extension, admin keys only: the key ids (`key-` and the first 32 hex digits of the "
+        "key's SHA-256) that may read and search this store besides its owner; the whole list, [] or null: none.",
+    )
 
     _pairs = field_validator("metadata")(_bounded_pairs)
 

@@ -33,7 +33,13 @@ CREATE TABLE IF NOT EXISTS stores (
     description TEXT,
     metadata TEXT NOT NULL,
     expires_after TEXT,
-    removed INTEGER NOT NULL DEFAULT 0  -- deleted through the API; its chunks may still be in Milvus
+    removed INTEGER NOT NULL DEFAULT 0,  -- deleted through the API; its chunks may still be in Milvus
+    owner TEXT  -- the creating key's id (access.py); NULL: made without API keys
+);
+CREATE TABLE IF NOT EXISTS shares (  -- the keys an admin shared a store with, read only (access.py)
+    vector_store_id TEXT NOT NULL REFERENCES stores(id) ON DELETE CASCADE,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (vector_store_id, owner)
 );
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,7 +64,11 @@ CREATE TABLE IF NOT EXISTS batches (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id);
+CREATE INDEX IF NOT EXISTS shares_by_owner ON shares (owner);
 """
+# Columns added since the first release, with their definitions: an older file gains them when opened.
+_ADDED_COLUMNS = {"stores": {"owner": "TEXT"}}
+_INDEXES_ON_ADDED = "CREATE INDEX IF NOT EXISTS stores_by_owner ON stores (owner);"
 _JSON_COLUMNS = ("metadata", "expires_after", "last_error", "attributes", "chunking")
 
 
@@ -74,8 +84,20 @@ class Records:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate()
 
         self._owner_fd: int | None = None
+
+    def _migrate(self) -> None:
+        """Add what an older records file lacks, in one write transaction (two processes opening the same old
+        file: the second finds the columns there)."""
+        with self.transaction() as db:
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, definition in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+            db.execute(_INDEXES_ON_ADDED)
 
     def try_own(self) -> bool:
         """Take the records' writer lock (``<file>.lock``, held until :meth:`close` or the process ends): one

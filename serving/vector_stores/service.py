@@ -52,6 +52,7 @@ from mmrag.serving.retrieval.errors import InvalidFilterError, RetrievalError
 from mmrag.serving.retrieval.retriever import Retriever
 from mmrag.serving.retrieval.store import MilvusStore, quote_string
 from mmrag.serving.vector_stores import protocol as p
+from mmrag.serving.vector_stores.access import Access, PermissionDeniedError
 from mmrag.serving.vector_stores.filters import FilterError, to_milvus
 from mmrag.serving.vector_stores.records import Records, encode, now
 from mmrag.serving.vector_stores.sources import FileSource, UnreadableFile
@@ -74,6 +75,7 @@ class VectorStoreService:
         self.core = retriever
         self.collection = self.config.collection
         self.records = Records(self.config.resolved_records_path(config.retrieval))
+        self.access = Access(key.get_secret_value() for key in config.server.admin_api_keys)
         self.files = files or FileSource(config)
         self._pool = ThreadPoolExecutor(self.config.ingest_workers, thread_name_prefix="vector-store-ingest")
         self._running: set[tuple[str, str]] = set()  # (store, file) with a job queued or running here
@@ -96,16 +98,17 @@ class VectorStoreService:
 
     # -- stores ----------------------------------------------------------------------------------
 
-    def create_store(self, body: p.CreateStore) -> dict[str, Any]:
+    def create_store(self, body: p.CreateStore, owner: str | None = None) -> dict[str, Any]:
+        """A new store owned by ``owner`` (the request's key id; None on a server without keys)."""
         self._writable()
         self._sweep()
         for i, file_id in enumerate(body.file_ids or []):  # every file exists, or no store is made
-            self._filename(file_id, param=f"file_ids[{i}]")
+            self._filename(file_id, param=f"file_ids[{i}]", owner=owner)
         store_id = f"vs_{secrets.token_hex(12)}"
         created = now()
         self.records.execute(
-            "INSERT INTO stores (id, created_at, last_active_at, name, description, metadata, expires_after) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO stores (id, created_at, last_active_at, name, description, metadata, expires_after, owner) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             store_id,
             created,
             created,
@@ -113,23 +116,27 @@ class VectorStoreService:
             body.description,
             encode(body.metadata or {}),
             encode(body.expires_after.model_dump() if body.expires_after else None),
+            owner,
         )
         for file_id in dict.fromkeys(body.file_ids or []):
             self._attach(store_id, p.AttachFile(file_id=file_id, chunking_strategy=body.chunking_strategy))
-        return self.get_store(store_id)
+        return self.get_store(store_id, owner=owner)
 
-    def list_stores(self, query: p.ListQuery) -> dict[str, Any]:
+    def list_stores(self, query: p.ListQuery, owner: str | None = None) -> dict[str, Any]:
         self._sweep()
-        rows, more = self._page("stores", "removed = 0", (), query)
-        return p.list_page([self._store_object(r) for r in rows], more)
+        visible, args = self.access.visible(owner)
+        rows, more = self._page("stores", f"removed = 0 AND {visible}", args, query)
+        return p.list_page([self._store_object(r, owner) for r in rows], more)
 
-    def get_store(self, store_id: str) -> dict[str, Any]:
-        return self._store_object(self._store_row(store_id))
+    def get_store(self, store_id: str, owner: str | None = None) -> dict[str, Any]:
+        return self._store_object(self._store_row(store_id, owner=owner), owner)
 
-    def update_store(self, store_id: str, body: p.UpdateStore) -> dict[str, Any]:
+    def update_store(self, store_id: str, body: p.UpdateStore, owner: str | None = None) -> dict[str, Any]:
         self._writable()
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner, write=True)
         fields = body.model_fields_set
+        if "mmrag_shared_with" in fields:
+            self._may_share(owner)
         with self.records.transaction() as db:
             if "name" in fields:
                 db.execute("UPDATE stores SET name = ? WHERE id = ?", (body.name, store_id))
@@ -138,11 +145,15 @@ class VectorStoreService:
             if "expires_after" in fields:
                 expires = encode(body.expires_after.model_dump() if body.expires_after else None)
                 db.execute("UPDATE stores SET expires_after = ? WHERE id = ?", (expires, store_id))
-        return self.get_store(store_id)
+            if "mmrag_shared_with" in fields:  # the whole list, as metadata is replaced whole
+                db.execute("DELETE FROM shares WHERE vector_store_id = ?", (store_id,))
+                for key in dict.fromkeys(body.mmrag_shared_with or []):
+                    db.execute("INSERT INTO shares (vector_store_id, owner) VALUES (?, ?)", (store_id, key))
+        return self.get_store(store_id, owner=owner)
 
-    def delete_store(self, store_id: str) -> dict[str, Any]:
+    def delete_store(self, store_id: str, owner: str | None = None) -> dict[str, Any]:
         self._writable()
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner, write=True)
         with self.records.transaction() as db:
             db.execute("UPDATE stores SET removed = 1 WHERE id = ?", (store_id,))
             db.execute("UPDATE files SET removed = 1 WHERE vector_store_id = ?", (store_id,))
@@ -151,14 +162,17 @@ class VectorStoreService:
 
     # -- files -----------------------------------------------------------------------------------
 
-    def attach_file(self, store_id: str, body: p.AttachFile) -> dict[str, Any]:
+    def attach_file(self, store_id: str, body: p.AttachFile, owner: str | None = None) -> dict[str, Any]:
         self._writable()
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner, write=True)
+        self._filename(body.file_id, owner=owner)  # a key attaches only its own uploads
         self._attach(store_id, body)
-        return self.get_file(store_id, body.file_id)
+        return self.get_file(store_id, body.file_id, owner=owner)
 
-    def list_files(self, store_id: str, query: p.ListQuery, batch_id: str | None = None) -> dict[str, Any]:
-        self._store_row(store_id)
+    def list_files(
+        self, store_id: str, query: p.ListQuery, batch_id: str | None = None, owner: str | None = None
+    ) -> dict[str, Any]:
+        self._store_row(store_id, owner=owner)
         where, args = "vector_store_id = ? AND removed = 0", [store_id]
         if batch_id is not None:
             self._batch_row(store_id, batch_id)
@@ -168,13 +182,13 @@ class VectorStoreService:
         rows, more = self._page("files", where, tuple(args), query, id_column="file_id")
         return p.list_page([_file_object(r) for r in rows], more)
 
-    def get_file(self, store_id: str, file_id: str) -> dict[str, Any]:
-        self._store_row(store_id)
+    def get_file(self, store_id: str, file_id: str, owner: str | None = None) -> dict[str, Any]:
+        self._store_row(store_id, owner=owner)
         return _file_object(self._file_row(store_id, file_id))
 
-    def file_content(self, store_id: str, file_id: str) -> dict[str, Any]:
+    def file_content(self, store_id: str, file_id: str, owner: str | None = None) -> dict[str, Any]:
         """The indexed chunks of a completed file, in order (none for a file that is not completed)."""
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner)
         row = self._file_row(store_id, file_id)
         texts: list[str] = []
         if row["status"] == "completed":
@@ -193,10 +207,10 @@ class VectorStoreService:
             "next_page": None,
         }
 
-    def update_file(self, store_id: str, file_id: str, body: p.UpdateFile) -> dict[str, Any]:
+    def update_file(self, store_id: str, file_id: str, body: p.UpdateFile, owner: str | None = None) -> dict[str, Any]:
         """New attributes: the records at once, the chunks (which filters read) rewritten in Milvus."""
         self._writable()
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner, write=True)
         row = self._file_row(store_id, file_id)
         if row["status"] == "in_progress":
             raise InvalidRequestError(
@@ -232,11 +246,11 @@ class VectorStoreService:
             store_id,
             file_id,
         )
-        return self.get_file(store_id, file_id)
+        return self.get_file(store_id, file_id, owner=owner)
 
-    def delete_file(self, store_id: str, file_id: str) -> dict[str, Any]:
+    def delete_file(self, store_id: str, file_id: str, owner: str | None = None) -> dict[str, Any]:
         self._writable()
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner, write=True)
         self._file_row(store_id, file_id)
         self.records.execute(
             "UPDATE files SET removed = 1 WHERE vector_store_id = ? AND file_id = ?", store_id, file_id
@@ -246,26 +260,27 @@ class VectorStoreService:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def create_batch(self, store_id: str, body: p.CreateBatch) -> dict[str, Any]:
+    def create_batch(self, store_id: str, body: p.CreateBatch, owner: str | None = None) -> dict[str, Any]:
         self._writable()
-        self._store_row(store_id)
+        self._store_row(store_id, owner=owner, write=True)
         attachments = body.attachments()
         if len(attachments) > self.config.max_files_per_batch:
             raise InvalidRequestError(
                 f"at most {self.config.max_files_per_batch} files per batch", param="file_ids", code="too_many_files"
             )
         for i, attachment in enumerate(attachments):  # every file exists, or nothing is attached
-            self._filename(attachment.file_id, param=f"files[{i}].file_id" if body.files else f"file_ids[{i}]")
+            param = f"files[{i}].file_id" if body.files else f"file_ids[{i}]"
+            self._filename(attachment.file_id, param=param, owner=owner)
         batch_id = f"vsfb_{secrets.token_hex(12)}"
         self.records.execute(
             "INSERT INTO batches (id, vector_store_id, created_at) VALUES (?, ?, ?)", batch_id, store_id, now()
         )
         for attachment in attachments:
             self._attach(store_id, attachment, batch_id)
-        return self.get_batch(store_id, batch_id)
+        return self.get_batch(store_id, batch_id, owner=owner)
 
-    def get_batch(self, store_id: str, batch_id: str) -> dict[str, Any]:
-        self._store_row(store_id)
+    def get_batch(self, store_id: str, batch_id: str, owner: str | None = None) -> dict[str, Any]:
+        self._store_row(store_id, owner=owner)
         batch = self._batch_row(store_id, batch_id)
         counts = self._counts("batch_id = ?", batch_id)
         return {
@@ -279,8 +294,8 @@ class VectorStoreService:
 
     # -- search ----------------------------------------------------------------------------------
 
-    def search(self, store_id: str, body: p.Search) -> dict[str, Any]:
-        self._store_row(store_id)
+    def search(self, store_id: str, body: p.Search, owner: str | None = None) -> dict[str, Any]:
+        self._store_row(store_id, owner=owner)
         try:
             attribute_filter = to_milvus(body.filters) if body.filters is not None else None
         except FilterError as exc:
@@ -342,15 +357,16 @@ class VectorStoreService:
             expression += f" and not (file_id in [{skipped}])"
         return expression
 
-    def chat_scope(self, store_ids: list[str]) -> tuple[str, str]:
-        """(collection, filter) for a chat request's ``retrieval.vector_store_ids``; 404 for an unknown store."""
+    def chat_scope(self, store_ids: list[str], owner: str | None = None) -> tuple[str, str]:
+        """(collection, filter) for a chat request's ``retrieval.vector_store_ids``; 404 for an unknown store
+        (or one ``owner`` may not read)."""
         if len(store_ids) > self.config.max_stores_per_search:
             raise InvalidRequestError(
                 f"at most {self.config.max_stores_per_search} vector stores per request",
                 param="retrieval.vector_store_ids",
             )
         for store_id in store_ids:
-            self._store_row(store_id, param="retrieval.vector_store_ids")
+            self._store_row(store_id, param="retrieval.vector_store_ids", owner=owner)
         self._ensure_collection()
         self._touch(store_ids)
         return self.collection, self.scope_filter(store_ids)
@@ -551,19 +567,45 @@ class VectorStoreService:
         overlap = strategy.static.chunk_overlap_tokens * size // strategy.static.max_chunk_size_tokens
         return size, min(overlap, size // 2)
 
-    def _filename(self, file_id: str, param: str = "file_id") -> str:
+    def _filename(self, file_id: str, param: str = "file_id", owner: str | None = None) -> str:
+        """The file's name; a 404 naming ``param`` for a missing file, or another key's (``owner`` a key id)."""
         try:
-            return self.files.filename(file_id)
+            return self.files.filename(file_id, owner=self.access.file_owner(owner))
         except NotFoundError as exc:
             raise NotFoundError(f"No such File object: {clip(file_id)}", param=param, code="file_not_found") from exc
 
-    def _store_row(self, store_id: str, param: str = "vector_store_id") -> dict[str, Any]:
-        row = self.records.one("SELECT * FROM stores WHERE id = ? AND removed = 0", store_id)
+    def _store_row(
+        self, store_id: str, param: str = "vector_store_id", owner: str | None = None, write: bool = False
+    ) -> dict[str, Any]:
+        """The store ``owner`` may read (``write``: change); another key's is as missing as an unknown id."""
+        visible, args = self.access.visible(owner)
+        row = self.records.one(f"SELECT * FROM stores WHERE id = ? AND removed = 0 AND {visible}", store_id, *args)
         if row is None:
             raise NotFoundError(
                 f"No vector store found with id {clip(store_id)}", param=param, code="vector_store_not_found"
             )
+        if write and not self.access.unscoped(owner) and row["owner"] != owner:
+            raise PermissionDeniedError(
+                "this vector store is shared with your key to read and search; only its owner or an admin key "
+                "may change it",
+                param=param,
+                code="vector_store_read_only",
+            )
         return row
+
+    def _may_share(self, owner: str | None) -> None:
+        if owner is None:
+            raise InvalidRequestError(
+                "mmrag_shared_with: stores are shared between API keys, and this server has none "
+                "(server.api_keys, server.admin_api_keys)",
+                param="mmrag_shared_with",
+            )
+        if owner not in self.access.admins:
+            raise PermissionDeniedError(
+                "mmrag_shared_with: only an admin key (server.admin_api_keys) may share a store",
+                param="mmrag_shared_with",
+                code="admin_only",
+            )
 
     def _file_row(self, store_id: str, file_id: str) -> dict[str, Any]:
         row = self.records.one(
@@ -591,12 +633,17 @@ class VectorStoreService:
         counts |= {r["status"]: r["n"] for r in rows}
         return counts | {"total": sum(counts.values())}
 
-    def _store_object(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _store_object(self, row: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         counts = self._counts("vector_store_id = ?", row["id"])
         usage = self.records.one(
             "SELECT COALESCE(SUM(usage_bytes), 0) AS n FROM files WHERE vector_store_id = ? AND removed = 0", row["id"]
         )
         expires = row["expires_after"]
+        if owner is not None and owner in self.access.admins:  # who owns and shares it: an admin's to manage
+            shares = self.records.all("SELECT owner FROM shares WHERE vector_store_id = ? ORDER BY owner", row["id"])
+            extension = {"mmrag_owner": row["owner"], "mmrag_shared_with": [s["owner"] for s in shares]}
+        else:
+            extension = {}
         return {
             "id": row["id"],
             "object": "vector_store",
@@ -610,6 +657,7 @@ class VectorStoreService:
             "file_counts": counts,
             "expires_after": expires,
             "expires_at": row["last_active_at"] + 86400 * expires["days"] if expires else None,
+            **extension,
         }
 
     def _page(

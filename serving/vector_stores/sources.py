@@ -36,9 +36,10 @@ class FileSource:
         self.files_config = getattr(config, "files", None) or FilesConfig()
         self.store = FileStore(self.files_config)
 
-    def filename(self, file_id: str) -> str:
-        """The file's name; raises the Files API's 404 (``NotFoundError`` naming ``file_id``)."""
-        return self.store.get(file_id).filename
+    def filename(self, file_id: str, owner: str | None = None) -> str:
+        """The file's name; raises the Files API's 404 (``NotFoundError`` naming ``file_id``), also for a file
+        another key uploaded (``owner``: a key id; None: any file)."""
+        return self.store.get(file_id, owner=owner).filename
 
     def sections(self, file_id: str) -> list[TextSection]:
         """The file's text sections; an image is indexed by the text that names it (its file name for now)."""
