@@ -151,7 +151,8 @@ class ChatPipeline:
             compression=compression_settings(request.compression, self.config.compression),
         )
         generation.retrieval = await self._retrieve(request, generation, owner)
-        if generation.retrieval is not None and generation.retrieval.chunks:
+        stores = request.retrieval.vector_store_ids if request.retrieval is not None else None
+        if stores and generation.retrieval is not None and generation.retrieval.chunks:  # image files: stores only
             await self._show_retrieved_images(generation)
         return PreparedChat(completion_id, request, generation)
 

@@ -5,7 +5,9 @@ Milvus Lite, the real `openai` SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 from pathlib import Path
 
 import openai
@@ -183,3 +185,38 @@ def test_image_description_and_message_insertion():
     assert at == 0 and messages[1]["content"] == [{"type": "text", "text": "c"}, {"type": "image"}]
     with pytest.raises(ValueError):
         insert_retrieved_images([{"role": "system", "content": "s"}], ["c"])
+
+
+class OneImageHit:
+    """A retriever that finds one image document whose file is not in the Files API's store."""
+
+    async def retrieve(self, options, query_text):
+        from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult, RetrievedChunk, RetrievedDocument
+
+        metadata = {"kind": "image", "file_id": "file-0123456789abcdef01234567", "filename": "gone.png"}
+        chunk = RetrievedChunk(id="c1", score=0.9, text="Image: gone (gone.png)", source="gone.png", metadata=metadata)
+        document = RetrievedDocument(id="c1", score=0.9, source="gone.png", file_id=metadata["file_id"])
+        return RetrievalResult(chunks=[chunk], info=RetrievalInfo(mode="text", documents=[document]))
+
+
+def test_image_hits_only_from_vector_stores_and_a_missing_file_is_left_out(tmp_path):
+    from mmrag.serving.pipeline import ChatPipeline, parse_chat_body
+    from tests.fake_engine import FakeEngine
+
+    config = MmragConfig.model_validate({"files": {"directory": str(tmp_path / "files")}})
+    pipeline = ChatPipeline(config, LocalBackend(FakeEngine(config), OneImageHit()))
+
+    def body(retrieval: dict) -> bytes:
+        messages = [{"role": "user", "content": "the gone square"}]
+        return json.dumps({"model": config.model.served_name, "messages": messages, "retrieval": retrieval}).encode()
+
+    # A collection's chunk is text, whatever its metadata says: only vector-store files are image documents.
+    prepared = asyncio.run(pipeline.prepare(parse_chat_body(body({"mode": "text"}))))
+    assert [c.id for c in prepared.generation.retrieval.chunks] == ["c1"] and prepared.generation.images == []
+    assert prepared.generation.retrieval.info.documents[0].kind == "text"
+    # From a store: an image hit, left out (not an error) because its file is gone.
+    prepared = asyncio.run(pipeline.prepare(parse_chat_body(body({"vector_store_ids": ["vs_1"]}))))
+    (document,) = prepared.generation.retrieval.info.documents
+    assert (document.kind, document.image_dropped) == ("image", "the file no longer exists")
+    assert prepared.generation.retrieval.chunks == [] and prepared.generation.images == []
+    assert prepared.generation.retrieval.info.context_images == 0
