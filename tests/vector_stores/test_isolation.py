@@ -146,6 +146,10 @@ def test_chat_and_responses_with_another_keys_store_are_404s(alice, bob):
         lambda: bob.chat.completions.create(model=MODEL, messages=QUESTION, extra_body=retrieval, stream=True)
     )
     assert (status, body["param"]) == (404, "retrieval.vector_store_ids")
+    # The owner is the ingress's to set: a client naming one is refused, whatever it names.
+    spoofed = {"retrieval": {"vector_store_ids": [store_id], "owner": key_id(ALICE)}}
+    status, body = refusal(lambda: bob.chat.completions.create(model=MODEL, messages=QUESTION, extra_body=spoofed))
+    assert (status, body["param"]) == (400, "retrieval.owner"), body
     tools = [{"type": "file_search", "vector_store_ids": [store_id]}]
     assert alice.responses.create(model=MODEL, input="Which bird nests in reed beds?", tools=tools).output_text
     status, body = refusal(lambda: bob.responses.create(model=MODEL, input="Which bird?", tools=tools))
