@@ -78,10 +78,10 @@ class RetrievalStage:
             options = RetrievalOptions.model_validate(options or {})
         scope = None
         if options.vector_store_ids and options.mode != "none":
-            from mmrag.serving.vector_stores.access import owner_of
+            from mmrag.serving.vector_stores.access import options_owner
 
             # The key's id, which the ingress put on the options (OwnedRetrievalOptions): its stores only.
-            scope = await asyncio.to_thread(self._vector_store_scope, options.vector_store_ids, owner_of(options))
+            scope = await asyncio.to_thread(self._vector_store_scope, options.vector_store_ids, options_owner(options))
         return await self.core.retrieve(options, query_text, scope=scope)
 
     def _vector_store_scope(self, store_ids: list[str], owner: str | None = None) -> tuple[str, str]:

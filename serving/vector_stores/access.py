@@ -53,10 +53,6 @@ class Access:
             return "1", ()
         return "(owner = ? OR id IN (SELECT vector_store_id FROM shares WHERE owner = ?))", (owner, owner)
 
-    def writable(self, owner: str | None) -> tuple[str, tuple[Any, ...]]:
-        """A SQL condition on ``stores`` for the stores ``owner`` may change (shared ones are read only)."""
-        return ("1", ()) if self.unscoped(owner) else ("owner = ?", (owner,))
-
 
 class OwnedRetrievalOptions(RetrievalOptions):
     """A chat request's ``retrieval`` with the owner of its key, as the ingress passes it to the retriever:
@@ -72,5 +68,6 @@ def with_owner(options: RetrievalOptions | None, owner: str | None) -> Retrieval
     return OwnedRetrievalOptions.model_validate({**options.model_dump(exclude_unset=True), "owner": owner})
 
 
-def owner_of(options: Any) -> str | None:
+def options_owner(options: Any) -> str | None:
+    """The key id the ingress put on a chat's retrieval options; None: an open server or an internal caller."""
     return options.owner if isinstance(options, OwnedRetrievalOptions) else None

@@ -66,9 +66,10 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS files_by_batch ON files (batch_id);
 CREATE INDEX IF NOT EXISTS shares_by_owner ON shares (owner);
 """
-# Columns added since the first release, with their definitions: an older file gains them when opened.
+# Columns added since the first release, with their definitions: an older file gains them when opened,
+# then the indexes over them.
 _ADDED_COLUMNS = {"stores": {"owner": "TEXT"}}
-_INDEXES_ON_ADDED = "CREATE INDEX IF NOT EXISTS stores_by_owner ON stores (owner);"
+_ADDED_INDEXES = {"stores_by_owner": "CREATE INDEX IF NOT EXISTS stores_by_owner ON stores (owner)"}
 _JSON_COLUMNS = ("metadata", "expires_after", "last_error", "attributes", "chunking")
 
 
@@ -89,15 +90,24 @@ class Records:
         self._owner_fd: int | None = None
 
     def _migrate(self) -> None:
-        """Add what an older records file lacks, in one write transaction (two processes opening the same old
-        file: the second finds the columns there)."""
-        with self.transaction() as db:
+        """Add what an older records file lacks, in one write transaction, taken only when something is
+        missing (a reader opening an up-to-date file writes nothing; of two processes opening an old one, the
+        second finds it done)."""
+
+        def missing(db: sqlite3.Connection) -> list[str]:
+            statements = []
             for table, columns in _ADDED_COLUMNS.items():
                 have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
-                for name, definition in columns.items():
-                    if name not in have:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
-            db.execute(_INDEXES_ON_ADDED)
+                statements += [f"ALTER TABLE {table} ADD COLUMN {c} {d}" for c, d in columns.items() if c not in have]
+            indexes = {row["name"] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            return statements + [sql for name, sql in _ADDED_INDEXES.items() if name not in indexes]
+
+        with self._lock:
+            if not missing(self._db):
+                return
+        with self.transaction() as db:
+            for statement in missing(db):
+                db.execute(statement)
 
     def try_own(self) -> bool:
         """Take the records' writer lock (``<file>.lock``, held until :meth:`close` or the process ends): one

@@ -253,6 +253,8 @@ def test_a_records_file_from_before_owners_opens_and_its_stores_are_the_admins(c
     records.close()
     records = Records(path)
     assert records.one("SELECT name, owner FROM stores WHERE id = 'vs_old'") == {"name": "from before", "owner": None}
+    assert records.one("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'stores_by_owner'")
+    assert records.all("SELECT * FROM shares") == []  # the new table too
     records.close()
     config = MmragConfig.model_validate(keyed(config).model_dump())
     with TestClient(create_app(config, LocalBackend(RetrievalEchoEngine(config), make_stage(config)))) as http:
