@@ -209,6 +209,7 @@ class ChatPipeline:
         if not hits:
             return
         result.chunks = [c for c in result.chunks if c.metadata.get("kind") != "image"]
+        result.image_chunks = hits
         documents = {d.id: d for d in result.info.documents}
         for hit in hits:
             if hit.id in documents:

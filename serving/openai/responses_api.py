@@ -43,7 +43,12 @@ from mmrag.serving.openai import responses_protocol as rp
 from mmrag.serving.openai.protocol import ChatCompletionRequest, format_error_location
 from mmrag.serving.openai.vector_stores_api import documented, request_owners
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, PreparedChat, reject_lone_surrogates
-from mmrag.serving.retrieval.protocol import RetrievalInfo, query_text_from_messages
+from mmrag.serving.retrieval.protocol import (
+    RetrievalInfo,
+    RetrievalResult,
+    RetrievedChunk,
+    query_text_from_messages,
+)
 from mmrag.serving.vector_stores.backend import backend_of
 from mmrag.serving.vector_stores.filters import FilterError, to_milvus
 
@@ -235,6 +240,14 @@ class ChatFieldNames:
         return exc
 
 
+def ranked_chunks(retrieval: RetrievalResult | None) -> list[RetrievedChunk]:
+    """Every hit, text chunks and image hits (moved out of the text chunks), in the search's order."""
+    if retrieval is None:
+        return []
+    rank = {document.id: i for i, document in enumerate(retrieval.info.documents)}
+    return sorted([*retrieval.chunks, *retrieval.image_chunks], key=lambda chunk: rank.get(chunk.id, len(rank)))
+
+
 class ResponseBuilder:
     """The response's output items, filled from the prepared chat and the engine's deltas."""
 
@@ -274,7 +287,7 @@ class ResponseBuilder:
                     text=chunk.text,
                     attributes=chunk.metadata.get("attributes") or {},
                 )
-                for chunk in (retrieval.chunks if retrieval is not None else [])
+                for chunk in ranked_chunks(retrieval)
             ]
         call = rp.FileSearchCall(
             id=rp.new_item_id("fs"),
@@ -295,13 +308,17 @@ class ResponseBuilder:
         return self.finish_reason == "length"
 
     def citations(self) -> list[dict[str, Any]]:
-        """One file_citation per file whose chunks entered the prompt, best first, at the end of the text."""
+        """One file_citation per file whose chunks (or image) entered the prompt, best first, at the end of the
+        text."""
         info = self.retrieval_info
         if self.file_search is None or info is None:
             return []
+        texts = [d for d in info.documents if d.kind == "text"]
+        fitted = {d.id for d in texts[: info.context_documents]}  # the text documents that fit, best first
         files: dict[str, str] = {}
-        for document in info.documents[: info.context_documents]:
-            if document.file_id and document.file_id not in files:
+        for document in info.documents:
+            shown = document.id in fitted if document.kind == "text" else document.image_dropped is None
+            if shown and document.file_id and document.file_id not in files:
                 files[document.file_id] = document.filename or document.source
         index = len(self.text)
         return [

@@ -201,6 +201,9 @@ class RetrievalResult(BaseModel):
 
     chunks: list[RetrievedChunk] = Field(default_factory=list)
     info: RetrievalInfo
+    image_chunks: list[RetrievedChunk] = Field(
+        default_factory=list, description="Image hits, moved out of `chunks`: shown as images, not as text."
+    )
 
 
 class Tokenizer(Protocol):

@@ -28,10 +28,11 @@ TRAINS = b"The Harrowgate funicular opened in 1898 and climbs 212 metres up the 
 
 @pytest.fixture
 def serve(tmp_path: Path, make_stage):
-    """``serve(**overrides)`` -> (SDK client, fake engine) over the real app, the config's sections updated."""
+    """``serve(engine_class, **overrides)`` -> (SDK client, fake engine) over the real app, the config's sections
+    updated."""
     clients = []
 
-    def make(**overrides) -> tuple[openai.OpenAI, RetrievalEchoEngine]:
+    def make(engine_class=RetrievalEchoEngine, **overrides) -> tuple[openai.OpenAI, RetrievalEchoEngine]:
         sections = {
             "retrieval": {"uri": str(tmp_path / "milvus.db"), "ingest_demo_corpus": False, "default_mode": "none"},
             "files": {"directory": str(tmp_path / "files")},
@@ -40,7 +41,7 @@ def serve(tmp_path: Path, make_stage):
         for name, values in overrides.items():
             sections[name] = {**sections.get(name, {}), **values}
         config = MmragConfig.model_validate(sections)
-        engine = RetrievalEchoEngine(config)
+        engine = engine_class(config)
         http = TestClient(create_app(config, LocalBackend(engine, make_stage(config))))
         clients.append(http.__enter__())
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
@@ -220,3 +221,21 @@ def test_image_hits_only_from_vector_stores_and_a_missing_file_is_left_out(tmp_p
     assert (document.kind, document.image_dropped) == ("image", "the file no longer exists")
     assert prepared.generation.retrieval.chunks == [] and prepared.generation.images == []
     assert prepared.generation.retrieval.info.context_images == 0
+
+
+def test_file_search_lists_and_cites_a_retrieved_image(serve):
+    from tests.responses.conftest import RagEchoEngine  # builds the text-RAG prompt as the vLLM engine does
+
+    client, engine = serve(RagEchoEngine)
+    store = client.vector_stores.create(name="pictures")
+    image_id = attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))
+    text_id = attach(client, store.id, "trains.txt", TRAINS)
+    model = client.models.list().data[0].id
+    tool = {"type": "file_search", "vector_store_ids": [store.id], "max_num_results": 2}
+    response = client.responses.create(
+        model=model, input="Show me the red square", tools=[tool], include=["file_search_call.results"]
+    )
+    call, message = response.output
+    assert [r.file_id for r in call.results] == [image_id, text_id]  # the search's order, the image included
+    assert [a.file_id for a in message.content[0].annotations] == [image_id, text_id]  # both entered the prompt
+    assert len(engine.seen[-1].images) == 1
