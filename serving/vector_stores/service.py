@@ -29,6 +29,9 @@ attachments that are not completed (at most those being written right now, and t
 pending). Deleted files and stores are hidden at once and their chunks removed; a removal Milvus refused
 is retried by the sweep.
 
+Isolation: every public method takes ``owner``, the request's key id (``access.py``): with API keys a key
+reaches only its own stores (and those an admin shared with it, read only), another's being a 404.
+
 Limits: ``expires_after`` is recorded and reported (``expires_at``), but stores are not expired; records
 are owned by one process, so a retriever with several replicas on a Milvus server must not serve vector
 stores (they would each see their own records).
