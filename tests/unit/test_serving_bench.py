@@ -46,6 +46,8 @@ def test_summarize_point_marks_unreached_concurrency_and_errors_invalid():
 
     starved = serving.summarize_point(ok, concurrency=4, wall_s=0.6, reached=3.0, loop_lag_s=[])
     assert not starved["valid"] and "concurrency reached 3.00" in starved["invalid_because"][0]
+    lagging = serving.summarize_point(ok, concurrency=4, wall_s=0.6, reached=4.0, loop_lag_s=[0.0, 0.2])
+    assert not lagging["valid"] and "client starved" in lagging["invalid_because"][0]
     failed = serving.summarize_point([*ok, RequestRecord(ok=False, error="HTTP 503")], 4, 0.6, 4.0, [])
     assert not failed["valid"] and failed["errors"] == 1 and failed["error_kinds"] == ["HTTP 503"]
 
