@@ -200,8 +200,9 @@ class ChatPipeline:
         The retriever returns file ids, not bytes: the files are read here from the Files API's store (the
         same ``files.directory`` its routes use), then checked and decoded as the request's own images are,
         against what the request's images left of its budgets (``limits.max_images_per_request``, the pixel
-        budget) and at most ``vector_stores.max_retrieved_images``, best hits first. A hit that is not shown
-        (a text-only model, a limit, a file gone or too large) is no error: its document says why.
+        budget) and at most ``vector_stores.max_retrieved_images``, best hits first, if they match well enough
+        (``vector_stores.min_image_score``). A hit that is not shown (a text-only model, a weak match, a limit,
+        a file gone or too large) is no error: its document says why.
         """
         result = generation.retrieval
         assert result is not None
@@ -223,10 +224,15 @@ class ChatPipeline:
         if not model_reads_images(self.config.model.name, self.config.model.path):
             dropped = {hit.id: f"the served model ({self.config.model.served_name}) reads text only" for hit in hits}
         else:
+            floor = self.config.vector_stores.min_image_score
+            if result.info.hybrid or self.config.retrieval.index.metric == "L2":
+                floor = None  # RRF ranks and distances are not similarities
             files: set[str] = set()
             for hit in hits:  # one store's file may be in another store named too
                 if hit.metadata["file_id"] in files:
                     dropped[hit.id] = "the same file as a better hit"
+                elif floor is not None and hit.score < floor:
+                    dropped[hit.id] = f"a weak match: score {hit.score:.3f} < {floor:g} (vector_stores.min_image_score)"
                 else:
                     files.add(hit.metadata["file_id"])
                     queue.append(hit)

@@ -52,6 +52,16 @@ class VectorStoresConfig(BaseModel):
         "they count against `limits.max_images_per_request` with the request's own images, and the image hits "
         "beyond either limit are listed in `retrieval.documents` with why they were left out. 0: none.",
     )
+    min_image_score: float | None = Field(
+        default=0.2,
+        ge=-1.0,
+        le=1.0,
+        description="An image hit is shown to the model only when its dense similarity is at least this (COSINE "
+        "or IP; not applied to hybrid search's RRF scores nor to an L2 index): an image costs hundreds of tokens, "
+        "and a small model takes any picture in its prompt for the subject, so a weak match stays out (with the "
+        "bundled MiniLM an unrelated image's description scores under 0.1, a matching one 0.4 to 0.7; another "
+        "encoder may need another floor). None: no floor.",
+    )
     poll_after_ms: int = Field(
         default=250,
         gt=0,

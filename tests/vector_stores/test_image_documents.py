@@ -118,6 +118,19 @@ def test_retrieved_images_sit_between_earlier_and_last_message_images(serve):
     assert kinds == ["text", "image", "image", "text"]
 
 
+def test_a_weak_image_match_stays_out(serve):
+    client, engine = serve()
+    store = client.vector_stores.create(name="pictures")
+    image_id = attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))
+    attach(client, store.id, "trains.txt", TRAINS)
+    # Two hits in a store of two: the image is the second, a poor match for this question.
+    _, info = ask(client, store.id, [{"role": "user", "content": "When did the Harrowgate funicular open?"}])
+    image_doc = info["documents"][1]
+    assert (image_doc["file_id"], image_doc["kind"]) == (image_id, "image") and image_doc["score"] < 0.2
+    assert "vector_stores.min_image_score" in image_doc["image_dropped"] and info["context_images"] == 0
+    assert engine.seen[-1].images == []
+
+
 def test_image_limits_keep_the_best_hits(serve):
     client, engine = serve(vector_stores={"max_retrieved_images": 2}, limits={"max_images_per_request": 3})
     store = client.vector_stores.create(name="squares")
