@@ -252,3 +252,15 @@ def test_file_search_lists_and_cites_a_retrieved_image(serve):
     assert [r.file_id for r in call.results] == [image_id, text_id]  # the search's order, the image included
     assert [a.file_id for a in message.content[0].annotations] == [image_id, text_id]  # both entered the prompt
     assert len(engine.seen[-1].images) == 1
+
+
+def test_which_models_read_images(tmp_path):
+    from mmrag.serving.pipeline import model_reads_images
+
+    assert model_reads_images("smol", None) and not model_reads_images("smol-lm", None)  # the registry says
+    llava, text = tmp_path / "llava", tmp_path / "text"
+    for folder, checkpoint in ((llava, {"vision_config": {}, "text_config": {}}), (text, {"hidden_size": 64})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(checkpoint))
+    assert model_reads_images("smol", str(llava)) and not model_reads_images("smol", str(text))
+    assert model_reads_images("smol", str(tmp_path / "elsewhere"))  # not readable here: the engine decides
