@@ -189,3 +189,24 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "serving.png"
     serving.plot(figures, settings, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_breakdown_compares_the_ingress_histograms_with_the_client_over_the_same_requests():
+    exposition = """# HELP mmrag_request_latency_seconds Time from request to last byte.
+mmrag_request_latency_seconds_sum {latency}
+mmrag_request_latency_seconds_count {count}
+mmrag_time_to_first_token_seconds_sum {ttft}
+mmrag_time_to_first_token_seconds_count {count}
+mmrag_requests_in_flight 0.0
+"""
+    before = serving.mmrag_stage_metrics(exposition.format(latency=1.0, ttft=0.5, count=4))
+    after = serving.mmrag_stage_metrics(exposition.format(latency=3.0, ttft=0.7, count=14))
+    assert before["mmrag_request_latency_seconds_count"] == 4.0
+    points = [
+        {"requests": 4, "errors": 0, "ttft_s_mean": 0.01, "e2e_s_mean": 0.1},
+        {"requests": 6, "errors": 0, "ttft_s_mean": 0.04, "e2e_s_mean": 0.3},
+    ]
+    stage = serving.stage_breakdown(before, after, {"points": points})
+    assert stage["ingress_requests"] == 10 and stage["client_requests"] == 10
+    assert stage["ingress_latency_s_mean"] == pytest.approx(0.2) and stage["ingress_ttft_s_mean"] == pytest.approx(0.02)
+    assert stage["client_ttft_s_mean"] == pytest.approx(0.028) and stage["client_e2e_s_mean"] == pytest.approx(0.22)
