@@ -13,6 +13,11 @@ On a generated corpus (seeded sentences, one chunk each; 100k chunks, or 5k with
   tokens, modes alternating), on the server at ``--chat-url`` or on a default ``mmrag serve`` that the
   benchmark starts and stops (the demo corpus is the collection; text mode inserts up to
   ``text_rag.max_context_tokens`` of context, so the ratio includes the longer prefill).
+- ``http_*``: the same server's Files and Vector Stores APIs against Milvus directly, on the same
+  documents (``--http-files`` files of 20 corpus sentences), encoder and chunking: ingestion (upload, attach
+  as one file batch, poll until indexed) in chunks/s against ``ingest_documents`` into a Lite file of the
+  benchmark's own, and search latency through ``POST /v1/vector_stores/{id}/search`` (the SDK) against
+  encoding + searching directly, the two alternating query by query.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--chat-requests", type=int, default=10, help="Questions per mode (measured pass).")
     parser.add_argument("--chat-model", default="mmrag-tiny-llava", help="Model name for --chat-url.")
+    parser.add_argument("--http-files", type=int, default=None, help="Files through the HTTP API (100; quick 20).")
 
 
 def make_corpus(n: int, seed: int) -> list[str]:
@@ -140,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("search", "flat_search", "hybrid", "retrieve"):
         figures[f"{key}_ms_p50"], figures[f"{key}_ms_p99"] = percentiles(samples[key])
     figures["recall_at_10"] = sum(samples["recall"]) / len(samples["recall"])
-    figures.update(_chat_latency(args))
+    http_files = args.http_files or (20 if args.quick else 100)
+    figures.update(_served_figures(args, encoder.inner, corpus, queries, http_files))
     config = {
         "quick": args.quick,
         "seed": args.seed,
@@ -149,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         "top_k": 10,
         "milvus": "lite",
         "chat_url": args.chat_url,
+        "http_files": http_files,
+        "http_sentences_per_file": SENTENCES_PER_FILE,
     }
     path = write_result("retrieval", figures, config, args.out)
     _plot(samples, figures, plot_path(path))
@@ -200,15 +209,82 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - started
 
 
-def _chat_latency(args: argparse.Namespace) -> dict[str, float]:
-    """Chat latency with text retrieval over without, on the server at ``--chat-url`` or, by default,
-    on a default ``mmrag serve`` started for the measurement (its demo corpus is the collection)."""
+def _served_figures(args: argparse.Namespace, encoder, corpus: list[str], queries: list[str], files: int) -> dict:
+    """The figures that need a server: the one at ``--chat-url`` or, by default, a default ``mmrag serve``
+    (tiny model) started for them (its demo corpus is the chat's collection)."""
     if args.chat_url:
-        return _chat_ratio(args.chat_url, args.chat_model, args.chat_requests)
+        return _through_server(args.chat_url, args, encoder, corpus, queries, files)
     from mmrag.serving.server_process import running_server
 
     with running_server(overrides=["model.name=tiny-random"]) as server:
-        return _chat_ratio(f"{server.url}/v1", args.chat_model, args.chat_requests)
+        return _through_server(f"{server.url}/v1", args, encoder, corpus, queries, files)
+
+
+def _through_server(base_url: str, args, encoder, corpus: list[str], queries: list[str], files: int) -> dict:
+    return {
+        **_http_against_direct(base_url, encoder, corpus, queries, files),
+        **_chat_ratio(base_url, args.chat_model, args.chat_requests),
+    }
+
+
+SENTENCES_PER_FILE = 20
+
+
+def _http_against_direct(base_url: str, encoder, corpus: list[str], queries: list[str], files: int) -> dict:
+    """Ingestion and search through the server's Files + Vector Stores APIs against the same work done
+    directly on Milvus Lite in this process (same documents, encoder and chunking)."""
+    import io
+
+    from openai import OpenAI
+
+    from mmrag.serving.retrieval.config import RetrievalConfig
+    from mmrag.serving.retrieval.ingest import Document, ingest_documents
+    from mmrag.serving.retrieval.store import MilvusStore
+
+    texts = [" ".join(corpus[i * SENTENCES_PER_FILE : (i + 1) * SENTENCES_PER_FILE]) for i in range(files)]
+    workdir = Path(tempfile.mkdtemp(prefix="mmrag-bench-http-"))
+    config = RetrievalConfig(uri=str(workdir / "direct.db"), ingest_demo_corpus=False, write_timeout_s=600)
+    direct_store = MilvusStore(config)
+    client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    store_id = client.vector_stores.create(name="bench-retrieval").id
+    try:
+        documents = [Document(text, f"file-{i}.txt", {}) for i, text in enumerate(texts)]
+        direct = ingest_documents(documents, direct_store, encoder, config, collection="files", progress=False)
+        started = time.perf_counter()
+        ids = [
+            client.files.create(file=(f"file-{i}.txt", io.BytesIO(t.encode())), purpose="assistants").id
+            for i, t in enumerate(texts)
+        ]
+        batch = client.vector_stores.file_batches.create_and_poll(vector_store_id=store_id, file_ids=ids)
+        http_s = time.perf_counter() - started
+        if batch.file_counts.completed != files:
+            raise RuntimeError(f"the server indexed {batch.file_counts.completed} of {files} files")
+        chunks = sum(len(client.vector_stores.files.content(i, vector_store_id=store_id).data) for i in ids)
+        http_search, direct_search = [], []
+        for query in queries[:50]:  # alternating, so drift on a shared machine hits both alike
+            started = time.perf_counter()
+            client.vector_stores.search(store_id, query=query, max_num_results=10)
+            http_search.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            vector = encoder.encode([query], is_query=True)[0].tolist()
+            direct_store.search("files", vector, query, 10)
+            direct_search.append(time.perf_counter() - started)
+    finally:
+        client.vector_stores.delete(store_id)
+        direct_store.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    figures: dict[str, Any] = {
+        "http_ingest_chunks_per_s": chunks / http_s,
+        "http_ingest_files_per_s": files / http_s,
+        "http_chunks": chunks,
+        "direct_chunks": direct.chunks,
+        "direct_ingest_chunks_per_s": direct.chunks_per_s,
+    }
+    figures["http_search_ms_p50"], figures["http_search_ms_p99"] = percentiles(http_search)
+    figures["direct_search_ms_p50"], figures["direct_search_ms_p99"] = percentiles(direct_search)
+    figures["http_over_direct_search_p50"] = figures["http_search_ms_p50"] / figures["direct_search_ms_p50"]
+    figures["http_over_direct_ingest_rate"] = figures["http_ingest_chunks_per_s"] / direct.chunks_per_s
+    return figures
 
 
 def _chat_ratio(base_url: str, model: str, requests: int) -> dict[str, float]:

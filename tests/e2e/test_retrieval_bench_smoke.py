@@ -28,6 +28,8 @@ def test_retrieval_benchmark_small(server_url, tmp_path):
             f"{server_url}/v1",
             "--chat-requests",
             "2",
+            "--http-files",
+            "3",
         ],
     )
     assert retrieval.run(args) == 0
@@ -36,4 +38,7 @@ def test_retrieval_benchmark_small(server_url, tmp_path):
     assert 0.0 <= figures["recall_at_10"] <= 1.0
     assert figures["search_ms_p50"] > 0 and figures["ingest_chunks_per_s"] > 0
     assert figures["text_mode_latency_ratio"] > 0
+    # Through the Files and Vector Stores APIs: the same chunks as ingesting directly, and the ratios.
+    assert figures["http_chunks"] == figures["direct_chunks"] > 0
+    assert figures["http_over_direct_search_p50"] > 0 and figures["http_over_direct_ingest_rate"] > 0
     assert out.with_suffix(".png").is_file()
