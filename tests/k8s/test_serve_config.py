@@ -179,9 +179,14 @@ def test_milvus_lite_runs_one_retriever_on_a_mounted_volume(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_engine_arguments_build(overlay):
+def test_engine_arguments_build(overlay, monkeypatch):
     """The engine section becomes vLLM engine arguments (unknown engine_kwargs fail here, not on a GPU)."""
     pytest.importorskip("vllm")
+    import huggingface_hub.constants
+
+    # Offline (set by other tests' conftests), vLLM resolves a model path that does not exist here as a Hub
+    # repo id and fails; on the cluster the path exists.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     from mmrag.serving.engine.args import build_engine_args
 
     config = app_config(overlay)

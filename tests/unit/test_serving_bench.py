@@ -160,8 +160,12 @@ def test_http_stream_failures_are_records_not_exceptions():
     assert not broken.ok and "internal_error" in broken.error
 
 
-def test_vllm_serve_flags_parse_back_to_the_same_engine_arguments():
+def test_vllm_serve_flags_parse_back_to_the_same_engine_arguments(monkeypatch):
     pytest.importorskip("vllm")
+    import huggingface_hub.constants
+
+    # Offline (set by other tests' conftests), vLLM would resolve the absent /ckpt as a Hub repo id.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     kwargs = {
         "model": "/ckpt",
         "served_model_name": ["mmrag-tiny-llava"],
