@@ -29,10 +29,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta
@@ -41,6 +40,7 @@ from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai import responses_protocol as rp
 from mmrag.serving.openai.protocol import ChatCompletionRequest, format_error_location
+from mmrag.serving.openai.streaming import StreamThenCall
 from mmrag.serving.openai.vector_stores_api import documented, request_owners
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, PreparedChat, reject_lone_surrogates
 from mmrag.serving.retrieval.protocol import (
@@ -380,21 +380,6 @@ class ResponseBuilder:
             "user": request.user,
             "metadata": request.metadata or {},
         }
-
-
-class StreamThenCall(StreamingResponse):
-    """A streaming response that calls ``on_done`` once sent or abandoned (a background task would be
-    skipped when the client hangs up)."""
-
-    def __init__(self, content: AsyncIterator[str], *, on_done: Callable[[], None], **kwargs: Any):
-        super().__init__(content, **kwargs)
-        self._on_done = on_done
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_done()
 
 
 class EventWriter:

@@ -15,14 +15,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta
@@ -39,6 +38,7 @@ from mmrag.serving.openai.edge import EdgeGuard
 from mmrag.serving.openai.files_api import files_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.responses_api import responses_router
+from mmrag.serving.openai.streaming import StreamThenCall
 from mmrag.serving.openai.vector_stores_api import request_owners, vector_stores_router
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
@@ -115,7 +115,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             logger.exception("unhandled error in chat completion")
             response = error_response(OpenAIError("internal server error"))
         metrics.requests.labels(status=str(response.status_code)).inc()
-        if isinstance(response, _StreamThenCall):
+        if isinstance(response, StreamThenCall):
             return response  # served after this returns: in flight until its last byte (see _chat)
         metrics.in_flight.dec()
         metrics.latency.observe(time.perf_counter() - start)
@@ -138,7 +138,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             metrics.ttft.observe(time.perf_counter() - start)
             ids = {"completion_id": prepared.completion_id, "created": now(), "model": request.model}
             events = sse_events(first, deltas, include_usage=include_usage, metrics=metrics, start=start, **ids)
-            return _StreamThenCall(events, media_type="text/event-stream", on_done=metrics.in_flight.dec)
+            return StreamThenCall(events, media_type="text/event-stream", on_done=metrics.in_flight.dec)
         completion = await pipeline.complete(prepared, _timed(deltas, start))
         metrics.observe_usage(completion.usage)
         return JSONResponse(completion.model_dump())
@@ -214,21 +214,6 @@ async def read_body(http_request: Request, max_bytes: int, *, idle_timeout_s: fl
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
-
-
-class _StreamThenCall(StreamingResponse):
-    """A streaming response that calls ``on_done`` once it has been sent or abandoned (the client hung up,
-    the stream failed): a background task would be skipped on a disconnect."""
-
-    def __init__(self, content: AsyncIterator[str], *, on_done: Callable[[], None], **kwargs: Any):
-        super().__init__(content, **kwargs)
-        self._on_done = on_done
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_done()
 
 
 async def _first_delta(deltas: AsyncIterator[GenerationDelta]) -> GenerationDelta | None:
