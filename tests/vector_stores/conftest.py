@@ -4,6 +4,9 @@ dir, driven by the real `openai` SDK through TestClient; the bundled MiniLM is l
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -17,6 +20,44 @@ from tests.batch.engines import RetrievalEchoEngine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = "smol"  # the default config's served name (a fake engine answers)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def serve_application(tmp_path: Path, name: str, **sections) -> Iterator[tuple[str, MmragConfig]]:
+    """The whole Serve application (ingress, retriever, LLM with a fake engine) on a free loopback port, on
+    Milvus Lite and a files directory in ``tmp_path``; yields its ``/v1`` URL and its config."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from mmrag.deployments.app import build_application
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = MmragConfig.model_validate(
+        {
+            "retrieval": {"uri": str(tmp_path / "milvus.db"), "ingest_demo_corpus": False, "default_mode": "none"},
+            "files": {"directory": str(tmp_path / "files")},
+            "vector_stores": {"poll_after_ms": 50},
+            **sections,
+        }
+    )
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_application(config, engine_cls="tests.batch.engines:RetrievalEchoEngine")
+        serve.run(app, name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}/v1", config
+    finally:
+        if own_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(name)
 
 
 @pytest.fixture(scope="session")

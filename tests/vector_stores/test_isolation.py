@@ -5,7 +5,6 @@ without keys the server stays open; a records file from before owners existed st
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 
 import openai
@@ -18,7 +17,7 @@ from mmrag.serving.pipeline import LocalBackend
 from mmrag.serving.vector_stores.access import key_id
 from mmrag.serving.vector_stores.records import Records
 from tests.batch.engines import RetrievalEchoEngine
-from tests.vector_stores.conftest import MODEL
+from tests.vector_stores.conftest import MODEL, serve_application
 
 ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
 HERONS = b"# Herons\n\nThe grey heron of Vellmora nests in reed beds and eats mostly small fish.\n"
@@ -270,35 +269,8 @@ def test_a_records_file_from_before_owners_opens_and_its_stores_are_the_admins(c
 def test_isolation_through_the_serve_application(tmp_path):
     """The key id crosses the deployment handles: the ingress's Vector Stores calls and a chat's retrieval
     options (``OwnedRetrievalOptions``, pickled to the retriever replica) both carry it."""
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from mmrag.deployments.app import build_application
-    from tests.vector_stores.test_vector_stores_serve import REPO
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = MmragConfig.model_validate(
-        {
-            "server": {"api_keys": [ALICE, BOB]},
-            "retrieval": {"uri": str(tmp_path / "milvus.db"), "ingest_demo_corpus": False, "default_mode": "none"},
-            "files": {"directory": str(tmp_path / "files")},
-            "vector_stores": {"poll_after_ms": 50},
-        }
-    )
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_application(config, engine_cls="tests.batch.engines:RetrievalEchoEngine")
-        serve.run(app, name="vector-stores-isolation", route_prefix="/")
-        alice, bob = (
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
-            for key in (ALICE, BOB)
-        )
+    with serve_application(tmp_path, "vector-stores-isolation", server={"api_keys": [ALICE, BOB]}) as (url, _):
+        alice, bob = (openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60) for key in (ALICE, BOB))
         store_id, file_id = filled_store(alice, "herons.md", HERONS)
         retrieval = {"retrieval": {"vector_store_ids": [store_id]}}
         answer = alice.chat.completions.create(model=MODEL, messages=QUESTION, extra_body=retrieval)
@@ -309,9 +281,3 @@ def test_isolation_through_the_serve_application(tmp_path):
         assert (status, body["param"]) == (404, "retrieval.vector_store_ids"), body
         assert refusal(lambda: bob.vector_stores.search(store_id, query="heron"))[0] == 404
         assert bob.vector_stores.list().data == []
-    finally:
-        if own_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete("vector-stores-isolation")
