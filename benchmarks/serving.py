@@ -41,7 +41,6 @@ import json
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -482,7 +481,7 @@ def server_process(name: str, command: list[str], env: dict[str, str], log_path:
     """
     import httpx
 
-    from mmrag.serving.server_process import free_port
+    from mmrag.serving.server_process import free_port, stop_process
 
     port = free_port()
     command = [*command, "--host", "127.0.0.1", "--port", str(port)]
@@ -502,13 +501,7 @@ def server_process(name: str, command: list[str], env: dict[str, str], log_path:
             time.sleep(1)
         yield url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process)
 
 
 def vllm_server(model: Model, log_path: Path, timeout_s: float):

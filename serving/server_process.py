@@ -56,7 +56,7 @@ def running_server(
         _wait_healthy(url, process, log_path, start_timeout_s)
         yield RunningServer(url=url, pid=process.pid)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
@@ -73,7 +73,8 @@ def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s
     raise TimeoutError(f"server not healthy after {timeout_s}s:\n{log_path.read_text()[-5000:]}")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGINT (the Ctrl-C path, a clean shutdown), then SIGKILL to the group after 60 s."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
