@@ -66,12 +66,12 @@ def responses_router(
     metrics: IngressMetrics,
     *,
     require_json: Callable[[Request], None],
-    read_body: Callable[..., Awaitable[bytes]],
+    read_body: Callable[[Request], Awaitable[bytes]],
 ) -> APIRouter:
     """The ``/v1/responses`` routes over the app's pipeline (and the vector stores its backend offers).
 
     ``require_json`` and ``read_body`` are the app's own body rules (``server.require_json``,
-    ``server.read_body``: JSON only, size and read-time limits), passed in so they stay in one place: the
+    the body read under ``limits``: JSON only, size and read-time limits), passed in so they stay in one place: the
     server mounts this router, so this module cannot import it.
     """
     vector_stores = backend_of(pipeline.backend)
@@ -110,12 +110,7 @@ def responses_router(
 
     async def _respond(http_request: Request, start: float) -> Response:
         require_json(http_request)
-        body = await read_body(
-            http_request,
-            config.limits.max_request_bytes,
-            idle_timeout_s=config.limits.body_idle_timeout_s,
-            total_timeout_s=config.limits.body_read_timeout_s,
-        )
+        body = await read_body(http_request)
         if len(body) <= INLINE_PARSE_BYTES:
             request = parse_responses_body(body, config)
         else:

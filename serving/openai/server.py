@@ -121,15 +121,19 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
         metrics.latency.observe(time.perf_counter() - start)
         return response
 
+    async def read_request_body(http_request: Request) -> bytes:
+        """The body under this server's limits (size, idle and total read time)."""
+        limits = config.limits
+        return await read_body(
+            http_request,
+            limits.max_request_bytes,
+            idle_timeout_s=limits.body_idle_timeout_s,
+            total_timeout_s=limits.body_read_timeout_s,
+        )
+
     async def _chat(http_request: Request, start: float) -> Response:
         require_json(http_request)
-        body = await read_body(
-            http_request,
-            config.limits.max_request_bytes,
-            idle_timeout_s=config.limits.body_idle_timeout_s,
-            total_timeout_s=config.limits.body_read_timeout_s,
-        )
-        request = await pipeline.parse_off_loop(body)
+        request = await pipeline.parse_off_loop(await read_request_body(http_request))
         prepared = await pipeline.prepare(request, owner=owner_of(http_request))
         deltas = pipeline.generate(prepared)
         if request.stream:
@@ -153,7 +157,9 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
 
     app.include_router(files_router(config))
     app.include_router(vector_stores_router(config, chat_backend=backend))
-    app.include_router(responses_router(config, pipeline, metrics, require_json=require_json, read_body=read_body))
+    app.include_router(
+        responses_router(config, pipeline, metrics, require_json=require_json, read_body=read_request_body)
+    )
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 
