@@ -24,10 +24,10 @@ def test_load_benchmark_bounded(server_url, tmp_path):
     assert figures["succeeded"] + figures["rejected"] == figures["sent"]
     assert figures["succeeded"] > 0
     assert figures["unloaded_requests"] >= 5 and figures["p99_vs_unloaded"] > 0
-    # The hostile clients were refused (4xx), cut off or still waiting; none got a 5xx.
+    # The hostile clients were refused (4xx), shed with the load (503), cut off or still waiting; no other 5xx.
     hostile = figures["hostile"]
-    assert set(hostile["huge_query"]) == {"400"}, hostile
+    assert set(hostile["huge_query"]) <= {"400", "503"} and "400" in hostile["huge_query"], hostile
     assert sum(hostile["large_image"].values()) > 0 and sum(hostile["slow_body"].values()) > 0, hostile
     statuses = [status for counts in hostile.values() for status in counts]
-    assert not [s for s in statuses if s.startswith("5")], hostile
+    assert not [s for s in statuses if s.startswith("5") and s != "503"], hostile
     assert out.with_suffix(".png").is_file()
