@@ -124,6 +124,13 @@ class LimitsConfig(_Strict):
     body_idle_timeout_s: float = Field(
         default=10.0, gt=0, description="Longest wait for the next piece of a request body (a 408 after it)."
     )
+    body_min_bytes_per_s: float = Field(
+        default=16384.0,
+        gt=0,
+        description="Slowest accepted body rate: a body that declares N bytes must arrive within "
+        "body_idle_timeout_s + N / this (and body_read_timeout_s), else a 408; so a byte-a-second trickle of a "
+        "small body gives its ingress slot back in seconds, not after the whole total timeout.",
+    )
     max_n: int = Field(default=8, gt=0, description="Largest `n` (choices per request).")
     max_completion_tokens: int | None = Field(
         default=None, description="Cap on max_tokens; None: whatever fits in max_model_len."

@@ -129,6 +129,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
             limits.max_request_bytes,
             idle_timeout_s=limits.body_idle_timeout_s,
             total_timeout_s=limits.body_read_timeout_s,
+            min_bytes_per_s=limits.body_min_bytes_per_s,
         )
 
     async def _chat(http_request: Request, start: float) -> Response:
@@ -195,13 +196,23 @@ def require_json(http_request: Request) -> None:
         )
 
 
-async def read_body(http_request: Request, max_bytes: int, *, idle_timeout_s: float, total_timeout_s: float) -> bytes:
+async def read_body(
+    http_request: Request,
+    max_bytes: int,
+    *,
+    idle_timeout_s: float,
+    total_timeout_s: float,
+    min_bytes_per_s: float | None = None,
+) -> bytes:
     """The body, refused past ``max_bytes`` (413) or when it arrives too slowly (408): a trickle of bytes
-    must not hold an ingress slot for the whole request timeout. A client that hangs up raises
-    ``ClientDisconnect``."""
+    must not hold an ingress slot for the whole request timeout. With ``min_bytes_per_s``, a body that
+    declares its length must arrive within ``idle_timeout_s`` + length / rate (at most ``total_timeout_s``).
+    A client that hangs up raises ``ClientDisconnect``."""
     declared = http_request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
+    if declared and declared.isdigit() and min_bytes_per_s:
+        total_timeout_s = min(total_timeout_s, idle_timeout_s + int(declared) / min_bytes_per_s)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + total_timeout_s
     chunks = aiter(http_request.stream())
@@ -215,7 +226,7 @@ async def read_body(http_request: Request, max_bytes: int, *, idle_timeout_s: fl
             return bytes(body)
         except TimeoutError:
             if left <= idle_timeout_s:
-                raise RequestTimeoutError(f"request body not received within {total_timeout_s:g} s") from None
+                raise RequestTimeoutError(f"request body not received within {total_timeout_s:.3g} s") from None
             raise RequestTimeoutError(f"no request body data for {idle_timeout_s:g} s") from None
         body += chunk
         if len(body) > max_bytes:

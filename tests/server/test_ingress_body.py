@@ -120,6 +120,21 @@ def test_a_body_trickling_in_is_a_408_after_the_total_timeout():
     assert "request body not received within 0.2 s" in json.loads(body_of(sent))["error"]["message"]
 
 
+def test_a_small_body_trickling_in_is_cut_by_the_minimum_rate_long_before_the_total_timeout():
+    """A declared 2000-byte body, a byte per 10 ms, at a 20000 bytes/s minimum: it must arrive within the idle
+    timeout + 2000 / 20000 = 0.2 s, not the 30 s total (without the rate, the 10 s guard below fails)."""
+    app = make_app(body_idle_timeout_s=0.1, body_read_timeout_s=30, body_min_bytes_per_s=20000)
+
+    async def trickle() -> dict:
+        await asyncio.sleep(0.01)
+        return piece(b" ")
+
+    headers = [*JSON, ("content-length", "2000")]
+    sent = asyncio.run(asyncio.wait_for(call(app, trickle, headers=headers), timeout=10))
+    assert status_of(sent) == 408
+    assert "request body not received within 0.2 s" in json.loads(body_of(sent))["error"]["message"]
+
+
 def test_a_body_in_pieces_within_the_timeouts_is_served():
     app = make_app(body_idle_timeout_s=5, body_read_timeout_s=30)
     body = chat_body("one two")
