@@ -48,6 +48,7 @@ from mmrag.serving.openai.protocol import (
     ImagePart,
     TextPart,
     format_error_location,
+    json_object,
     new_completion_id,
     now,
 )
@@ -312,14 +313,7 @@ def model_reads_images(name: str, path: str | None) -> bool:
 
 def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatCompletionRequest:
     """Parse and validate a body; ``limits`` (default: the defaults) bound what validation may build."""
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:  # the decoder recurses per nesting level: ~1000 levels is a client's doing
-        raise InvalidRequestError("the request body is nested too deeply") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
+    payload = json_object(body)
     if _SURROGATE_ESCAPE.search(body):
         reject_lone_surrogates(payload)
     try:

@@ -9,6 +9,7 @@ range-checked here, so a bad value is a 400 naming the field before any work sta
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic.json_schema import SkipJsonSchema
 
 from mmrag.serving.config import LimitsConfig
+from mmrag.serving.errors import InvalidRequestError
 from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalOptions
 
 _DEFAULT_LIMITS = LimitsConfig()
@@ -349,3 +351,16 @@ def format_error_location(loc: tuple[Any, ...]) -> str:
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body decoded as a JSON object; not JSON, nested too deeply or not an object: a 400."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # the decoder recurses per nesting level: ~1000 levels is a client's doing
+        raise InvalidRequestError("the request body is nested too deeply") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return payload

@@ -39,7 +39,7 @@ from mmrag.serving.errors import InvalidRequestError, NotFoundError, OpenAIError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai import responses_protocol as rp
-from mmrag.serving.openai.protocol import ChatCompletionRequest, format_error_location
+from mmrag.serving.openai.protocol import ChatCompletionRequest, format_error_location, json_object
 from mmrag.serving.openai.streaming import StreamThenCall
 from mmrag.serving.openai.vector_stores_api import documented, request_owners
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, PreparedChat, reject_lone_surrogates
@@ -140,14 +140,7 @@ def parse_responses_body(body: bytes, config: MmragConfig) -> rp.ResponsesReques
     """A body -> a validated request; every refusal a 400 naming the field (as the request spells it)."""
     if len(body) > config.limits.max_request_bytes:
         raise PayloadTooLargeError(f"request body larger than {config.limits.max_request_bytes} bytes")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidRequestError("the request body is nested too deeply") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
+    payload = json_object(body)
     if b"\\u" in body:  # only an escape can carry a lone surrogate
         reject_lone_surrogates(payload)
     rp.check_items(payload, config.limits)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
 from mmrag.serving.openai.files_api import key_owner
-from mmrag.serving.openai.protocol import format_error_location
+from mmrag.serving.openai.protocol import format_error_location, json_object
 from mmrag.serving.vector_stores import protocol as p
 from mmrag.serving.vector_stores.access import key_id
 from mmrag.serving.vector_stores.backend import LocalVectorStoreBackend, Method, VectorStoreBackend, backend_of
@@ -146,14 +146,7 @@ async def parse(request: Request, model: type[Model]) -> Model:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
-    try:
-        payload = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidRequestError("the request body is nested too deeply") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
+    payload = json_object(body or b"{}")
     if b"\\u" in body:  # only an escape can carry a lone surrogate, which the encoder and SQLite cannot take
         try:
             json.dumps(payload, ensure_ascii=False).encode()
