@@ -1,9 +1,11 @@
 """``mmrag ingest PATH...``: chunk, embed and upsert .txt/.md/.jsonl/.pdf/.html files (or folders) into Milvus.
 
 Idempotent: content already stored is skipped. Uses the same configuration as ``mmrag serve``
-(``--config``/``--set``); with Milvus Lite, stop the server first (one process per Lite file), or go
-through it: ``--server URL --vector-store NAME`` uploads the files to the running server's Files API and
-indexes them in one of its vector stores (:mod:`mmrag.serving.files.remote`).
+(``--config``/``--set``). On Milvus Lite while ``mmrag serve`` runs, it writes through the Lite server the
+server started (found by ``<lite path>.server.json``), so the server's retriever sees the documents at once;
+with no server running it opens the Lite path itself. Or through the server's own API: ``--server URL
+--vector-store NAME`` uploads the files to its Files API and indexes them in one of its vector stores
+(:mod:`mmrag.serving.files.remote`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         encoder = load_encoder(config.encoder)
         xrag_encoder = load_encoder(config.xrag_encoder) if config.xrag_encoder else None
         store = MilvusStore(config)
+        if store.lite_server is not None:
+            print(f"mmrag ingest: through the Milvus Lite server at {store.lite_server}", file=sys.stderr)
         try:
             summary = ingest_paths(
                 args.paths,

@@ -9,8 +9,12 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from mmrag.serving.cli.common import add_config_arguments, load_config
+
+if TYPE_CHECKING:
+    from mmrag.serving.retrieval.lite_server import LiteServer
 
 HELP = "Start the OpenAI-compatible server (Ray Serve + vLLM) in the foreground."
 
@@ -40,13 +44,64 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     started = time.perf_counter()
-    start_serving(config)
-    url = f"http://{config.server.host}:{config.server.port}"
-    logger.info("ready url=%s model=%s seconds=%.1f", url, config.model.served_name, time.perf_counter() - started)
-    stop.wait()
-    logger.info("stopping")
-    stop_serving()
-    return 0
+    lite = start_lite_server(config)  # before Serve: its replicas connect to it
+    code = 0
+    try:
+        start_serving(config)
+        url = f"http://{config.server.host}:{config.server.port}"
+        logger.info("ready url=%s model=%s seconds=%.1f", url, config.model.served_name, time.perf_counter() - started)
+        while not stop.wait(SUPERVISE_EVERY_S):
+            if lite is not None and not lite.ensure_running():
+                logger.error(
+                    "the Milvus Lite server on %s is down and did not restart (exit code %s, log %s): stopping, "
+                    "since retrieval and vector stores cannot work without it",
+                    lite.data_dir,
+                    lite.returncode,
+                    lite.log_file,
+                )
+                code = 1
+                break
+        logger.info("stopping")
+        stop_serving()
+    finally:
+        if lite is not None:  # after Serve: its replicas use it while they drain
+            lite.stop()
+    return code
+
+
+SUPERVISE_EVERY_S = 1.0
+
+
+def start_lite_server(config) -> LiteServer | None:
+    """On a Milvus Lite path with ``retrieval.milvus_lite_server`` (the default): the local Milvus Lite server
+    that the retriever replicas, ``mmrag ingest`` and batch jobs share while this server runs, recorded in
+    ``retrieval.lite_server_uri`` for the replicas. One already running on the path (another ``mmrag serve``'s)
+    is joined instead, and stops with the process that started it."""
+    from mmrag.serving.retrieval.lite_server import LiteServer, LiteServerError, find_running
+
+    retrieval = config.retrieval
+    if not retrieval.is_lite() or not retrieval.milvus_lite_server or retrieval.lite_server_uri is not None:
+        return None
+    path = retrieval.lite_path().resolve()
+    running = find_running(path)
+    if running is not None:
+        logger.warning(
+            "joining the Milvus Lite server already running on %s at %s (pid %d, started by pid %d): it stops "
+            "with that process",
+            path,
+            running.uri,
+            running.pid,
+            running.owner_pid,
+        )
+        retrieval.lite_server_uri = running.uri
+        return None
+    server = LiteServer(path)
+    try:
+        server.start()
+    except LiteServerError as exc:
+        raise SystemExit(f"mmrag serve: {exc}") from exc
+    retrieval.lite_server_uri = server.uri
+    return server
 
 
 def start_serving(config) -> None:

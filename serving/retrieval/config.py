@@ -149,6 +149,20 @@ class RetrievalConfig(_Strict):
         description="Milvus: a Lite file ending in .db, or a server URI (http://host:19530). "
         "None: a Lite file `milvus.db` under the mmrag cache directory.",
     )
+    milvus_lite_server: bool = Field(
+        default=True,
+        description="On Milvus Lite (uri unset or a .db path): `mmrag serve` runs the Lite data directory as a "
+        "local Milvus Lite server process on loopback (a free port, recorded in `<path>.server.json`), which its "
+        "retriever replicas (any number), `mmrag ingest` and batch jobs share while it runs. false: each process "
+        "opens the directory itself, one process at a time (then one retriever replica, and stop the server to "
+        "ingest). Either mode reads the same directory.",
+    )
+    lite_server_uri: str | None = Field(
+        default=None,
+        description="The Milvus Lite server serving the Lite path (http://127.0.0.1:PORT): set by `mmrag serve` "
+        "for its replicas, which then never open the directory themselves. Unset: a process uses the server "
+        "recorded in `<path>.server.json` while it runs, else opens the directory.",
+    )
     token: str | None = Field(
         default=None,
         description="Milvus server credentials ('user:password' or an API key). None: $MMRAG_MILVUS_TOKEN "
@@ -225,3 +239,8 @@ class RetrievalConfig(_Strict):
 
     def lite_path(self) -> Path | None:
         return Path(self.resolved_uri()) if self.is_lite() else None
+
+    def shares_lite(self) -> bool:
+        """Whether the Lite path is served by a Lite server process that any number of processes share (set
+        by ``mmrag serve`` once it started one), rather than opened in one process."""
+        return self.is_lite() and self.lite_server_uri is not None

@@ -81,7 +81,8 @@ class ChunkRow:
 
 
 class MilvusStore:
-    """A connection to Milvus (Lite file or server) with mmrag's collection operations."""
+    """A connection to Milvus with mmrag's collection operations: a server URI; a Lite path served by a Milvus
+    Lite server process (``lite_server.py``), which it then connects to; or a Lite path opened in-process."""
 
     def __init__(self, config: RetrievalConfig) -> None:
         from pymilvus import MilvusClient
@@ -93,6 +94,9 @@ class MilvusStore:
         self.uri = config.resolved_uri()
         self._loaded: set[str] = set()
         self._lite_path = config.lite_path()
+        self.lite_server = _lite_server_uri(config)  # the Lite path served by a Milvus Lite server process
+        if self.lite_server is not None:
+            self.uri, self._lite_path = self.lite_server, None
         if self._lite_path is not None:
             self._lite_path.parent.mkdir(parents=True, exist_ok=True)
             _lite_acquire(self._lite_path)
@@ -106,7 +110,7 @@ class MilvusStore:
                     # A Lite server listens on a free port that a later Lite server may be given again;
                     # pymilvus shares connections by address and never closes shared ones, so a shared
                     # channel would outlive its server and be handed to the next one on that port.
-                    dedicated=self._lite_path is not None,
+                    dedicated=self._lite_path is not None or self.lite_server is not None,
                 )
         except Exception:
             self._release_lite()
@@ -365,9 +369,10 @@ class MilvusStore:
             hint = ""
             if self._lite_path is not None:
                 hint = (
-                    f" (is another process, e.g. a running `mmrag serve`, holding the Lite file "
-                    f"{self._lite_path}? Milvus Lite allows one process per file; use a Milvus server URI "
-                    "for shared access)"
+                    f" (is another process holding the Lite directory {self._lite_path}, e.g. `mmrag serve` with "
+                    "retrieval.milvus_lite_server false, or `mmrag ingest`? Opened in-process, Milvus Lite allows "
+                    "one process at a time; `mmrag serve` on the default shares it through a Lite server, "
+                    "which other mmrag commands then use)"
                 )
             raise StoreUnreachableError(f"{op}: cannot open {where}: {exc.message}{hint}") from exc
         except MilvusException as exc:
@@ -419,6 +424,26 @@ def _hit(raw: dict[str, Any]) -> Hit:
         metadata=entity.get("metadata") or {},
         vector=next(([float(x) for x in entity[f]] for f in _VECTOR_FIELDS.values() if f in entity), None),
     )
+
+
+def _lite_server_uri(config: RetrievalConfig) -> str | None:
+    """The Milvus Lite server to use for the Lite path of ``config``: the one it names, else (in the shared
+    mode) the one running on that path (``lite_server.find_running``); None: open the path in-process."""
+    path = config.lite_path()
+    if path is None:
+        return None
+    if config.lite_server_uri is not None:
+        return config.lite_server_uri
+    if not config.milvus_lite_server:
+        return None
+    from mmrag.serving.retrieval.lite_server import find_running
+
+    running = find_running(path.resolve())
+    if running is not None:
+        logging.getLogger(__name__).info(
+            "using the Milvus Lite server at %s (pid %d) for %s", running.uri, running.pid, path
+        )
+    return running.uri if running is not None else None
 
 
 # Milvus Lite runs in this process, one embedded server per file, shared by every client on that file;
