@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -19,6 +19,9 @@ from mmrag.serving.logs import configure_logging
 from mmrag.serving.openai.server import create_app
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
+
+if TYPE_CHECKING:
+    from mmrag.serving.retrieval.retriever import Embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,12 @@ class ServeBackend:
                 yield delta
         except (BackPressureError, RayError) as exc:
             raise client_error(exc, "LLM") from exc
+
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
+        try:
+            return await self._retriever.embed.remote(texts, model=model, dimensions=dimensions)
+        except (BackPressureError, RayError) as exc:
+            raise client_error(exc, "retrieval") from exc
 
     async def check_health(self) -> None:
         try:

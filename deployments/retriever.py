@@ -1,13 +1,14 @@
 """The retriever stage: one replica owns one encoder and one Milvus connection.
 
-The ingress calls ``await handle.retrieve.remote(options, query_text)`` and gets a ``RetrievalResult``;
+The ingress calls ``await handle.retrieve.remote(options, query_text)`` and gets a ``RetrievalResult``, and
+``await handle.embed.remote(texts, model=..., dimensions=...)`` for ``/v1/embeddings``;
 typed ``RetrievalError``s raised here reach the ingress as the same classes (Ray re-raises a replica's
 exception as a subclass of its type), each with the HTTP ``status_code`` to answer with.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
@@ -15,7 +16,19 @@ from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.stage import RetrievalStage
 from mmrag.serving.vector_stores.config import vector_stores_enabled
 
-RetrieverServer = serve.deployment(name="Retriever")(RetrievalStage)
+if TYPE_CHECKING:
+    from mmrag.serving.retrieval.retriever import Embeddings
+
+
+class RetrieverReplica(RetrievalStage):
+    """The stage as a replica serves it, plus ``/v1/embeddings``: the texts are encoded by the encoder that
+    fills and searches the collections (in a worker thread of this replica)."""
+
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
+        return await self.core.embed(texts, model=model, dimensions=dimensions)
+
+
+RetrieverServer = serve.deployment(name="Retriever")(RetrieverReplica)
 
 
 def retriever_options(config: MmragConfig) -> dict[str, Any]:

@@ -132,6 +132,25 @@ class LimitsConfig(_Strict):
         "small body gives its ingress slot back in seconds, not after the whole total timeout.",
     )
     max_n: int = Field(default=8, gt=0, description="Largest `n` (choices per request).")
+    max_completion_prompts: int = Field(
+        default=32,
+        gt=0,
+        description="Prompts in one /v1/completions request (`prompt` as a list); each is generated with `n` "
+        "choices, so a request runs up to this x max_n sequences.",
+    )
+    max_embedding_inputs: int = Field(
+        default=2048,
+        gt=0,
+        description="Texts in one /v1/embeddings request (OpenAI's own cap; LangChain sends 1000 at a time), "
+        "counted before any is validated.",
+    )
+    max_embedding_input_chars: int = Field(
+        default=32768,
+        gt=0,
+        description="Characters of one /v1/embeddings input (OpenAI's 8192-token cap at about 4 characters a "
+        "token): the encoder reads only its first tokens (MiniLM: 256), so more text would cost tokenizing and "
+        "change nothing.",
+    )
     max_completion_tokens: int | None = Field(
         default=None, description="Cap on max_tokens; None: whatever fits in max_model_len."
     )

@@ -29,6 +29,12 @@ class IngressMetrics:
         )
         self.prompt_tokens = Counter("mmrag_prompt_tokens", "Prompt tokens.", registry=self.registry)
         self.completion_tokens = Counter("mmrag_completion_tokens", "Generated tokens.", registry=self.registry)
+        self.embedding_inputs = Counter(
+            "mmrag_embedding_inputs", "Texts embedded by /v1/embeddings.", registry=self.registry
+        )
+        self.embedding_tokens = Counter(
+            "mmrag_embedding_tokens", "Encoder tokens read by /v1/embeddings.", registry=self.registry
+        )
         self.in_flight = Gauge("mmrag_requests_in_flight", "Requests being served.", registry=self.registry)
         # Their ratio is what AIM's merge saves across the traffic (both count images' placeholder tokens).
         self.visual_tokens_before = Counter(

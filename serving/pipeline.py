@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
@@ -62,6 +62,9 @@ from mmrag.serving.retrieval.protocol import (
 )
 from mmrag.serving.vector_stores.access import with_owner
 
+if TYPE_CHECKING:
+    from mmrag.serving.retrieval.retriever import Embeddings
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChatBackend", "ChatPipeline", "LocalBackend", "PreparedChat", "compression_settings", "parse_chat_body"]
@@ -77,6 +80,10 @@ class ChatBackend(Protocol):
     async def retrieve(self, options: RetrievalOptions | None, query_text: str) -> RetrievalResult: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
+
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
+        """``/v1/embeddings``: the retriever's encoder embeds ``texts`` (it checks ``model`` and ``dimensions``)."""
+        ...
 
     async def check_health(self) -> None: ...
 
@@ -99,6 +106,12 @@ class LocalBackend:
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         assert self.engine is not None, "this backend only prepares"
         return self.engine.generate(request)
+
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
+        embed = getattr(self.retriever, "embed", None)  # a Retriever, or a stage that serves embeddings
+        if embed is None:
+            raise ServiceUnavailableError("embeddings need the retriever's encoder, not run here", param="model")
+        return await embed(texts, model=model, dimensions=dimensions)
 
     async def check_health(self) -> None:
         assert self.engine is not None, "this backend only prepares"

@@ -41,8 +41,9 @@ class FakeEngine(Engine):
         if not self.special_texts:
             words = [w for w in words if w not in ("slow", "die", "sleep")] or ["ok"]
         prompt_tokens = sum(len(str(m["content"]).split()) for m in request.messages) + 16 * len(request.images)
+        prompt_tokens += len((request.prompt or "").split())
         if prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError("prompt too long", param="messages")
+            raise InvalidRequestError("prompt too long", param="messages" if request.prompt is None else "prompt")
         self.running += 1
         try:
             if words == ["slow"]:
@@ -96,6 +97,8 @@ def sleep_seconds(words: list[str]) -> float | None:
 
 
 def last_user_text(request: GenerationRequest) -> str:
+    if request.prompt is not None:  # a completions prompt: answered with its words, as a user text is
+        return request.prompt
     for message in reversed(request.messages):
         if message["role"] == "user":
             content = message["content"]

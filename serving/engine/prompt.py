@@ -1,4 +1,5 @@
-"""A chat, its images and its retrieved documents as one vLLM engine input, rendered once.
+"""A chat, its images and its retrieved documents as one vLLM engine input, rendered once (or a legacy
+completions prompt, rendered as it is).
 
 Retrieved chunks go into the prompt within what the context leaves (text RAG), or as one ``<xrag>`` token
 each with the chunk's vector beside it (xRAG). The budget counts tokens of the chat text plus the image
@@ -19,7 +20,14 @@ from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_mes
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
 from mmrag.serving.xrag.projector import XRAG_TOKEN
 
-__all__ = ["PromptBuilder", "as_xrag_placeholders", "load_chat_template", "placeholder_tokens", "special_tokens"]
+__all__ = [
+    "PromptBuilder",
+    "as_xrag_placeholders",
+    "load_chat_template",
+    "modality_tokens",
+    "placeholder_tokens",
+    "special_tokens",
+]
 
 # Rebuilding a text-RAG prompt converges in one retry in practice; more would mean a template bug.
 _MAX_FIT_ATTEMPTS = 3
@@ -36,10 +44,13 @@ class PromptBuilder:
         self._aim = aim
         self.placeholders = placeholder_tokens(self._tokenizer)
         self.specials = special_tokens(self._tokenizer)
+        self.modality_tokens = modality_tokens(self._tokenizer, llm.model_config.hf_config)
         self.accepts_images = bool(llm.model_config.is_multimodal_model)
 
     async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
         """The rendered engine input (``prompt_token_ids``, multimodal data and placeholders)."""
+        if request.prompt is not None:
+            return await self._raw_prompt_input(request)
         self.reject_special_text(request.messages)
         if request.images and not self.accepts_images:
             raise InvalidRequestError(
@@ -51,6 +62,25 @@ class PromptBuilder:
             return await self._render(self.chat_text(request.messages), request)
         text, vectors = self._fit_context(request, retrieval)
         return await self._render(text, request, vectors)
+
+    async def _raw_prompt_input(self, request: GenerationRequest) -> dict[str, Any]:
+        """A completions prompt as it is: no chat template, no images, no retrieval. Chat markers and EOS are
+        the client's to write (it owns the whole prompt); a modality placeholder is not, as it would be an
+        image or document slot with nothing behind it. The prompt must leave room for one token at least."""
+        assert request.prompt is not None
+        token = first_special_token(request.prompt, self.modality_tokens)
+        if token is not None:
+            raise InvalidRequestError(f"prompt contains the model's reserved placeholder {token!r}", param="prompt")
+        engine_input = await self._render(request.prompt, request)
+        prompt_tokens, max_model_len = len(engine_input["prompt_token_ids"]), self._config.engine.max_model_len
+        if prompt_tokens >= max_model_len:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_tokens} tokens, which leaves no room in the model's context of "
+                f"{max_model_len} tokens; shorten the prompt",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return engine_input
 
     def _fit_context(self, request: GenerationRequest, retrieval: RetrievalResult) -> tuple[str, np.ndarray | None]:
         """The chat text with as many retrieved chunks as fit, and xRAG's vectors for those that went in.
@@ -143,6 +173,16 @@ def placeholder_tokens(tokenizer: Any) -> list[str]:
     markers = {getattr(tokenizer, n, None) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
     specials = [t for t in tokenizer.all_special_tokens if t not in markers]
     return specials + [XRAG_TOKEN] * (XRAG_TOKEN not in specials)
+
+
+def modality_tokens(tokenizer: Any, hf_config: Any) -> list[str]:
+    """The tokens that stand for an image or a document (``<image>``, ``<xrag>``): the config's image token,
+    and xRAG's placeholder."""
+    tokens = [XRAG_TOKEN]
+    image_id = getattr(hf_config, "image_token_index", None) or getattr(hf_config, "image_token_id", None)
+    if isinstance(image_id, int):
+        tokens.append(tokenizer.convert_ids_to_tokens(image_id))
+    return sorted((t for t in dict.fromkeys(tokens) if t), key=lambda t: (-len(t), t))
 
 
 def special_tokens(tokenizer: Any) -> list[str]:

@@ -56,7 +56,8 @@ class GenerationRequest:
 
     ``messages`` are in the form chat templates take: ``content`` is a string or a list of
     ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` parts; ``images`` holds the decoded images
-    in the order their parts appear.
+    in the order their parts appear. ``prompt`` (legacy completions) is a raw text prompt instead: sent to
+    the model as it is, with no chat template, images or retrieval (``messages`` is then empty).
     """
 
     request_id: str
@@ -66,6 +67,7 @@ class GenerationRequest:
     # Text RAG: the engine inserts these chunks into the prompt, within what its context leaves free.
     retrieval: RetrievalResult | None = None
     compression: CompressionSettings = field(default_factory=CompressionSettings)
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)

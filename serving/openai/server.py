@@ -34,7 +34,9 @@ from mmrag.serving.errors import (
 )
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
+from mmrag.serving.openai.completions_api import completions_router
 from mmrag.serving.openai.edge import EdgeGuard
+from mmrag.serving.openai.embeddings_api import embeddings_router
 from mmrag.serving.openai.files_api import files_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.responses_api import responses_router
@@ -161,6 +163,9 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     app.include_router(
         responses_router(config, pipeline, metrics, require_json=require_json, read_body=read_request_body)
     )
+    body_rules = {"require_json": require_json, "read_body": read_request_body}
+    app.include_router(completions_router(config, pipeline, metrics, **body_rules))
+    app.include_router(embeddings_router(config, pipeline, metrics, **body_rules))
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
+
+from mmrag.serving.errors import InvalidRequestError, ModelNotFoundError
 from mmrag.serving.retrieval.config import RetrievalConfig
 from mmrag.serving.retrieval.encoders import Encoder, load_encoder
 from mmrag.serving.retrieval.errors import (
@@ -36,6 +41,18 @@ from mmrag.serving.retrieval.protocol import (
 from mmrag.serving.retrieval.store import MilvusStore
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """``/v1/embeddings``' answer from the retriever: one vector per input, as ingestion stores documents."""
+
+    model: str
+    """The encoder's name (the one its collections record)."""
+    vectors: np.ndarray
+    """``float32[inputs, dim]``."""
+    tokens: list[int]
+    """Tokens the encoder read per input: special tokens included, at most its ``max_tokens``."""
 
 
 class Retriever:
@@ -126,6 +143,41 @@ class Retriever:
             RetrievedChunk(id=h.id, score=h.score, text=h.text, source=h.source, metadata=h.metadata, vector=h.vector)
             for h in hits
         ]
+
+    # -- /v1/embeddings ---------------------------------------------------------------------------
+
+    def embedding_model_names(self) -> tuple[str, ...]:
+        """What a request's ``model`` may say: the configured encoder name (``minilm``) or its full name
+        (``sentence-transformers/all-MiniLM-L6-v2``, as collections record it)."""
+        return tuple(dict.fromkeys((self.config.encoder.name, self.encoder.name)))
+
+    async def embed(self, texts: Sequence[str], *, model: str, dimensions: int | None = None) -> Embeddings:
+        """Embed ``texts`` as ingestion embeds documents (the document prefix), so a vector equals the one
+        Milvus stores for the same chunk text. Checks come first; encoding runs in a worker thread."""
+        if model not in self.embedding_model_names():
+            raise ModelNotFoundError(model)
+        if dimensions is not None and dimensions != self.encoder.dim:
+            raise InvalidRequestError(
+                f"dimensions={dimensions}: {self.encoder.name} makes {self.encoder.dim}-d vectors and cannot "
+                "shorten them (it was not trained to, as Matryoshka encoders are); omit dimensions",
+                param="dimensions",
+            )
+        return await asyncio.to_thread(self._embed, list(texts))
+
+    def _embed(self, texts: list[str]) -> Embeddings:
+        # One encoder batch per call: the encoder's lock is released between batches, so a large request
+        # does not hold up the chat retrievals of this replica for all of its inputs. Batches are the ones
+        # encode() would make itself, so the vectors are the same.
+        step = self.config.encoder.batch_size
+        vectors = np.concatenate(
+            [self.encoder.encode(texts[start : start + step]) for start in range(0, len(texts), step)]
+        )
+        prefix = self.config.encoder.document_prefix
+        read = [
+            min(len(self.encoder.token_spans(prefix + text)) + self.encoder.special_tokens, self.encoder.max_tokens)
+            for text in texts
+        ]
+        return Embeddings(model=self.encoder.name, vectors=vectors, tokens=read)
 
     def _degrade_or_raise(self, error: RetrievalError, info: RetrievalInfo) -> RetrievalResult:
         if not (error.degradable and self.config.on_failure == "degrade"):
