@@ -109,8 +109,11 @@ class LocalBackend:
 
     async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
         embed = getattr(self.retriever, "embed", None)  # a Retriever, or a stage that serves embeddings
-        if embed is None:
-            raise ServiceUnavailableError("embeddings need the retriever's encoder, not run here", param="model")
+        if embed is None:  # permanent for this server (a 404, as for a route it lacks), not a 503 to retry
+            raise NotFoundError(
+                "embeddings are not served here: they are the retriever's, and this server runs none",
+                code="embeddings_unavailable",
+            )
         return await embed(texts, model=model, dimensions=dimensions)
 
     async def check_health(self) -> None:

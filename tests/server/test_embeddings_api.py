@@ -158,10 +158,10 @@ def test_large_body_over_the_limit_is_413():
     assert response.status_code == 413
 
 
-def test_no_retriever_is_a_503():
+def test_no_retriever_is_a_404():
     cfg = config()
     with TestClient(create_app(cfg, LocalBackend(FakeEngine(cfg)))) as http:
         response = http.post(
             "/v1/embeddings", json={"model": "minilm", "input": "x"}, headers={"Authorization": f"Bearer {KEY}"}
         )
-    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert response.status_code == 404 and response.json()["error"]["code"] == "embeddings_unavailable"
