@@ -150,14 +150,19 @@ def local_ray_environment(server) -> dict[str, str]:
     gRPC, agents and metrics exporters to it or to every interface. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
     (what Ray does by default on macOS and Windows) its node IP is 127.0.0.1 and they bind there; other
     nodes cannot join then, which a single-machine ``mmrag serve`` never needs. One listener stays on every
-    interface: each Serve replica's inter-deployment gRPC server, which Ray binds to ``[::]:0`` unconditionally
-    (ray/serve/_private/replica.py). Not applied when joining a cluster or serving on a non-loopback address,
-    nor over a value the user set."""
+    interface in Ray itself: each Serve replica's inter-deployment gRPC server, which Ray binds to ``[::]:0``
+    unconditionally (ray/serve/_private/replica.py); :mod:`mmrag.deployments.loopback` rebinds it to the node IP
+    in each replica. Not applied when joining a cluster or serving on a non-loopback address, nor over a value
+    the user set."""
+    from mmrag.deployments.loopback import REPLICA_GRPC_HOST_ENV
     from mmrag.serving.openai.edge import is_loopback
 
     if server.ray_address is not None or not is_loopback(server.host):
         return {}
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")}
+    local_cluster = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if local_cluster != "0":  # the user asked for a node IP other nodes can reach
+        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": local_cluster}
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", REPLICA_GRPC_HOST_ENV: "127.0.0.1"}
 
 
 def stop_serving() -> None:

@@ -8,16 +8,21 @@ from pathlib import Path
 import openai
 import pytest
 
-from mmrag.serving.server_process import running_server
+from mmrag.serving.server_process import RunningServer, running_server
 
 CONFIG = Path(__file__).with_name("config.yaml")
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory) -> str:
+def tiny_server(tmp_path_factory) -> RunningServer:
     logs = tmp_path_factory.mktemp("server")
     with running_server(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"), log_path=logs / "serve.log") as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="session")
+def server_url(tiny_server) -> str:
+    return tiny_server.url
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from mmrag.serving.cli.serve import http_options, local_ray_environment
 from mmrag.serving.config import ServerConfig
 
-LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "MMRAG_REPLICA_GRPC_HOST": "127.0.0.1"}
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
@@ -34,3 +34,32 @@ def test_the_proxy_gets_the_configured_timeouts():
 
     assert HTTPOptions(**options).keep_alive_timeout_s == 7  # a field Serve's proxy hands to uvicorn
     assert ServerConfig().keep_alive_timeout_s == 5  # Ray's own default is 90 s
+
+
+def test_a_replica_binds_its_grpc_server_on_the_host_it_is_given(monkeypatch):
+    from ray.serve._private import replica
+
+    from mmrag.deployments.loopback import REPLICA_GRPC_HOST_ENV, keep_replica_grpc_on_loopback
+
+    class Server:
+        def __init__(self):
+            self.addresses = []
+
+        def add_insecure_port(self, address):
+            self.addresses.append(address)
+            return 4321
+
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", replica.add_port_to_grpc_server)  # restored after
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    monkeypatch.delenv(REPLICA_GRPC_HOST_ENV, raising=False)
+    keep_replica_grpc_on_loopback()  # unset: Ray's binding stays
+    server = Server()
+    replica.add_port_to_grpc_server(server, "[::]:0")
+    assert server.addresses == ["[::]:0"]
+
+    monkeypatch.setenv(REPLICA_GRPC_HOST_ENV, "127.0.0.1")
+    keep_replica_grpc_on_loopback()
+    keep_replica_grpc_on_loopback()  # idempotent: one wrapper, not two
+    assert replica.add_port_to_grpc_server(server, "[::]:0") == 4321
+    replica.add_port_to_grpc_server(server, "0.0.0.0:9000")  # an explicit address is left alone
+    assert server.addresses == ["[::]:0", "127.0.0.1:0", "0.0.0.0:9000"]
