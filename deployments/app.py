@@ -13,6 +13,7 @@ from ray.serve import Application
 from mmrag.deployments.ingress import OpenAIIngress
 from mmrag.deployments.llm import LLMServer
 from mmrag.deployments.retriever import RetrieverServer, retriever_options
+from mmrag.deployments.vector_stores import vector_stores_deployment
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import DEFAULT_ENGINE
 
@@ -29,6 +30,7 @@ def build_application(config: MmragConfig, engine_cls: str = DEFAULT_ENGINE) -> 
     """The chain for ``config``; ``engine_cls`` (an import path) swaps the engine, e.g. for tests."""
     payload = config.model_dump()
     llm = LLMServer.options(**config.deployments.llm.serve_options()).bind(payload, engine_cls)
-    retriever = RetrieverServer.options(**retriever_options(config)).bind(payload)
+    # With several retriever replicas the vector stores run in one more replica, which they forward to.
+    retriever = RetrieverServer.options(**retriever_options(config)).bind(payload, vector_stores_deployment(config))
     ingress_options = {**config.deployments.ingress.serve_options(), "backpressure_config": _BACKPRESSURE}
     return OpenAIIngress.options(**ingress_options).bind(payload, llm, retriever)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
+from mmrag.deployments.vector_stores import ForwardsVectorStores
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.stage import RetrievalStage
 from mmrag.serving.vector_stores.config import vector_stores_enabled
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from mmrag.serving.retrieval.retriever import Embeddings
 
 
-class RetrieverReplica(RetrievalStage):
+class RetrieverReplica(ForwardsVectorStores, RetrievalStage):
     """The stage as a replica serves it, plus ``/v1/embeddings``: the texts are encoded by the encoder that
     fills and searches the collections (in a worker thread of this replica)."""
 
@@ -32,14 +33,16 @@ RetrieverServer = serve.deployment(name="Retriever")(RetrieverReplica)
 
 
 def retriever_options(config: MmragConfig) -> dict[str, Any]:
-    """``Deployment.options`` for the retriever; refuses several replicas on one Milvus Lite file."""
+    """``Deployment.options`` for the retriever; refuses several replicas on a Milvus Lite path opened in-process
+    (several are fine on the Lite server that ``mmrag serve`` runs, ``retrieval.lite_server_uri``)."""
     options = config.deployments.retriever.serve_options()
-    vector_stores_enabled(config)  # refuses vector stores over several replicas
-    if config.retrieval.is_lite():
+    vector_stores_enabled(config)  # refuses vector stores over several replicas on a Milvus server
+    if config.retrieval.is_lite() and not config.retrieval.shares_lite():
         most = options.get("autoscaling_config", {}).get("max_replicas", options.get("num_replicas", 1))
         if most > 1:
             raise ValueError(
-                "Milvus Lite allows one process per file: deployments.retriever must have one replica "
-                "(or set retrieval.uri to a Milvus server)"
+                "Milvus Lite opened in-process allows one process at a time: deployments.retriever must have one "
+                "replica (or serve with `mmrag serve` and retrieval.milvus_lite_server on, which shares the Lite "
+                "path through a Lite server, or set retrieval.uri to a Milvus server)"
             )
     return options

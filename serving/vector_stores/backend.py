@@ -32,6 +32,7 @@ Method = Literal[
     "create_batch",
     "get_batch",
     "search",
+    "chat_scope",  # a retriever replica asking the VectorStores replica (deployments/vector_stores.py)
 ]
 METHODS: frozenset[str] = frozenset(Method.__args__)  # type: ignore[attr-defined]
 

@@ -17,9 +17,12 @@ class VectorStoresConfig(BaseModel):
 
     enabled: bool | None = Field(
         default=None,
-        description="Serve /v1/vector_stores and `retrieval.vector_store_ids`. None: when the retriever runs one "
-        "replica (always so on Milvus Lite): the records and ingestion jobs belong to one process, so with several "
-        "retriever replicas they are off, and true is a configuration error.",
+        description="Serve /v1/vector_stores and `retrieval.vector_store_ids`. The records and ingestion jobs belong "
+        "to one process: the retriever replica, or with several retriever replicas on Milvus Lite served by "
+        "`mmrag serve` (retrieval.milvus_lite_server), one more replica of its own (the VectorStores deployment), "
+        "which the retriever replicas forward to. None: on, except with several retriever replicas on a Milvus "
+        "server, where they are off and true is a configuration error (the replicas may be on other machines than "
+        "the records and uploaded files).",
     )
     collection: str = Field(
         default="mmrag_vector_stores",
@@ -81,13 +84,26 @@ class VectorStoresConfig(BaseModel):
 
 def vector_stores_enabled(config: Any) -> bool:
     """Whether the server of ``config`` (an ``MmragConfig``, not imported: it imports this module) serves
-    vector stores (see ``enabled``); raises for true with several retriever replicas."""
-    retriever = config.deployments.retriever
-    most = retriever.autoscaling.max_replicas if retriever.autoscaling else retriever.num_replicas
+    vector stores (see ``enabled``); raises for true with several retriever replicas on a Milvus server."""
     enabled = config.vector_stores.enabled
-    if enabled and most > 1:
+    if not several_retrievers(config) or config.retrieval.shares_lite():
+        return enabled is not False
+    if enabled:
         raise ValueError(
-            "vector_stores.enabled needs one retriever replica (deployments.retriever): the stores' records and "
-            "ingestion jobs belong to one process"
+            "vector_stores.enabled needs one retriever replica (deployments.retriever) on a Milvus server: the stores' "
+            "records and ingestion jobs belong to one process (several replicas work on Milvus Lite served by "
+            "`mmrag serve`, retrieval.milvus_lite_server)"
         )
-    return most == 1 if enabled is None else enabled
+    return False
+
+
+def several_retrievers(config: Any) -> bool:
+    """Whether the retriever deployment of ``config`` may run more than one replica."""
+    retriever = config.deployments.retriever
+    return (retriever.autoscaling.max_replicas if retriever.autoscaling else retriever.num_replicas) > 1
+
+
+def separate_vector_stores(config: Any) -> bool:
+    """Whether the vector stores run in a deployment of their own (one replica) that the retriever replicas
+    forward to: they are on and the retriever may run several replicas."""
+    return several_retrievers(config) and vector_stores_enabled(config)
