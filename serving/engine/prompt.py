@@ -44,7 +44,7 @@ class PromptBuilder:
         self._aim = aim
         self.placeholders = placeholder_tokens(self._tokenizer)
         self.specials = special_tokens(self._tokenizer)
-        self.modality_tokens = modality_tokens(self._tokenizer, llm.model_config.hf_config)
+        self.modality_tokens = modality_tokens(self._tokenizer, getattr(llm.model_config, "hf_config", None))
         self.accepts_images = bool(llm.model_config.is_multimodal_model)
 
     async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
