@@ -114,6 +114,13 @@ class LimitsConfig(_Strict):
         gt=0,
         description="Content parts (text and image_url) over a request's messages, counted before validation.",
     )
+    max_tools: int = Field(default=128, gt=0, description="Function tools per chat request (OpenAI's own cap).")
+    max_schema_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="JSON schemas per request (response_format, structured_outputs and every tool's parameters, "
+        "compact JSON, summed): grammar compilation grows with the schema, so a larger one is a 400 at the edge.",
+    )
     max_request_bytes: int = Field(default=64 * 2**20, gt=0, description="HTTP body size cap.")
     body_read_timeout_s: float = Field(
         default=60.0,

@@ -52,6 +52,8 @@ from mmrag.serving.openai.protocol import (
     new_completion_id,
     now,
 )
+from mmrag.serving.openai.structured import structured_output
+from mmrag.serving.openai.tools import ToolPlan, plan_tools, template_tool_fields, tool_call_deltas
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import (
     RetrievalOptions,
@@ -132,6 +134,7 @@ class PreparedChat:
     completion_id: str
     request: ChatCompletionRequest
     generation: GenerationRequest
+    tools: ToolPlan | None = None  # how the output is read as tool calls (None: no tools)
 
 
 class ChatPipeline:
@@ -160,21 +163,24 @@ class ChatPipeline:
         with API keys (it searches only that key's vector stores), None on an open one."""
         completion_id = new_completion_id()
         check_limits(request, self.config)
+        tools = plan_tools(request)
         generation = GenerationRequest(
             request_id=completion_id,
             messages=[template_message(m) for m in request.messages],
             images=await self._load_images(request),
-            sampling=sampling_options(request),
+            sampling=sampling_options(request, tools),
             compression=compression_settings(request.compression, self.config.compression),
+            tools=tools.prompt_tools if tools else None,
         )
         generation.retrieval = await self._retrieve(request, generation, owner)
         stores = request.retrieval.vector_store_ids if request.retrieval is not None else None
         if stores and generation.retrieval is not None and generation.retrieval.chunks:  # image files: stores only
             await self._show_retrieved_images(generation)
-        return PreparedChat(completion_id, request, generation)
+        return PreparedChat(completion_id, request, generation, tools)
 
     def generate(self, prepared: PreparedChat) -> AsyncIterator[GenerationDelta]:
-        return self.backend.generate(prepared.generation)
+        deltas = self.backend.generate(prepared.generation)
+        return tool_call_deltas(deltas, prepared.tools) if prepared.tools is not None else deltas
 
     async def complete(
         self, prepared: PreparedChat, deltas: AsyncIterator[GenerationDelta] | None = None
@@ -448,14 +454,15 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     """OpenAI message -> chat-template message (``image_url`` parts become bare ``{"type": "image"}``)."""
     role = "system" if message.role == "developer" else message.role
     if not isinstance(message.content, list):
-        return {"role": role, "content": message.content or ""}
+        return {"role": role, "content": message.content or "", **template_tool_fields(message)}
     parts = [
         {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in message.content
     ]
-    return {"role": role, "content": parts}
+    return {"role": role, "content": parts, **template_tool_fields(message)}
 
 
-def sampling_options(request: ChatCompletionRequest) -> SamplingOptions:
+def sampling_options(request: ChatCompletionRequest, tools: ToolPlan | None = None) -> SamplingOptions:
+    """The request's sampling; a forced tool call's constraint wins over response_format (never both: a 400)."""
     return SamplingOptions(
         max_tokens=request.completion_limit,
         temperature=request.temperature,
@@ -466,4 +473,9 @@ def sampling_options(request: ChatCompletionRequest) -> SamplingOptions:
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        structured=(tools.structured if tools else None) or structured_output(request),
+        logit_bias=tuple((int(k), v) for k, v in (request.logit_bias or {}).items()),
+        min_p=request.min_p,
+        top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty,
     )

@@ -15,6 +15,7 @@ import numpy as np
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import COMPLETION_RESERVE_TOKENS, GenerationRequest, text_rag_budget
+from mmrag.serving.engine.tool_prompt import reject_special_tool_text, render_tools
 from mmrag.serving.errors import InvalidRequestError
 from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
@@ -52,6 +53,7 @@ class PromptBuilder:
         if request.prompt is not None:
             return await self._raw_prompt_input(request)
         self.reject_special_text(request.messages)
+        reject_special_tool_text(request.messages, request.tools, self.specials)
         if request.images and not self.accepts_images:
             raise InvalidRequestError(
                 f"the served model ({self._config.model.served_name}) reads text only; send no image_url parts",
@@ -59,7 +61,7 @@ class PromptBuilder:
             )
         retrieval = request.retrieval
         if retrieval is None or not retrieval.chunks:
-            return await self._render(self.chat_text(request.messages), request)
+            return await self._render(self.chat_text(request.messages, request.tools), request)
         text, vectors = self._fit_context(request, retrieval)
         return await self._render(text, request, vectors)
 
@@ -92,7 +94,7 @@ class PromptBuilder:
             chunk.text = strip_special_tokens(chunk.text, self.specials)
         max_model_len = self._config.engine.max_model_len
         image_surplus = self._image_token_surplus(request)
-        bare_tokens = self._count(self.chat_text(request.messages)) + image_surplus
+        bare_tokens = self._count(self.chat_text(request.messages, request.tools)) + image_surplus
         max_tokens = request.sampling.max_tokens
         text_rag = self._config.retrieval.text_rag
         budget = text_rag_budget(text_rag.max_context_tokens, max_model_len, bare_tokens, max_tokens)
@@ -102,7 +104,7 @@ class PromptBuilder:
         in_prompt = as_xrag_placeholders(retrieval) if xrag else retrieval
         for _ in range(_MAX_FIT_ATTEMPTS):
             messages = build_text_rag_messages(request.messages, in_prompt, self._tokenizer, budget, text_rag)
-            text = self.chat_text(messages)
+            text = self.chat_text(messages, request.tools)
             overflow = self._count(text) + image_surplus + reserve - max_model_len
             if overflow <= 0 or budget == 0:
                 break
@@ -124,10 +126,11 @@ class PromptBuilder:
         )
         return expanded - len(request.images)
 
-    def chat_text(self, messages: list[dict[str, Any]]) -> str:
+    def chat_text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        messages, tools = render_tools(messages, tools, self._chat_template)
         try:
             return self._tokenizer.apply_chat_template(
-                messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
+                messages, chat_template=self._chat_template, tools=tools, tokenize=False, add_generation_prompt=True
             )
         except Exception as exc:  # jinja errors: a message shape the template does not accept
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc

@@ -12,7 +12,7 @@ import abc
 import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
@@ -20,6 +20,18 @@ from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult
 
 if TYPE_CHECKING:
     from mmrag.kernels.methods.base import KVMethod
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the answer (vLLM's structured outputs): ``kind`` json (``spec``: a JSON schema's text),
+    json_object, regex (``spec``), choice (``choices``) or grammar (``spec``). ``param``: the request field
+    that asked for it, which a backend's refusal names."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: str | None = None
+    choices: tuple[str, ...] = ()
+    param: str = "response_format"
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,13 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     # None: no log-probabilities; k >= 0: each sampled token's, with the k most likely alternatives.
     logprobs: int | None = None
+    # None: free text; else the answer is constrained (response_format, a forced tool call).
+    structured: StructuredOutput | None = None
+    # (token id, bias) pairs; ids are checked against the vocabulary by the engine.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,8 @@ class GenerationRequest:
     # Text RAG: the engine inserts these chunks into the prompt, within what its context leaves free.
     retrieval: RetrievalResult | None = None
     compression: CompressionSettings = field(default_factory=CompressionSettings)
+    # Function tools the model is shown (``{"type": "function", "function": {...}}``); None: none.
+    tools: list[dict[str, Any]] | None = None
     prompt: str | None = None
 
 
@@ -95,6 +116,17 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCallChunk:
+    """A piece of one tool call of a choice: the first piece of call ``index`` carries its ``id`` and
+    ``name``, later pieces only more ``arguments`` text."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     """New output of one choice. Token counts are cumulative for the request so far."""
 
@@ -109,6 +141,9 @@ class GenerationDelta:
     compression: CompressionCounts | None = None
     # One entry per token of ``text`` when the request asked for log-probabilities.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # None: a text answer. A tuple (empty while a call is still being read): a tool-call answer, whose pieces
+    # of calls these are (the output they were read from is not in ``text``).
+    tool_calls: tuple[ToolCallChunk, ...] | None = None
 
 
 # With no max_tokens in the request, text RAG leaves at least this many tokens for the answer.

@@ -25,6 +25,7 @@ from mmrag.serving.engine.protocol import (
     GenerationDelta,
     GenerationRequest,
     SamplingOptions,
+    StructuredOutput,
     TokenLogprob,
 )
 from mmrag.serving.errors import EngineUnavailableError, InvalidRequestError
@@ -89,7 +90,7 @@ class VllmEngine(Engine):
                     )
                     retrieval = None
         except Exception as exc:
-            raise _as_openai_error(exc) from exc
+            raise _as_openai_error(exc, request.sampling.structured) from exc
 
     def _check_compression(self, settings: CompressionSettings) -> None:
         """What the request asks for must be something this deployment runs."""
@@ -170,6 +171,11 @@ class VllmEngine(Engine):
             logprobs=options.logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra_args,
+            structured_outputs=_structured_outputs_params(options.structured),
+            logit_bias=dict(options.logit_bias) or None,
+            min_p=options.min_p,
+            top_k=options.top_k,
+            repetition_penalty=options.repetition_penalty,
         )
 
     async def check_health(self) -> None:
@@ -192,6 +198,23 @@ class VllmEngine(Engine):
             self._llm = None
 
 
+def _structured_outputs_params(structured: StructuredOutput | None) -> Any:
+    """Our constraint as vLLM's ``StructuredOutputsParams`` (the backend is the engine's, chosen at start)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.kind == "json":
+        return StructuredOutputsParams(json=structured.spec)
+    if structured.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if structured.kind == "choice":
+        return StructuredOutputsParams(choice=list(structured.choices))
+    if structured.kind == "regex":
+        return StructuredOutputsParams(regex=structured.spec)
+    return StructuredOutputsParams(grammar=structured.spec)
+
+
 def _token_logprobs(choice: Any, top_k: int) -> tuple[TokenLogprob, ...]:
     """vLLM's per-position ``{token_id: Logprob}`` (the top ``top_k`` plus the sampled token) as ours."""
     out = []
@@ -211,8 +234,9 @@ def _token_logprobs(choice: Any, top_k: int) -> tuple[TokenLogprob, ...]:
 _REQUEST_FIELD = {"input_tokens": "messages", "max_output_tokens": "max_tokens", "prompt": "messages"}
 
 
-def _as_openai_error(exc: Exception) -> Exception:
-    """vLLM's validation errors become 400s naming the field; a dead engine becomes a 503."""
+def _as_openai_error(exc: Exception, structured: StructuredOutput | None = None) -> Exception:
+    """vLLM's validation errors become 400s naming the field; a dead engine becomes a 503. A refusal that names
+    no parameter, of a constrained request, is the structured-output backend's: it names the constraint's field."""
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -222,7 +246,10 @@ def _as_openai_error(exc: Exception) -> Exception:
         logger.error("the engine died: %s", exc)
         return EngineUnavailableError("the engine died; it is being restarted")
     if isinstance(exc, VLLMValidationError):
-        parameter = getattr(exc, "parameter", None) or "input_tokens"
+        parameter = getattr(exc, "parameter", None)
+        if parameter is None and structured is not None:
+            return InvalidRequestError(f"{structured.param}: {exc}", param=structured.param)
+        parameter = parameter or "input_tokens"
         return InvalidRequestError(str(exc), param=_REQUEST_FIELD.get(parameter, parameter))
     if isinstance(exc, ValueError | TypeError):
         return InvalidRequestError(str(exc), param="messages")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from mmrag.serving.engine.protocol import GenerationDelta
+from mmrag.serving.engine.protocol import GenerationDelta, ToolCallChunk
 from mmrag.serving.engine.protocol import TokenLogprob as EngineTokenLogprob
 from mmrag.serving.openai.protocol import (
     ChatCompletion,
@@ -14,8 +14,12 @@ from mmrag.serving.openai.protocol import (
     ChunkChoice,
     CompressionUsage,
     Delta,
+    FunctionCallDelta,
+    FunctionCallOut,
     ResponseMessage,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -60,11 +64,14 @@ async def collect_completion(
     texts = [""] * n
     logprobs: list[list[TokenLogprob] | None] = [None] * n
     finish: list[str | None] = [None] * n
+    calls: list[dict[int, ToolCall]] = [{} for _ in range(n)]
     last: GenerationDelta | None = None
     retrieval = None
     async for delta in deltas:
         retrieval = retrieval or delta.retrieval
         texts[delta.index] += delta.text
+        for piece in delta.tool_calls or ():
+            _add_call_piece(calls[delta.index], piece)
         if delta.logprobs is not None:
             logprobs[delta.index] = (logprobs[delta.index] or []) + logprob_entries(delta.logprobs)
         finish[delta.index] = delta.finish_reason or finish[delta.index]
@@ -72,7 +79,10 @@ async def collect_completion(
     choices = [
         Choice(
             index=i,
-            message=ResponseMessage(content=texts[i]),
+            message=ResponseMessage(
+                content=texts[i] if texts[i] or not calls[i] else None,
+                tool_calls=[calls[i][k] for k in sorted(calls[i])] or None,
+            ),
             finish_reason=finish[i],
             logprobs=ChoiceLogprobs(content=logprobs[i]) if logprobs[i] is not None else None,
         )
@@ -83,12 +93,43 @@ async def collect_completion(
     )
 
 
+def _add_call_piece(calls: dict[int, ToolCall], piece: ToolCallChunk) -> None:
+    """A streamed piece of a call into the whole call (the first piece names it, the rest add arguments)."""
+    call = calls.get(piece.index)
+    if call is None:
+        calls[piece.index] = ToolCall(
+            id=piece.id or "", function=FunctionCallOut(name=piece.name or "", arguments=piece.arguments)
+        )
+    else:
+        call.function.arguments += piece.arguments
+
+
+def _tool_call_deltas(pieces: tuple[ToolCallChunk, ...] | None) -> list[ToolCallDelta] | None:
+    if not pieces:
+        return None
+    return [
+        ToolCallDelta(
+            index=p.index,
+            id=p.id,
+            type="function" if p.id is not None else None,
+            function=FunctionCallDelta(name=p.name, arguments=p.arguments),
+        )
+        for p in pieces
+    ]
+
+
 def chunk_of(
     delta: GenerationDelta, *, first: bool, completion_id: str, created: int, model: str
 ) -> ChatCompletionChunk:
+    calls = _tool_call_deltas(delta.tool_calls)
     choice = ChunkChoice(
         index=delta.index,
-        delta=Delta(role="assistant" if first else None, content=delta.text),
+        # A tool-call answer has no text: content stays null, as OpenAI's.
+        delta=Delta(
+            role="assistant" if first else None,
+            content=None if delta.tool_calls is not None else delta.text,
+            tool_calls=calls,
+        ),
         finish_reason=delta.finish_reason,
         logprobs=ChoiceLogprobs(content=logprob_entries(delta.logprobs)) if delta.logprobs is not None else None,
     )

@@ -1,10 +1,12 @@
 """OpenAI chat-completions request and response shapes (the subset mmrag serves, validated strictly).
 
-Unknown top-level fields are ignored, as OpenAI-compatible servers do (clients send fields such as
-``user`` or ``metadata``), except OpenAI's own fields that would change the answer and that mmrag does not
-implement (``tools``, ``response_format``, ``logit_bias``, ...): ignoring those would return a 200 that is
-not what the client asked for, so they are a 400 naming the field. Everything mmrag reads is typed and
-range-checked here, so a bad value is a 400 naming the field before any work starts.
+Unknown top-level fields are ignored, as OpenAI-compatible servers do, except OpenAI's own fields that would
+change the answer and that mmrag does not implement (``audio``, ``functions``, ``verbosity``, ...): ignoring
+those would return a 200 that is not what the client asked for, so they are a 400 naming the field. OpenAI
+fields that ask for nothing the answer shows (``user``, ``metadata``, ``service_tier``, ``prediction``, ...)
+are typed, bounded and accepted as no-ops (see docs/usage.md). Everything mmrag reads is typed and
+range-checked here, so a bad value is a 400 naming the field before any work starts; tool definitions and
+``response_format`` schemas are checked in :mod:`.tools` and :mod:`.structured`.
 """
 
 from __future__ import annotations
@@ -18,42 +20,41 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic.json_schema import SkipJsonSchema
 
 from mmrag.serving.config import LimitsConfig
-from mmrag.serving.errors import InvalidRequestError
+from mmrag.serving.errors import InvalidRequestError, clip
 from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalOptions
 
 _DEFAULT_LIMITS = LimitsConfig()
 
 # OpenAI chat fields that change what the answer is and that mmrag does not implement. They are declared
-# (hidden from the OpenAPI document) only to be refused by name; fields that do not change the answer
-# (``user``, ``metadata``, ``store``, ``service_tier``, ...) stay ignored, as unknown fields are.
+# (hidden from the OpenAPI document) only to be refused by name. ``functions`` / ``function_call`` are the
+# deprecated form of ``tools`` / ``tool_choice`` (use those); ``reasoning_effort`` and ``verbosity`` steer
+# reasoning models (OpenAI refuses them for others too); ``moderation`` and ``web_search_options`` ask for
+# services mmrag does not run; ``audio`` and ``modalities`` other than text ask for audio output.
 UNSUPPORTED_REQUEST_FIELDS = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
     "functions",
     "function_call",
-    "response_format",
-    "logit_bias",
     "audio",
     "modalities",
-    "prediction",
+    "moderation",
     "reasoning_effort",
     "verbosity",
     "web_search_options",
 )
-UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "function_call", "tool_call_id", "audio")
+UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 
 
 def refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
-    """A set unsupported field is a 400 naming it; null, an empty list or object, and ``response_format``
-    ``{"type": "text"}`` ask for nothing beyond what mmrag does, so some clients' defaults still pass."""
-    if value is None or value == [] or value == {} or (info.field_name == "response_format" and value == _TEXT):
+    """A set unsupported field is a 400 naming it; null, an empty list or object, and ``modalities``
+    ``["text"]`` ask for nothing beyond what mmrag does, so some clients' defaults still pass."""
+    if value is None or value == [] or value == {} or (info.field_name == "modalities" and value == ["text"]):
         return value
     raise ValueError(f"`{info.field_name}` is not supported by this server")
 
 
-_TEXT = {"type": "text"}
 _Unsupported = SkipJsonSchema[Any]
+
+# OpenAI's rule for function and response-format names.
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class _Part(BaseModel):
@@ -78,15 +79,34 @@ class ImagePart(_Part):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    """A call the assistant made, as the client sends it back in the history."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(description="The call's arguments: JSON text, as the server returned them.")
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: _Unsupported = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, description="assistant messages: calls it made.")
+    tool_call_id: str | None = Field(
+        default=None, min_length=1, max_length=256, description="tool messages: the call this is the result of."
+    )
     function_call: _Unsupported = None
-    tool_call_id: _Unsupported = None
     audio: _Unsupported = None
 
     _refuse_unsupported = field_validator(*UNSUPPORTED_MESSAGE_FIELDS)(refuse_unsupported)
@@ -98,6 +118,10 @@ class ChatMessage(BaseModel):
             raise ValueError(f"image_url parts are only accepted in user messages, not {self.role}")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls are only accepted in assistant messages, not {self.role}")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only tool messages take one")
         return self
 
 
@@ -146,6 +170,87 @@ class CompressionOptions(BaseModel):
         return None if self.kv is None else kv_method_from_dict(self.kv)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=NAME_PATTERN, description="Letters, digits, _ and -; at most 64 characters.")
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="A JSON schema of the arguments object (absent: no arguments)."
+    )
+    strict: bool | None = Field(default=None, description="Accepted; forced calls always follow the schema.")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=8192)
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="The JSON schema the answer follows (absent: any JSON object)."
+    )
+    strict: bool | None = Field(default=None, description="Accepted; the answer always follows the schema.")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputsOptions(BaseModel):
+    """vLLM's extra (``structured_outputs`` in the body): constrain the answer to exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: dict[str, Any] | None = Field(default=None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(default=None, min_length=1, description="A regular expression.")
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=1024, description="One of these.")
+    grammar: str | None = Field(default=None, min_length=1, description="An EBNF / Lark grammar.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputsOptions:
+        if sum(v is not None for v in (self.json_schema, self.regex, self.choice, self.grammar)) != 1:
+            raise ValueError("set exactly one of json, regex, choice, grammar")
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -168,17 +273,41 @@ class ChatCompletionRequest(BaseModel):
     retrieval: RetrievalOptions | None = None
     # mmrag extension: per-request compression (AIM keep ratio), overriding the deployment default.
     compression: CompressionOptions | None = None
+    # Structured outputs and tool calls (see mmrag.serving.openai.structured and .tools).
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM's sampling extras, top-level as vLLM's own server takes them.
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias added to its logit, in [-100, 100]."
+    )
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top one's.")
+    top_k: int = Field(default=0, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1: all).")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="vLLM: > 1 discourages tokens already in the prompt or answer."
+    )
+    structured_outputs: StructuredOutputsOptions | None = Field(
+        default=None, description="vLLM: constrain the answer to a JSON schema, regex, choice or grammar."
+    )
+    # OpenAI fields accepted as no-ops: they ask for nothing the answer shows (bounded as OpenAI bounds them).
+    user: str | None = Field(default=None, max_length=512)
+    safety_identifier: str | None = Field(default=None, max_length=512)
+    prompt_cache_key: str | None = Field(default=None, max_length=512)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = Field(default=None, description="At most 16 pairs; keys 64, values 512 chars.")
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    store: bool | None = Field(default=None, description="false or null: this server stores no completions.")
+    prediction: dict[str, Any] | None = Field(
+        default=None, description="A latency hint only (the answer does not depend on it): accepted, unused."
+    )
     # OpenAI fields mmrag does not implement (see UNSUPPORTED_REQUEST_FIELDS): a 400 when set.
-    tools: _Unsupported = None
-    tool_choice: _Unsupported = None
-    parallel_tool_calls: _Unsupported = None
     functions: _Unsupported = None
     function_call: _Unsupported = None
-    response_format: _Unsupported = None
-    logit_bias: _Unsupported = None
     audio: _Unsupported = None
     modalities: _Unsupported = None
-    prediction: _Unsupported = None
+    moderation: _Unsupported = None
     reasoning_effort: _Unsupported = None
     verbosity: _Unsupported = None
     web_search_options: _Unsupported = None
@@ -196,9 +325,61 @@ class ChatCompletionRequest(BaseModel):
         if len(messages) > limits.max_messages:
             raise ValueError(f"{len(messages)} messages; at most {limits.max_messages} per request")
         parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        # Tool calls in the history count as parts: each is a model too.
+        parts += sum(
+            len(m["tool_calls"]) for m in messages if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+        )
         if parts > limits.max_content_parts:
             raise ValueError(f"{parts} content parts in all; at most {limits.max_content_parts} per request")
         return messages
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools_counted_before_validation(cls, tools: Any, info: ValidationInfo) -> Any:
+        limit = validation_limits(info).max_tools
+        if isinstance(tools, list) and len(tools) > limit:
+            raise ValueError(f"{len(tools)} tools; at most {limit} per request")
+        return tools
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids (the engine checks them against its vocabulary); values in [-100, 100]."""
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+        for key, value in bias.items():
+            if not key.isascii() or not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys are token ids (non-negative integers), not {clip(key)}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"token {key}: bias {value} is outside [-100, 100]")
+        return bias
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None:
+            if len(metadata) > 16:
+                raise ValueError("at most 16 key-value pairs")
+            if any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+                raise ValueError("keys are at most 64 characters, values at most 512")
+        return metadata
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_stored(cls, store: bool | None) -> bool | None:
+        if store:
+            raise ValueError("this server does not store completions; send false or leave it out")
+        return store
+
+    @model_validator(mode="after")
+    def _tools_and_formats(self, info: ValidationInfo) -> ChatCompletionRequest:
+        """Tool definitions, the tool choice and the schemas asked for: a 400 naming the exact field."""
+        from mmrag.serving.openai.structured import check_request_schemas
+
+        check_request_schemas(self, validation_limits(info))
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -221,6 +402,10 @@ class ChatCompletionRequest(BaseModel):
     def completion_limit(self) -> int | None:
         """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
+
+
+# OpenAI documents no bound; 1024 biased tokens is far more than any use and keeps the engine's work small.
+MAX_LOGIT_BIAS = 1024
 
 
 def validation_limits(info: ValidationInfo) -> LimitsConfig:
@@ -265,9 +450,25 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+def _none(value: Any) -> bool:
+    return value is None
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments object.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_none)
 
 
 class Choice(BaseModel):
@@ -287,9 +488,24 @@ class ChatCompletion(BaseModel):
     retrieval: RetrievalInfo | None = Field(default=None, description="mmrag: what retrieval found and used.")
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_none)
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """One piece of a streamed call: the first carries ``id``, ``type`` and the name; the rest add arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_none)
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=_none)
 
 
 class ChunkChoice(BaseModel):

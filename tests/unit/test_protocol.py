@@ -100,15 +100,12 @@ def test_message_count_is_capped_before_validation():
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"verbosity": "low"}, "verbosity"),
     ],
 )
 def test_unimplemented_openai_fields_are_a_400_naming_them(extra, param):
@@ -119,14 +116,15 @@ def test_unimplemented_openai_fields_are_a_400_naming_them(extra, param):
 
 
 def test_unimplemented_message_fields_are_a_400_naming_them():
-    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    payload = {"model": "m", "messages": [{"role": "assistant", "content": None, "tool_calls": calls}]}
+    call = {"name": "f", "arguments": "{}"}
+    payload = {"model": "m", "messages": [{"role": "assistant", "content": None, "function_call": call}]}
     with pytest.raises(InvalidRequestError) as info:
         parse(payload)
-    assert info.value.param == "messages[0].tool_calls"
+    assert info.value.param == "messages[0].function_call"
 
 
 def test_fields_that_ask_for_nothing_unsupported_are_accepted():
     # OpenAI clients send user/metadata; some send unset fields as null or empty, or the default format.
     extra = {"user": "u", "metadata": {"k": "v"}, "tools": None, "logit_bias": {}, "response_format": {"type": "text"}}
+    extra |= {"functions": [], "audio": None, "modalities": ["text"]}
     assert parse({**user("hi"), **extra}).messages[0].content == "hi"
