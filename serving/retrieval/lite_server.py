@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"  # milvus-lite's own default is 0.0.0.0: always pass the host
 START_TIMEOUT_S = 60.0
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 30.0  # milvus-lite drains requests (5 s), then closes: waits for its background index builds
 _READY = "gRPC server listening on"  # what `milvus-lite server` prints once it serves
 
 
@@ -160,7 +160,16 @@ class LiteServer:
 
     def _spawn(self, port: int, timeout_s: float) -> None:
         # `milvus-lite server` of this interpreter's install (no PATH lookup), through the shim below.
-        command = [sys.executable, "-c", _SHIM, str(os.getpid()), "server", "--data-dir", str(self.data_dir)]
+        command = [
+            sys.executable,
+            "-c",
+            _SHIM,
+            str(os.getpid()),
+            _SERIALIZED,
+            "server",
+            "--data-dir",
+            str(self.data_dir),
+        ]
         command += ["--host", HOST, "--port", str(port)]
         with open(self.log_file, "ab") as log:
             self._log_offset = log.tell()
@@ -285,7 +294,15 @@ class _PortTaken(Exception):
 # parent dies, so a killed `mmrag serve` leaves no server holding the data directory (PR_SET_PDEATHSIG follows
 # the parent *thread*: start servers from a thread that lives as long as they should). And gRPC without
 # SO_REUSEPORT, which it sets by default on Linux: with it a second server binds a port already served and
-# the two share its connections; without it a taken port fails the bind (and we pick another).
+# the two share its connections; without it a taken port fails the bind (and we pick another). And one write
+# at a time: milvus-lite's server runs requests on a thread pool but its engine takes one writer per
+# collection (its sequence numbers and WAL appends are not locked), so the calls that change anything are
+# serialized here; searches and queries still run side by side.
+_SERIALIZED = (
+    "CreateCollection DropCollection RenameCollection AlterCollection TruncateCollection Insert Upsert Delete "
+    "Flush CreateIndex DropIndex CreatePartition DropPartition LoadCollection ReleaseCollection ManualCompaction "
+    "CreateDatabase DropDatabase AlterDatabase CreateAlias AlterAlias DropAlias"
+)
 _SHIM = """
 import os, signal, sys
 if sys.platform.startswith("linux"):
@@ -298,7 +315,17 @@ _grpc_server = grpc.server
 def _server(*args, options=(), **kwargs):
     return _grpc_server(*args, options=[*options, ("grpc.so_reuseport", 0)], **kwargs)
 grpc.server = _server
+import threading
+from milvus_lite.adapter.grpc.servicer import MilvusServicer
+_writes = threading.RLock()
+def _one_at_a_time(method):
+    def call(self, request, context):
+        with _writes:
+            return method(self, request, context)
+    return call
+for _name in sys.argv[2].split():
+    setattr(MilvusServicer, _name, _one_at_a_time(getattr(MilvusServicer, _name)))
 from milvus_lite.cmdline import main
-sys.argv = ["milvus-lite", *sys.argv[2:]]
+sys.argv = ["milvus-lite", *sys.argv[3:]]
 sys.exit(main())
 """

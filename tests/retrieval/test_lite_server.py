@@ -117,3 +117,42 @@ def test_health_fails_while_the_server_is_down(lite):
         retriever.check_health()
     finally:
         retriever.close()
+
+
+def test_concurrent_writers_to_one_collection_lose_nothing(lite):
+    """Writes are serialized in the server (milvus-lite's engine has one writer per collection): six clients
+    upserting into one collection at once, with flushes among them, leave every row (an unpatched
+    `milvus-lite server` lost 950 of 12000 such rows in one of two trial runs here)."""
+    import threading
+
+    from pymilvus import MilvusClient
+
+    MilvusClient(lite.uri).create_collection("concurrent", dimension=4)
+    failures: list[BaseException] = []
+
+    def write(writer: int) -> None:
+        client = MilvusClient(lite.uri)
+        try:
+            for batch in range(20):
+                rows = [
+                    {"id": writer * 10_000 + batch * 50 + i, "vector": [0.1, 0.2, 0.3, float(i)]} for i in range(50)
+                ]
+                client.upsert("concurrent", rows)
+                if batch % 5 == 0:
+                    client.flush("concurrent")
+        except BaseException as exc:  # reported below: a thread's exception would otherwise vanish
+            failures.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    client = MilvusClient(lite.uri)
+    client.flush("concurrent")
+    client.load_collection("concurrent")
+    assert client.query("concurrent", filter="", output_fields=["count(*)"])[0]["count(*)"] == 6 * 20 * 50
+    client.close()
