@@ -369,10 +369,10 @@ class MilvusStore:
             hint = ""
             if self._lite_path is not None:
                 hint = (
-                    f" (is another process holding the Lite directory {self._lite_path}, e.g. `mmrag serve` with "
-                    "retrieval.milvus_lite_server false, or `mmrag ingest`? Opened in-process, Milvus Lite allows "
-                    "one process at a time; `mmrag serve` on the default shares it through a Lite server, "
-                    "which other mmrag commands then use)"
+                    f" (is another process holding the Lite directory {self._lite_path}, e.g. `mmrag ingest`, or "
+                    "`mmrag serve` with retrieval.milvus_lite_server false? Opened in-process, Milvus Lite allows "
+                    "one process per file; `mmrag serve` on the default shares it through a Lite server, which "
+                    "other mmrag commands then use)"
                 )
             raise StoreUnreachableError(f"{op}: cannot open {where}: {exc.message}{hint}") from exc
         except MilvusException as exc:

@@ -91,7 +91,7 @@ def test_stores_use_the_running_server_unless_told_to_open_the_directory(lite):
         assert first.lite_server == second.lite_server == lite.uri == first.uri
         assert first.list_collections() == []
         # File mode on a directory the server holds: the lock error, with the hint.
-        with pytest.raises(StoreUnreachableError, match="Milvus Lite allows one process at a time"):
+        with pytest.raises(StoreUnreachableError, match="Milvus Lite allows one process per file"):
             MilvusStore(shared.model_copy(update={"milvus_lite_server": False})).list_collections()
     finally:
         first.close()
