@@ -38,9 +38,10 @@ from mmrag.serving.openai.completions_api import completions_router
 from mmrag.serving.openai.edge import EdgeGuard
 from mmrag.serving.openai.embeddings_api import embeddings_router
 from mmrag.serving.openai.files_api import files_router
+from mmrag.serving.openai.playground_api import playground_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.responses_api import responses_router
-from mmrag.serving.openai.streaming import StreamThenCall
+from mmrag.serving.openai.streaming import ChunkEvents, StreamThenCall
 from mmrag.serving.openai.vector_stores_api import request_owners, vector_stores_router
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
@@ -166,6 +167,8 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     body_rules = {"require_json": require_json, "read_body": read_request_body}
     app.include_router(completions_router(config, pipeline, metrics, **body_rules))
     app.include_router(embeddings_router(config, pipeline, metrics, **body_rules))
+    if config.server.playground:
+        app.include_router(playground_router())
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 
@@ -257,14 +260,15 @@ async def sse_events(
     model: str,
 ) -> AsyncIterator[str]:
     ids = {"completion_id": completion_id, "created": created, "model": model}
+    events = ChunkEvents(lambda delta, opens: chat.chunk_of(delta, first=opens, **ids).model_dump())
     started: set[int] = set()
     last = first
     try:
         if first is not None:
             started.add(first.index)
-            yield _sse(chat.chunk_of(first, first=True, **ids).model_dump())
+            yield events.event(first, first=True)
             async for delta in deltas:
-                yield _sse(chat.chunk_of(delta, first=delta.index not in started, **ids).model_dump())
+                yield events.event(delta, first=delta.index not in started)
                 started.add(delta.index)
                 last = delta
         if include_usage:
