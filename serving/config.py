@@ -68,6 +68,26 @@ class EngineConfig(_Strict):
         default_factory=dict,
         description="Any other vLLM AsyncEngineArgs field, passed through; unknown names are errors.",
     )
+    structured_outputs_backend: Literal["xgrammar", "guidance", "outlines", "lm-format-enforcer", "auto"] = Field(
+        default="xgrammar",
+        description="vLLM's structured-output backend, for response_format, structured_outputs and forced tool calls "
+        "(docs/usage.md: which work on the CPU build). 'guidance' (llguidance) takes the JSON-schema features "
+        "xgrammar lacks; 'auto' is vLLM's choice per request.",
+    )
+    compact_json: bool = Field(
+        default=True,
+        description="Constrained JSON has no free whitespace between its tokens (xgrammar and guidance only): with "
+        "it, a model (a random one above all) can spend every token on blank space and never close the JSON.",
+    )
+
+    @model_validator(mode="after")
+    def _compact_json_backend(self) -> EngineConfig:
+        if self.compact_json and self.structured_outputs_backend not in ("xgrammar", "guidance"):
+            raise ValueError(
+                f"compact_json needs structured_outputs_backend xgrammar or guidance, not "
+                f"{self.structured_outputs_backend!r} (set compact_json: false)"
+            )
+        return self
 
     @field_validator("engine_kwargs")
     @classmethod

@@ -52,7 +52,7 @@ from mmrag.serving.openai.protocol import (
     new_completion_id,
     now,
 )
-from mmrag.serving.openai.structured import structured_output
+from mmrag.serving.openai.structured import escaped_json_deltas, structured_output
 from mmrag.serving.openai.tools import ToolPlan, plan_tools, template_tool_fields, tool_call_deltas
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import (
@@ -180,7 +180,10 @@ class ChatPipeline:
 
     def generate(self, prepared: PreparedChat) -> AsyncIterator[GenerationDelta]:
         deltas = self.backend.generate(prepared.generation)
-        return tool_call_deltas(deltas, prepared.tools) if prepared.tools is not None else deltas
+        if prepared.tools is not None and prepared.tools.mode != "none":
+            return tool_call_deltas(deltas, prepared.tools)
+        structured = prepared.generation.sampling.structured
+        return escaped_json_deltas(deltas) if structured and structured.kind in ("json", "json_object") else deltas
 
     async def complete(
         self, prepared: PreparedChat, deltas: AsyncIterator[GenerationDelta] | None = None

@@ -53,7 +53,9 @@ class VllmEngine(Engine):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._config.engine.kv_cache_space_gib))
         chat_template = load_chat_template(self._model_path)
         self._aim = aim_enabled(self._config, self._model_path)
-        self._llm = AsyncLLM.from_engine_args(build_engine_args(self._config, self._model_path))
+        self._llm = AsyncLLM.from_engine_args(
+            structured_outputs_config(build_engine_args(self._config, self._model_path), self._config)
+        )
         self._prompts = PromptBuilder(self._llm, chat_template, self._config, self._aim)
         logger.info("vLLM engine started", extra={"model": self._model_path})
 
@@ -196,6 +198,18 @@ class VllmEngine(Engine):
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+def structured_outputs_config(args: Any, config: MmragConfig) -> Any:
+    """``args`` with the configured structured-output backend and whitespace rule, unless ``engine_kwargs``
+    set ``structured_outputs_config`` itself (that one wins, whole)."""
+    from vllm.config import StructuredOutputsConfig
+
+    if "structured_outputs_config" not in config.engine.engine_kwargs:
+        args.structured_outputs_config = StructuredOutputsConfig(
+            backend=config.engine.structured_outputs_backend, disable_any_whitespace=config.engine.compact_json
+        )
+    return args
 
 
 def _structured_outputs_params(structured: StructuredOutput | None) -> Any:

@@ -12,17 +12,26 @@ loop for large bodies.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import LimitsConfig
-from mmrag.serving.engine.protocol import StructuredOutput
+from mmrag.serving.engine.protocol import GenerationDelta, StructuredOutput
 from mmrag.serving.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from mmrag.serving.openai.protocol import ChatCompletionRequest
 
-__all__ = ["check_request_schemas", "check_schema", "compact_json", "structured_output"]
+__all__ = [
+    "JsonStringEscaper",
+    "check_request_schemas",
+    "check_schema",
+    "compact_json",
+    "escaped_json_deltas",
+    "structured_output",
+]
 
 
 def compact_json(value: Any) -> str:
@@ -108,3 +117,42 @@ def structured_output(request: ChatCompletionRequest) -> StructuredOutput | None
     if extra.choice is not None:
         return StructuredOutput(kind="choice", choices=tuple(extra.choice), param="structured_outputs.choice")
     return StructuredOutput(kind="grammar", spec=extra.grammar, param="structured_outputs.grammar")
+
+
+class JsonStringEscaper:
+    """Streamed JSON text with raw control characters inside its strings escaped (``\\u0007``).
+
+    The grammars accept them unescaped (a random model writes them; JSON forbids them, and strict parsers such
+    as Python's and pydantic's refuse the whole document). Outside strings the only control characters a
+    grammar lets through are whitespace, which JSON allows; those pass unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+                elif ch < " ":
+                    out.append(f"\\u{ord(ch):04x}")
+                    continue
+            elif ch == '"':
+                self.in_string = True
+            out.append(ch)
+        return "".join(out)
+
+
+async def escaped_json_deltas(deltas: AsyncIterator[GenerationDelta]) -> AsyncIterator[GenerationDelta]:
+    """A JSON answer's deltas with :class:`JsonStringEscaper` applied to each choice's text."""
+    escapers: dict[int, JsonStringEscaper] = {}
+    async for delta in deltas:
+        escaper = escapers.setdefault(delta.index, JsonStringEscaper())
+        yield dataclasses.replace(delta, text=escaper.feed(delta.text))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mmrag.serving.engine.protocol import GenerationDelta, StructuredOutput, ToolCallChunk
 from mmrag.serving.errors import InvalidRequestError
-from mmrag.serving.openai.structured import check_schema, compact_json
+from mmrag.serving.openai.structured import JsonStringEscaper, check_schema, compact_json
 
 if TYPE_CHECKING:
     from mmrag.serving.openai.protocol import ChatCompletionRequest, ChatMessage, Tool
@@ -196,13 +196,16 @@ async def tool_call_deltas(deltas: AsyncIterator[GenerationDelta], plan: ToolPla
 
 
 class _NamedCall:
-    """The output is one call's arguments: they stream as generated (leading whitespace dropped)."""
+    """The output is one call's arguments: they stream as generated (leading whitespace dropped, raw control
+    characters in strings escaped)."""
 
     def __init__(self, name: str):
         self.name = name
         self.called = False
+        self.escaper = JsonStringEscaper()
 
     def feed(self, text: str) -> list[ToolCallChunk]:
+        text = self.escaper.feed(text)
         if not self.called:
             text = text.lstrip()
             if not text:
@@ -216,7 +219,8 @@ class _CallArray:
     """The output is a JSON array of ``{"name", "arguments"}`` objects: each is sent once it closes.
 
     A character scanner tracks strings and nesting; an item is the text between its ``{`` at depth 1 and
-    the ``}`` that brings the depth back, parsed whole (the grammar guarantees it is valid)."""
+    the ``}`` that brings the depth back, parsed whole (the grammar makes it valid JSON, but for raw control
+    characters in strings, which the arguments' compact re-dump escapes)."""
 
     def __init__(self) -> None:
         self.depth = 0
@@ -254,7 +258,7 @@ class _CallArray:
         return calls
 
     def _call(self, text: str) -> ToolCallChunk:
-        value = json.loads(text)
+        value = json.loads(text, strict=False)  # raw control characters in strings: re-dumped escaped
         call = ToolCallChunk(
             index=self.count,
             arguments=compact_json(value.get("arguments", {})),

@@ -341,3 +341,19 @@ def test_bad_tool_messages_are_400s(http, engine, message, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}, message]}
     assert_error(http.post("/v1/chat/completions", json=body), param)
     assert engine.seen == []
+
+
+def test_raw_control_characters_in_strings_come_back_escaped(http):
+    """The grammars let a model write raw control characters inside strings (a random model does); JSON
+    forbids them, so the server escapes them: the calls and JSON answers parse with strict parsers."""
+    named = chat('{"city": "Pa\x07ris\\"\x01"}', tools=[WEATHER], tool_choice=NAMED)
+    arguments = http.post("/v1/chat/completions", json=named).json()["choices"][0]["message"]["tool_calls"][0]
+    assert json.loads(arguments["function"]["arguments"]) == {"city": 'Pa\x07ris"\x01'}
+    required = chat('[{"name": "get_weather", "arguments": {"city": "\x02"}}]', tools=[WEATHER], tool_choice="required")
+    call = http.post("/v1/chat/completions", json=required).json()["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["arguments"] == '{"city":"\\u0002"}'
+    answer = chat('{"a": "b\x07"}', response_format={"type": "json_object"}, stream=True)
+    text = "".join(
+        c["choices"][0]["delta"]["content"] or "" for c in sse_chunks(http.post("/v1/chat/completions", json=answer))
+    )
+    assert json.loads(text) == {"a": "b\x07"} and "\x07" not in text

@@ -122,3 +122,27 @@ def test_special_tokens_in_tools_or_calls_are_refused():
         reject_special_tool_text([{"role": "assistant", "content": "", "tool_calls": [call]}], None, specials)
     assert info.value.param == "messages[0].tool_calls[0]"
     reject_special_tool_text(HISTORY, [TOOL], specials)  # clean: no error
+
+
+def test_the_engine_gets_the_configured_backend_and_whitespace_rule():
+    from vllm import AsyncEngineArgs
+
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.engine.vllm_engine import structured_outputs_config
+
+    args = structured_outputs_config(AsyncEngineArgs(model="unused"), MmragConfig())
+    assert (args.structured_outputs_config.backend, args.structured_outputs_config.disable_any_whitespace) == (
+        "xgrammar",
+        True,
+    )
+    loose = MmragConfig.model_validate({"engine": {"structured_outputs_backend": "outlines", "compact_json": False}})
+    assert structured_outputs_config(AsyncEngineArgs(model="unused"), loose).structured_outputs_config.backend == (
+        "outlines"
+    )
+    own = {"structured_outputs_config": {"backend": "guidance"}}
+    untouched = AsyncEngineArgs(model="unused")
+    before = untouched.structured_outputs_config
+    config = MmragConfig.model_validate({"engine": {"engine_kwargs": own}})
+    assert structured_outputs_config(untouched, config).structured_outputs_config is before
+    with pytest.raises(ValueError, match="compact_json needs structured_outputs_backend xgrammar or guidance"):
+        MmragConfig.model_validate({"engine": {"structured_outputs_backend": "outlines"}})
