@@ -267,7 +267,8 @@ class DeploymentsConfig(_Strict):
     llm: DeploymentConfig = Field(default_factory=DeploymentConfig)
     retriever: DeploymentConfig = Field(
         default_factory=DeploymentConfig,
-        description="The retriever (encoder + Milvus client). With Milvus Lite it must stay at one replica.",
+        description="The retriever (encoder + Milvus client). On Milvus Lite opened in-process "
+        "(retrieval.milvus_lite_server false, or outside `mmrag serve`) it must stay at one replica.",
     )
 
 
