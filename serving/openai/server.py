@@ -38,6 +38,7 @@ from mmrag.serving.openai.completions_api import completions_router
 from mmrag.serving.openai.edge import EdgeGuard
 from mmrag.serving.openai.embeddings_api import embeddings_router
 from mmrag.serving.openai.files_api import files_router
+from mmrag.serving.openai.playground_api import playground_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.responses_api import responses_router
 from mmrag.serving.openai.streaming import ChunkEvents, StreamThenCall
@@ -166,6 +167,8 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     body_rules = {"require_json": require_json, "read_body": read_request_body}
     app.include_router(completions_router(config, pipeline, metrics, **body_rules))
     app.include_router(embeddings_router(config, pipeline, metrics, **body_rules))
+    if config.server.playground:
+        app.include_router(playground_router())
     app.openapi = lambda: openapi_with_chat_body(app)
     return app
 
