@@ -1,5 +1,7 @@
 """What the vLLM engine hands vLLM for structured outputs, tool calls and the sampling extras (no engine start),
-and how tools and tool messages reach a chat template without a tools section."""
+and how tools and tool messages reach a chat template without a tools section.
+
+The tests that build vLLM objects are ``slow``: the first pays for importing vLLM (seconds on an idle machine)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ def build(options: SamplingOptions):
     return VllmEngine._build_sampling_params(options, 32, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("structured", "field", "value"),
     [
@@ -38,6 +41,7 @@ def test_each_constraint_becomes_vllms_structured_outputs(structured, field, val
     assert all(getattr(params.structured_outputs, name) is None for name in others)
 
 
+@pytest.mark.slow
 def test_free_text_has_no_constraint_and_extras_pass_through():
     params = build(
         SamplingOptions(logit_bias=((42, -100.0), (7, 2.5)), min_p=0.1, top_k=20, repetition_penalty=1.3, seed=3)
@@ -48,6 +52,7 @@ def test_free_text_has_no_constraint_and_extras_pass_through():
     assert build(SamplingOptions()).logit_bias is None
 
 
+@pytest.mark.slow
 def test_backend_refusals_name_the_constraints_field_and_vocabulary_checks_name_logit_bias():
     from vllm.exceptions import VLLMValidationError
 
@@ -124,6 +129,7 @@ def test_special_tokens_in_tools_or_calls_are_refused():
     reject_special_tool_text(HISTORY, [TOOL], specials)  # clean: no error
 
 
+@pytest.mark.slow
 def test_the_engine_gets_the_configured_backend_and_whitespace_rule():
     from vllm import AsyncEngineArgs
 
