@@ -16,14 +16,17 @@ Each request is a streaming chat of the same short prompt with temperature 0 and
 system decode the same tokens; the token counts are recorded per point to show it). Per request: time to
 first token (first chunk carrying a token), gaps between token chunks, time per output token
 ((end-to-end - TTFT) / (tokens - 1), which does not depend on how a server groups tokens into chunks) and
-end-to-end latency. Per point (system, concurrency): p50/p90/p99, output tokens/s over the point, errors.
+end-to-end latency. Per point (system, concurrency): p50/p90/p99, output tokens/s over the point, errors,
+and for the two servers the CPU time their whole process tree (engine included) spent per output token
+during the point: what a server costs on a shared machine, and steadier there than its latencies.
 
 Closed loop: ``C`` workers send back to back. The concurrency reached is the time-weighted mean of requests
 in flight at the client while every worker still had work; a point under 0.9 ``C`` is marked invalid, as is
 one with errors, as is one whose client event loop lagged (a 10 ms timer firing over 20 ms late at p99):
 a starved client reads tokens in bursts and inflates every latency. Servers run in this process's session
-(see :func:`server_process`). vLLM's CPU worker binds its threads to some cores and leaves the others to the
-front end; during measurement the benchmark pins itself to ``--client-cpus`` (default: the last core).
+(see :func:`~mmrag.serving.server_process.running_server`). vLLM's CPU worker binds its threads to some
+cores and leaves the others to the front end; during measurement the benchmark pins itself to
+``--client-cpus`` (default: the last core).
 
 Only one system runs at a time (small machines): per round the systems come in an order shuffled with the
 seed; each is started, warmed up, measured at every concurrency and stopped. Figures are medians across
@@ -70,6 +73,7 @@ METRICS = (
     "e2e_s_p90",
     "e2e_s_p99",
     "output_tokens_per_s",
+    "server_cpu_ms_per_token",
 )
 # A client whose event loop wakes this late reads tokens in bursts: its TTFT and gaps are its own, not the server's.
 MAX_LOOP_LAG_S = 0.02
@@ -190,8 +194,10 @@ def summarize_point(
     wall_s: float,
     reached: float,
     loop_lag_s: list[float],
+    server_cpu_s: float | None = None,
 ) -> dict[str, Any]:
-    """The figures of one (system, concurrency) point from its requests."""
+    """The figures of one (system, concurrency) point from its requests (``server_cpu_s``: the server's CPU
+    time over the point, None in-process)."""
     ok = [r for r in records if r.ok]
     gaps = [g for r in ok for g in r.gaps_s]
     figures: dict[str, Any] = {
@@ -205,7 +211,10 @@ def summarize_point(
         "output_tokens_per_s": sum(r.tokens for r in ok) / wall_s if wall_s > 0 else None,
         "concurrency_reached": reached,
         "client_loop_lag_s_p99": percentile(loop_lag_s, 99),
+        "server_cpu_s": server_cpu_s,
     }
+    tokens = figures["output_tokens"]
+    figures["server_cpu_ms_per_token"] = server_cpu_s * 1000 / tokens if server_cpu_s is not None and tokens else None
     for name, values in (
         ("ttft_s", [r.ttft_s for r in ok if r.ttft_s is not None]),
         ("tbt_s", gaps),
@@ -474,14 +483,12 @@ def check_flags_round_trip(kwargs: dict[str, Any], flags: list[str]) -> None:
 def server_process(name: str, command: list[str], env: dict[str, str], log_path: Path, timeout_s: float):
     """``command`` (a server taking ``--host 127.0.0.1 --port P``) until ``/health`` is 200; SIGINT on exit.
 
-    The server gets its own process group but stays in this session: Linux schedules each session as one
-    group (CFS autogroup), and a server in a session of its own (``start_new_session``, as
-    :func:`~mmrag.serving.server_process.running_server` does) starved this client's event loop by
-    100-300 ms at a time on a busy 2-core machine, so the client, not the server, set the time to first token.
+    Started as :func:`~mmrag.serving.server_process.running_server` starts ``mmrag serve``: a process group
+    of its own in this session (a server in a session of its own starves this client under CFS autogroup).
     """
     import httpx
 
-    from mmrag.serving.server_process import free_port, stop_process
+    from mmrag.serving.server_process import RunningServer, free_port, stop_process
 
     port = free_port()
     command = [*command, "--host", "127.0.0.1", "--port", str(port)]
@@ -499,9 +506,35 @@ def server_process(name: str, command: list[str], env: dict[str, str], log_path:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not healthy after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
             time.sleep(1)
-        yield url
+        yield RunningServer(url=url, pid=process.pid)
     finally:
         stop_process(process)
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (Linux ``/proc``; 0 elsewhere).
+
+    A server's tree holds everything that serves it: for ``mmrag serve`` Ray's daemons, the proxy, the replicas
+    and the engine; for ``vllm serve`` the API server and the engine."""
+    proc = Path("/proc")
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while listed
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        total += ticks.get(current, 0)
+        stack.extend(children.get(current, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def vllm_server(model: Model, log_path: Path, timeout_s: float):
@@ -571,18 +604,27 @@ async def warm_up(send: Callable, system: str, settings: Settings) -> None:
         raise RuntimeError(f"{system}: every warm-up request failed: {sorted({r.error for r in warm})}")
 
 
-async def measure_system(send: Callable, system: str, round_index: int, settings: Settings) -> list[dict]:
+async def measure_system(
+    send: Callable, system: str, round_index: int, settings: Settings, server_pid: int | None = None
+) -> list[dict]:
     """Every concurrency in ascending order (after the warm-up); one figures dict per point."""
     points = []
     for concurrency in settings.concurrencies:
+        cpu_before = process_tree_cpu_s(server_pid) if server_pid is not None else None
         records, wall, reached, lags = await run_point(send, concurrency, settings.requests_at(concurrency))
-        point = summarize_point(records, concurrency, wall, reached, lags)
+        cpu = process_tree_cpu_s(server_pid) - cpu_before if server_pid is not None and cpu_before is not None else None
+        point = summarize_point(records, concurrency, wall, reached, lags, cpu)
         point.update(system=system, round=round_index)
         points.append(point)
         print(
             f"round {round_index} {system} c={concurrency}: ttft p50 {_ms(point['ttft_s_p50'])} "
             f"tbt p50 {_ms(point['tbt_s_p50'])} e2e p50 {_ms(point['e2e_s_p50'])} "
-            f"{point['output_tokens_per_s'] or 0:.0f} tok/s reached {reached:.2f} errors {point['errors']}",
+            f"{point['output_tokens_per_s'] or 0:.0f} tok/s reached {reached:.2f} errors {point['errors']}"
+            + (
+                f" server cpu {point['server_cpu_ms_per_token']:.2f} ms/token"
+                if point["server_cpu_ms_per_token"]
+                else ""
+            ),
             flush=True,
         )
     return points
@@ -637,13 +679,14 @@ async def run_system(system: str, round_index: int, model: Model, settings: Sett
                 result["points"] = await measure_system(send, system, round_index, settings)
         return result
     server = mmrag_server if system == "mmrag" else vllm_server
-    with server(model, log_path, settings.start_timeout_s) as url:
+    with server(model, log_path, settings.start_timeout_s) as running:
+        url = running.url
         result["start_s"] = time.perf_counter() - started
         async with http_system(url, model, settings) as send:
             with pinned(settings.client_cpus):
                 await warm_up(send, system, settings)
                 before = httpx.get(f"{url}/metrics", timeout=10).text if system == "mmrag" else ""
-                result["points"] = await measure_system(send, system, round_index, settings)
+                result["points"] = await measure_system(send, system, round_index, settings, running.pid)
                 after = httpx.get(f"{url}/metrics", timeout=10).text if system == "mmrag" else ""
         if system == "mmrag":
             result["stage"] = stage_breakdown(mmrag_stage_metrics(before), mmrag_stage_metrics(after), result)
@@ -753,7 +796,7 @@ def print_table(figures: dict[str, Any]) -> None:
             print(f"{pair} c={c}: {shown}")
 
 
-_RATIO_SHOWN = ("ttft_s_p50", "tbt_s_p50", "tpot_s_p50", "e2e_s_p50", "output_tokens_per_s")
+_RATIO_SHOWN = ("ttft_s_p50", "tbt_s_p50", "tpot_s_p50", "e2e_s_p50", "output_tokens_per_s", "server_cpu_ms_per_token")
 
 
 def plot(figures: dict[str, Any], settings: Settings, path: Path) -> None:

@@ -39,7 +39,12 @@ def running_server(
     start_timeout_s: float = 600,
 ) -> Iterator[RunningServer]:
     """Start ``mmrag serve`` on a free loopback port, yield it once ``/health`` is 200, and
-    stop it with SIGINT (the Ctrl-C path users take) on exit. The server's output goes to ``log_path``."""
+    stop it with SIGINT (the Ctrl-C path users take) on exit. The server's output goes to ``log_path``.
+
+    The server gets a process group of its own (a terminal's Ctrl-C does not reach it; the group can be
+    killed) but stays in the caller's session: Linux's CFS autogroup schedules each session as one group, and
+    a server in a session of its own starved a benchmark client's event loop by 100-300 ms at a time on a busy
+    2-core machine (``mmrag bench serving`` measured it), so the client, not the server, set the latencies."""
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mmrag-server-"))
     log_path = Path(log_path or workdir / "serve.log")
@@ -50,7 +55,7 @@ def running_server(
     for item in overrides or []:
         command += ["--set", item]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log_path, start_timeout_s)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,6 +53,39 @@ def test_summarize_point_marks_unreached_concurrency_and_errors_invalid():
     assert not lagging["valid"] and "client starved" in lagging["invalid_because"][0]
     failed = serving.summarize_point([*ok, RequestRecord(ok=False, error="HTTP 503")], 4, 0.6, 4.0, [])
     assert not failed["valid"] and failed["errors"] == 1 and failed["error_kinds"] == ["HTTP 503"]
+
+
+def test_server_cpu_is_per_output_token_and_absent_in_process():
+    ok = [RequestRecord(ok=True, ttft_s=0.01, e2e_s=0.1, tokens=4) for _ in range(5)]
+    point = serving.summarize_point(ok, 1, 1.0, 1.0, [], server_cpu_s=0.05)
+    assert point["server_cpu_s"] == 0.05 and point["server_cpu_ms_per_token"] == pytest.approx(2.5)
+    assert serving.summarize_point(ok, 1, 1.0, 1.0, [])["server_cpu_ms_per_token"] is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux /proc")
+def test_process_tree_cpu_counts_the_children():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)",
+        ]
+    )
+    try:
+        own = serving.process_tree_cpu_s(child.pid)
+        deadline = time.monotonic() + 60  # a bound against a hang on a loaded machine, not a timing check
+        while own < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            own = serving.process_tree_cpu_s(child.pid)
+        assert own >= 0.3  # the child's busy loop, read from /proc
+        assert serving.process_tree_cpu_s(os.getpid()) >= own  # this process's tree holds the child
+    finally:
+        child.kill()
+        child.wait()
+    assert serving.process_tree_cpu_s(child.pid) == 0.0  # gone: nothing to count
 
 
 def _point(system: str, concurrency: int, ttft: float, tokens_per_s: float, valid: bool = True) -> dict:
