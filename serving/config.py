@@ -244,6 +244,21 @@ class DeploymentConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica.")
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="How long a stopping replica (scale-in, node drain, update) may finish its requests before "
+        "Serve kills it (Serve's default 20 s); set it to the longest request not to cut, e.g. the "
+        "server.request_timeout_s of a generation. A Kubernetes pod's grace period must cover it (k8s/README.md).",
+    )
+    graceful_shutdown_wait_loop_s: float = Field(
+        default=2.0, gt=0, description="How often a stopping replica checks whether its requests are done."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica: a name that only some worker groups advertise keeps the "
+        "replicas on those pods (on Kubernetes, the CPU group: k8s/README.md, 'Placement').",
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
@@ -256,9 +271,12 @@ class DeploymentConfig(_Strict):
             **scale,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+            | ({"resources": dict(self.resources)} if self.resources else {}),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
         }
 
 

@@ -1,4 +1,9 @@
-"""Logging: one line per record, key=value fields, quiet by default (INFO for mmrag, WARNING for vLLM)."""
+"""Logging: one line per record, key=value fields, quiet by default (INFO for mmrag, WARNING for vLLM).
+
+Inside a Ray Serve replica mmrag's records go to Serve's own logger instead (its replica log file under
+``/tmp/ray/session_latest/logs/serve/`` and its stderr stream, with the replica and request ids), where Serve's
+and Ray's tools look for a replica's logs; a handler of our own would bypass them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,27 @@ import os
 from mmrag.serving.config import ServerConfig
 
 _FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+SERVE_LOGGER = "ray.serve"  # the logger Serve configures in each replica (handlers, format, context fields)
+
+
+class ToServeLogger(logging.Handler):
+    """Hands each record to Serve's logger, whose handlers (the replica's file, stderr) are looked up per record:
+    Serve replaces them when its logging config changes."""
+
+    _mmrag = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(SERVE_LOGGER).handle(record)
+
+
+def in_serve_replica() -> bool:
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+        return True
+    except Exception:  # not in a replica (RayServeException), or no Ray at all
+        return False
 
 
 def configure_logging(server: ServerConfig) -> None:
@@ -16,9 +42,13 @@ def configure_logging(server: ServerConfig) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", server.engine_log_level)
     root = logging.getLogger("mmrag")
     root.setLevel(server.log_level)
-    if not any(getattr(h, "_mmrag", False) for h in root.handlers):
+    if any(getattr(h, "_mmrag", False) for h in root.handlers):
+        return
+    if in_serve_replica():
+        handler: logging.Handler = ToServeLogger()
+    else:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler._mmrag = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-        root.propagate = False
+    root.addHandler(handler)
+    root.propagate = False

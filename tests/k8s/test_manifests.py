@@ -27,10 +27,28 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 # The oldest Kubernetes we support (k8s/README.md) and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget"}
+CORE_KINDS = {
+    "Namespace",
+    "ConfigMap",
+    "Secret",
+    "PersistentVolumeClaim",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "Deployment",
+    "Service",
+    "Ingress",
+}
+_COMMON_KINDS = {
+    "Namespace",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "RayService",
+}
 EXPECTED_KINDS = {
-    "dev-cpu": {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "RayService"},
-    "prod-gpu": {"Namespace", "ConfigMap", "PersistentVolumeClaim", "PodDisruptionBudget", "RayService", "PodMonitor"},
+    "dev-cpu": _COMMON_KINDS | {"Secret", "Deployment", "Service"},  # + the Milvus Lite server
+    "prod-gpu": _COMMON_KINDS | {"PodMonitor", "Ingress"},
 }
 
 
@@ -67,7 +85,7 @@ def test_ray_pod_templates_validate_strictly(overlay, version):
 
 def test_pod_template_validation_can_fail():
     template = copy.deepcopy(pod_templates(rayservice("overlays/dev-cpu"))["head"])
-    ray_container(template)["livenesProbe"] = ray_container(template).pop("livenessProbe")
+    ray_container(template)["securityContex"] = ray_container(template).pop("securityContext")
     wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(wrapper, K8S_VERSIONS[-1], strict=True)
@@ -136,6 +154,11 @@ def test_ray_containers_are_consistent(overlay):
 
 def _referenced(rs, field):
     refs = set()
+    if field == "secretKeyRef":  # the GCS's Redis password (prod: gcsFaultToleranceOptions)
+        options = rs["spec"]["rayClusterConfig"].get("gcsFaultToleranceOptions", {})
+        ref = options.get("redisPassword", {}).get("valueFrom", {}).get(field)
+        if ref:
+            refs.add((ref["name"], ref["key"]))
     for template in pod_templates(rs).values():
         spec = template["spec"]
         for container in spec["containers"]:
@@ -212,10 +235,21 @@ def test_pdbs_select_the_ray_pods():
         labels = template["metadata"]["labels"]
         matching = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert len(matching) == 1, f"{group}: exactly one PDB must cover it"
+        # One pod at a time, and never none: minAvailable 1 over the single head pod blocked every node drain.
+        assert matching[0]["spec"] == {**matching[0]["spec"], "maxUnavailable": 1}
+        assert "minAvailable" not in matching[0]["spec"], group
         if group != "head":
-            assert matching[0]["spec"]["maxUnavailable"] == 1
             # workers without a replica are never Ready: they must not hold the budget
             assert matching[0]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_prod_head_survives_restarts_with_gcs_fault_tolerance():
+    """KubeRay's HA setup: the GCS keeps its state in an external Redis, so losing the head (an eviction the
+    PDB now allows) restarts it without taking the workers and their replicas down."""
+    options = rayservice("overlays/prod-gpu")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options["redisAddress"].endswith(":6379")
+    assert options["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "mmrag-redis", "key": "password"}
+    assert "gcsFaultToleranceOptions" not in rayservice("overlays/dev-cpu")["spec"]["rayClusterConfig"]
 
 
 def test_gpu_group_requests_gpus_and_mounts_the_model_cache():

@@ -2,9 +2,11 @@
 
 The dev-cpu overlay is rendered, its RayService's serveConfigV2 is extracted and submitted the way KubeRay
 submits it: PUT /api/serve/applications/ on the Ray dashboard, with a token (authOptions mode: token).
-The pods' environment comes from the rendered ConfigMap and Secrets. Only what a laptop cannot have is
-changed: the HTTP proxy binds 127.0.0.1 on a free port instead of 0.0.0.0:8000, and each volume the worker
-pods mount (cache, Milvus Lite PVC) becomes a temporary directory. One app start for the whole module.
+The pods' environment comes from the rendered ConfigMap and Secrets, the local Ray node gets the worker group's
+custom resources, and the dev Milvus Lite server runs with the rendered Deployment's command. Only what a laptop
+cannot have is changed: the HTTP proxy binds 127.0.0.1 on a free port instead of 0.0.0.0:8000, the Milvus Lite
+server 127.0.0.1 on a free port instead of its Service, and each volume becomes a temporary directory. One app
+start for the whole module.
 """
 
 from __future__ import annotations
@@ -30,8 +32,15 @@ DEPLOY_TIMEOUT_S = 600
 APP = "mmrag"
 # The local Ray cluster: one driver process (own environment, like a pod's), stopped with its cluster.
 DRIVER = """
-import signal, sys, ray
-ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]))
+import json, signal, sys, ray
+ray.init(
+    num_cpus=4,
+    resources=json.loads(sys.argv[2]),
+    include_dashboard=True,
+    dashboard_host="127.0.0.1",
+    dashboard_port=int(sys.argv[1]),
+    _metrics_export_port=int(sys.argv[3]),
+)
 print("ray up", flush=True)
 signal.sigwait({signal.SIGTERM, signal.SIGINT})
 ray.shutdown()
@@ -93,6 +102,11 @@ def deployed(tmp_path_factory):
     port = free_port()
     config["http_options"].update(host="127.0.0.1", port=port)
     config = remap(config, paths)
+    milvus, milvus_uri = start_milvus_lite(objects, root)
+    mmrag_app(config)["args"]["retrieval"]["uri"] = milvus_uri
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    resources = {name: float(value) for name, value in group.get("resources", {}).items()}
+    metrics_port = free_port()
     token = uuid.uuid4().hex
     env = {**os.environ, **pod_environment(objects, paths), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     dashboard_port = free_port()
@@ -100,7 +114,7 @@ def deployed(tmp_path_factory):
     log_path = root / "ray-driver.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(dashboard_port)],
+            [sys.executable, "-c", DRIVER, str(dashboard_port), json.dumps(resources), str(metrics_port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -119,8 +133,15 @@ def deployed(tmp_path_factory):
             "args": args,
             "status": status,
             "api_key": env.get("MMRAG_API_KEYS", "").split(",")[0],
+            "ray_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         }
     finally:
+        milvus.terminate()
+        try:
+            milvus.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            milvus.kill()
+            milvus.wait()
         if driver.poll() is None:
             driver.send_signal(signal.SIGTERM)  # the driver shuts its cluster down
             try:
@@ -128,6 +149,31 @@ def deployed(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(driver.pid, signal.SIGKILL)
                 driver.wait()
+
+
+def start_milvus_lite(objects, root: Path) -> tuple[subprocess.Popen, str]:
+    """The dev Milvus Lite server, run with its Deployment's command on loopback and a free port."""
+    deployment = only(objects, "Deployment", "mmrag-milvus-lite")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = list(container["command"])
+    port = free_port()
+    for flag, value in (
+        ("--data-dir", str(root / "milvus" / "mmrag.db")),
+        ("--host", "127.0.0.1"),
+        ("--port", str(port)),
+    ):
+        command[command.index(flag) + 1] = value
+    (root / "milvus").mkdir(exist_ok=True)
+    executable = Path(sys.executable).with_name(command[0])
+    log = open(root / "milvus-lite.log", "w")  # noqa: SIM115 - the server's output, kept for its lifetime
+    server = subprocess.Popen([str(executable), *command[1:]], stdout=log, stderr=subprocess.STDOUT)
+
+    def accepting() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(accepting, 60, "milvus-lite server")
+    return server, f"http://127.0.0.1:{port}"
 
 
 def wait_for(predicate, timeout_s: float, what: str, process=None, log_path=None) -> None:
@@ -197,7 +243,7 @@ def test_health_models_and_a_chat(deployed):
     assert body["usage"]["completion_tokens"] >= 1
 
 
-def test_metrics_feed_the_dashboard(deployed):
+def test_single_process_metrics_endpoint(deployed):
     text = httpx.get(f"{deployed['base']}/metrics", timeout=30).text
     for name in (
         "mmrag_requests_total",
@@ -206,3 +252,34 @@ def test_metrics_feed_the_dashboard(deployed):
         "vllm:kv_cache_usage_perc",
     ):
         assert name in text, name
+
+
+def test_ray_exports_the_ingress_metrics_the_dashboard_reads(deployed):
+    """What Prometheus scrapes in the cluster: Ray's metrics port, where the ingress replica's metrics appear
+    under the names tests/k8s/test_observability.py checks the dashboard against."""
+    from mmrag.serving.metrics import METRICS
+
+    key, served = deployed["api_key"], deployed["args"]["model"]["served_name"]
+    chat = httpx.post(  # at least one request counted
+        f"{deployed['base']}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        json={"model": served, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2},
+        timeout=120,
+    )
+    assert chat.status_code == 200, chat.text
+    wanted = {"ray_mmrag_requests_total", "ray_mmrag_request_latency_seconds_bucket"}
+    assert wanted <= set().union(*(spec.exported_names(ray=True) for spec in METRICS.values()))
+    text = ""
+
+    def exported() -> bool:
+        nonlocal text
+        text = httpx.get(deployed["ray_metrics"], timeout=10).text
+        return all(f"\n{name}{{" in text for name in wanted)
+
+    try:
+        wait_for(exported, 90, "the ingress metrics on Ray's metrics port")
+    except TimeoutError:
+        names = sorted({line.split("{")[0] for line in text.splitlines() if "mmrag" in line})
+        raise AssertionError(f"Ray exports these mmrag series: {names}") from None
+    lines = [x for x in text.splitlines() if x.startswith("ray_mmrag_requests_total{") and 'status="200"' in x]
+    assert lines and 'deployment="OpenAIIngress"' in lines[0] and "replica=" in lines[0], "one series per replica"
