@@ -156,3 +156,26 @@ def test_concurrent_writers_to_one_collection_lose_nothing(lite):
     client.load_collection("concurrent")
     assert client.query("concurrent", filter="", output_fields=["count(*)"])[0]["count(*)"] == 6 * 20 * 50
     client.close()
+
+
+def test_mmrag_serve_starts_one_joins_a_running_one_or_leaves_the_path_alone(lite, tmp_path):
+    """`mmrag serve`'s step before Serve (serving/cli/serve.py): on a Lite path it starts the server and hands
+    its URI to the replicas' config; one already running on the path is joined (not owned, not stopped); a
+    Milvus server URI or the in-process mode start nothing."""
+    from mmrag.serving.cli.serve import start_lite_server
+    from mmrag.serving.config import MmragConfig
+
+    def config(**retrieval):
+        return MmragConfig.model_validate({"retrieval": retrieval})
+
+    own = config(uri=str(tmp_path / "milvus.db"))
+    started = start_lite_server(own)
+    try:
+        assert started is not None and started.alive()
+        assert own.retrieval.lite_server_uri == started.uri and own.retrieval.shares_lite()
+    finally:
+        started.stop()
+    joining = config(uri=str(lite.data_dir))
+    assert start_lite_server(joining) is None and joining.retrieval.lite_server_uri == lite.uri
+    for alone in (config(uri="http://127.0.0.1:19530"), config(uri=str(tmp_path / "x.db"), milvus_lite_server=False)):
+        assert start_lite_server(alone) is None and alone.retrieval.lite_server_uri is None
