@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from mmrag.serving.config import ServerConfig
 
@@ -27,12 +28,16 @@ class ToServeLogger(logging.Handler):
 
 
 def in_serve_replica() -> bool:
+    """A process that has not imported Ray is not a replica, and pays no import to find out."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
     try:
         from ray import serve
 
         serve.get_replica_context()
         return True
-    except Exception:  # not in a replica (RayServeException), or no Ray at all
+    except Exception:  # RayServeException: a Ray driver or task, not a replica
         return False
 
 

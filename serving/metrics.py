@@ -12,6 +12,7 @@ metrics agent of each Ray node exports on its metrics port (8080 on Kubernetes) 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,16 +62,17 @@ METRICS = {
 
 
 def in_serve_replica() -> bool:
-    """True inside a Ray Serve replica, where Ray's metrics agent exports ``ray.util.metrics``."""
+    """True inside a Ray Serve replica, where Ray's metrics agent exports ``ray.util.metrics``. A process that
+    has not imported Ray is not one, and pays no import to find out."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
     try:
-        import ray
         from ray import serve
 
-        if not ray.is_initialized():
-            return False
         serve.get_replica_context()
         return True
-    except Exception:  # not in a replica (RayServeException), or no Ray at all
+    except Exception:  # RayServeException: a Ray driver or task, not a replica
         return False
 
 
