@@ -113,7 +113,7 @@ def _host_port(uri: str) -> tuple[str, int]:
 class LiteServer:
     """One ``milvus-lite server`` child process on ``data_dir``, listening on loopback.
 
-    ``start`` returns once its port accepts connections (about 1.4 s) and records it in the state file;
+    ``start`` returns once the server says it listens (about 1.4 s) and records it in the state file;
     ``stop`` sends SIGINT (milvus-lite drains and closes the data directory, about 0.5 s) and SIGKILL after
     ``grace_s``; ``ensure_running`` restarts a server that died, on the same port (clients keep their URI).
     """
@@ -231,7 +231,7 @@ class LiteServer:
         )
         try:
             self._spawn(self.port or free_port(), START_TIMEOUT_S)
-        except LiteServerError as exc:
+        except (LiteServerError, _PortTaken) as exc:
             logger.error("the Milvus Lite server did not restart: %s", exc)
             return False
         self._write_state()
@@ -287,7 +287,7 @@ class LiteServer:
 
 
 class _PortTaken(Exception):
-    pass
+    """The port was bound by another process first (we try another one)."""
 
 
 # The child's entry point, then `milvus-lite` itself. On Linux, a SIGINT (milvus-lite's clean stop) when its
