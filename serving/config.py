@@ -68,11 +68,12 @@ class EngineConfig(_Strict):
         default_factory=dict,
         description="Any other vLLM AsyncEngineArgs field, passed through; unknown names are errors.",
     )
-    structured_outputs_backend: Literal["xgrammar", "guidance", "outlines", "lm-format-enforcer", "auto"] = Field(
+    structured_outputs_backend: Literal["xgrammar", "guidance", "outlines", "auto"] = Field(
         default="xgrammar",
         description="vLLM's structured-output backend, for response_format, structured_outputs and forced tool calls "
         "(docs/usage.md: which work on the CPU build). 'guidance' (llguidance) takes the JSON-schema features "
-        "xgrammar lacks; 'auto' is vLLM's choice per request.",
+        "xgrammar lacks; 'auto' is vLLM's choice per request. Not lm-format-enforcer: the installed 0.11.3 imports "
+        "a module vLLM 0.32 no longer has, and every constrained request fails.",
     )
     compact_json: bool = Field(
         default=True,

@@ -112,19 +112,28 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan | None:
 
 def _calls_schema(tools: list[Tool], *, parallel: bool) -> dict[str, Any]:
     """An array of calls, each ``{"name": one of the tools, "arguments": that tool's parameters}``: the name
-    comes first so a reader knows the call before its arguments end."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": [t.function.name]},
-                "arguments": t.function.parameters or _NO_ARGUMENTS,
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
+    comes first so a reader knows the call before its arguments end. Definitions a tool's parameters refer to
+    (``$defs``, as pydantic writes them; ``#/$defs/...`` references resolve from the root) move to the root."""
+    definitions: dict[str, Any] = {}
+    calls = []
+    for i, tool in enumerate(tools):
+        parameters = dict(tool.function.parameters or _NO_ARGUMENTS)
+        for key in ("$defs", "definitions"):
+            for name, definition in (parameters.pop(key, None) or {}).items():
+                if definitions.setdefault(f"{key}/{name}", definition) != definition:
+                    raise InvalidRequestError(
+                        f"tools[{i}].function.parameters: {key} {name!r} differs from another tool's; with "
+                        "tool_choice required, tools' definitions share one namespace: rename one",
+                        param=f"tools[{i}].function.parameters",
+                    )
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [tool.function.name]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema: dict[str, Any] = {
         "type": "array",
         "minItems": 1,
@@ -132,6 +141,9 @@ def _calls_schema(tools: list[Tool], *, parallel: bool) -> dict[str, Any]:
     }
     if not parallel:
         schema["maxItems"] = 1
+    for path, definition in definitions.items():
+        key, _, name = path.partition("/")
+        schema.setdefault(key, {})[name] = definition
     return schema
 
 

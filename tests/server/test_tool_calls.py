@@ -357,3 +357,22 @@ def test_raw_control_characters_in_strings_come_back_escaped(http):
         c["choices"][0]["delta"]["content"] or "" for c in sse_chunks(http.post("/v1/chat/completions", json=answer))
     )
     assert json.loads(text) == {"a": "b\x07"} and "\x07" not in text
+
+
+def test_required_moves_parameter_definitions_to_the_root_where_their_references_resolve(http, engine):
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    params = {"type": "object", "properties": {"at": {"$ref": "#/$defs/Place"}}, "$defs": {"Place": place}}
+    trip = {"type": "function", "function": {"name": "plan_trip", "parameters": params}}
+    body = chat(
+        '[{"name": "plan_trip", "arguments": {"at": {"city": "Kyoto"}}}]', tools=[trip, TIME], tool_choice="required"
+    )
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    schema = json.loads(engine.seen[0].sampling.structured.spec)
+    assert schema["$defs"] == {"Place": place}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["arguments"]
+    other = {
+        "type": "function",
+        "function": {"name": "g", "parameters": {**params, "$defs": {"Place": {"type": "string"}}}},
+    }
+    response = http.post("/v1/chat/completions", json={**body, "tools": [trip, other]})
+    assert_error(response, "tools[1].function.parameters", "differs from another tool's")
