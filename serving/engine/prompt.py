@@ -73,7 +73,12 @@ class PromptBuilder:
         token = first_special_token(request.prompt, self.modality_tokens)
         if token is not None:
             raise InvalidRequestError(f"prompt contains the model's reserved placeholder {token!r}", param="prompt")
-        engine_input = await self._render(request.prompt, request)
+        try:
+            engine_input = await self._render(request.prompt, request)
+        except Exception as exc:  # vLLM's own length check while rendering names its "input_tokens"
+            if getattr(exc, "parameter", None) != "input_tokens":
+                raise
+            raise InvalidRequestError(str(exc), param="prompt", code="context_length_exceeded") from exc
         prompt_tokens, max_model_len = len(engine_input["prompt_token_ids"]), self._config.engine.max_model_len
         if prompt_tokens >= max_model_len:
             raise InvalidRequestError(

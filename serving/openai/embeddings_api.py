@@ -42,6 +42,10 @@ from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, reject_lone
 if TYPE_CHECKING:
     from mmrag.serving.retrieval.retriever import Embeddings
 
+# Responses for up to this many vectors are written on the event loop (MiniLM: about 8 KB of JSON each);
+# larger ones in a worker thread.
+INLINE_RESPONSE_VECTORS = 8
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -149,7 +153,7 @@ def embeddings_router(
         embeddings = await pipeline.backend.embed(texts, model=request.model, dimensions=request.dimensions)
         metrics.embedding_inputs.inc(len(texts))
         metrics.embedding_tokens.inc(sum(embeddings.tokens))
-        if len(texts) <= 8:
+        if len(texts) <= INLINE_RESPONSE_VECTORS:
             content = embedding_response(request, embeddings)
         else:
             content = await offload.run(embedding_response, request, embeddings)

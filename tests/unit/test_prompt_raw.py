@@ -29,8 +29,16 @@ class FakeTokenizer:
         return {3: "<image>"}[token_id]
 
 
+class LengthCheckError(Exception):
+    """As vLLM's renderer raises for a prompt over its input limit (``VLLMValidationError``)."""
+
+    parameter = "input_tokens"
+
+
 class CountingRenderer:
     async def render_cmpl_async(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if any(len(p["prompt"].split()) > 100 for p in prompts):
+            raise LengthCheckError("your prompt contains 101 input tokens")
         return [{**p, "prompt_token_ids": list(range(len(p["prompt"].split())))} for p in prompts]
 
 
@@ -65,6 +73,10 @@ def test_a_prompt_that_leaves_no_room_is_a_400_naming_prompt():
     with pytest.raises(InvalidRequestError) as info:
         asyncio.run(builder().engine_input(raw(" ".join(["w"] * 8))))
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    with pytest.raises(InvalidRequestError) as info:  # refused by vLLM's renderer itself
+        asyncio.run(builder().engine_input(raw(" ".join(["w"] * 101))))
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    assert "101 input tokens" in info.value.message
 
 
 def test_modality_tokens_without_an_image_token():
