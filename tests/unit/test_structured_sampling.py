@@ -152,3 +152,13 @@ def test_the_engine_gets_the_configured_backend_and_whitespace_rule():
     assert structured_outputs_config(untouched, config).structured_outputs_config is before
     with pytest.raises(ValueError, match="compact_json needs structured_outputs_backend xgrammar or guidance"):
         MmragConfig.model_validate({"engine": {"structured_outputs_backend": "outlines"}})
+
+
+def test_the_escaper_tracks_strings_and_escapes_across_pieces():
+    from mmrag.serving.openai.structured import JsonStringEscaper
+
+    escaper = JsonStringEscaper()
+    pieces = ['{"a":\n"x\\', '"\x07', "\\\\", '"', ', "b\x01": [\t"\x1f"]}']
+    text = "".join(escaper.feed(p) for p in pieces)
+    assert text == '{"a":\n"x\\"\\u0007\\\\", "b\\u0001": [\t"\\u001f"]}'  # whitespace outside strings stays
+    assert json.loads(text) == {"a": 'x"\x07\\', "b\x01": ["\x1f"]}
