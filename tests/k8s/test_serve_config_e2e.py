@@ -123,7 +123,8 @@ def deployed(tmp_path_factory):
     try:
         dashboard = httpx.Client(base_url=f"http://127.0.0.1:{dashboard_port}", headers=headers, timeout=30)
         wait_for(lambda: dashboard.get("/api/gcs_healthz").status_code == 200, 180, "dashboard", driver, log_path)
-        response = dashboard.put("/api/serve/applications/", json=config)
+        # The first PUT starts Serve's controller before it answers: slow on a loaded machine.
+        response = dashboard.put("/api/serve/applications/", json=config, timeout=300)
         assert response.status_code == 200, response.text
         status = wait_for_app(dashboard)
         base = f"http://127.0.0.1:{port}"
