@@ -28,16 +28,24 @@ SCHEMA = {
 }
 
 
-@pytest.fixture
-def engine():
+@pytest.fixture(scope="module")
+def served():
+    """One app for the module (building one costs more than most tests here); ``engine`` clears what it saw."""
     config = {"retrieval": {"default_mode": "none"}, "limits": {"max_schema_bytes": 2048, "max_tools": 4}}
-    return FakeEngine(MmragConfig.model_validate(config))
+    engine = FakeEngine(MmragConfig.model_validate(config))
+    with TestClient(create_app(engine.config, LocalBackend(engine))) as http:
+        yield engine, http
 
 
 @pytest.fixture
-def http(engine):
-    with TestClient(create_app(engine.config, LocalBackend(engine))) as client:
-        yield client
+def engine(served):
+    served[0].seen.clear()
+    return served[0]
+
+
+@pytest.fixture
+def http(served, engine):
+    return served[1]
 
 
 @pytest.fixture

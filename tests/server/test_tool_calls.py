@@ -51,16 +51,24 @@ class OneDocument:
         return RetrievalResult(chunks=[chunk], info=info)
 
 
-@pytest.fixture
-def engine():
+@pytest.fixture(scope="module")
+def served():
+    """One app for the module (building one costs more than most tests here); ``engine`` clears what it saw."""
     config = {"retrieval": {"default_mode": "none"}, "limits": {"max_schema_bytes": 4096, "max_tools": 4, "max_n": 2}}
-    return FakeEngine(MmragConfig.model_validate(config))
+    engine = FakeEngine(MmragConfig.model_validate(config))
+    with TestClient(create_app(engine.config, LocalBackend(engine, OneDocument()))) as http:
+        yield engine, http
 
 
 @pytest.fixture
-def http(engine):
-    with TestClient(create_app(engine.config, LocalBackend(engine, OneDocument()))) as client:
-        yield client
+def engine(served):
+    served[0].seen.clear()
+    return served[0]
+
+
+@pytest.fixture
+def http(served, engine):
+    return served[1]
 
 
 @pytest.fixture

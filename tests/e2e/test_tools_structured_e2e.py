@@ -1,0 +1,236 @@
+"""Structured outputs and tool calls against the real servers of the session (no new server): the default
+`smol` (SmolLM2-135M-Instruct, text retrieval on by default, so every chat here also has documents in its
+prompt) through the `openai` SDK, LangChain and LlamaIndex; the tiny random model for a forced call that must be
+valid whatever the model says."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "smol"
+# Strings are bounded so a call always closes within max_tokens (a 135M model may ramble inside a string).
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER_PARAMETERS},
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 32}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+PROMPTS = [
+    "What's the weather like in Paris today?",
+    "Is it raining in Tokyo? Answer in fahrenheit.",
+    "Tell me the temperature in Lagos.",
+    "weather for the city of Buenos Aires please",
+]
+
+
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    population_millions: float
+
+
+@pytest.fixture(scope="module")
+def smol(default_client) -> openai.OpenAI:
+    return default_client
+
+
+def test_parse_returns_a_parsed_pydantic_object(smol):
+    completion = smol.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe the city of Paris as JSON."}],
+        response_format=City,
+        max_tokens=120,
+        temperature=0,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert isinstance(choice.message.parsed, City), choice.message.content
+
+
+def test_json_object_and_streamed_json_schema_are_valid_json(smol):
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 60}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    }
+    stream = smol.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Who first recorded Comet Orrin-7?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+        max_tokens=120,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([p for p in pieces if p]) > 1
+    jsonschema.validate(json.loads("".join(pieces)), schema)
+    loose = smol.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give me a JSON object with a greeting in it."}],
+        response_format={"type": "json_object"},
+        max_tokens=300,
+        temperature=0,
+    )
+    assert loose.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(loose.choices[0].message.content), dict)
+
+
+def test_a_forced_named_call_is_valid_for_every_prompt(smol):
+    for prompt in PROMPTS:
+        response = smol.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            tools=[WEATHER, TIME],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=80,
+            temperature=0.8,
+            seed=7,
+        )
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls", (prompt, choice)
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
+        assert response.model_extra["retrieval"]["mode"] == "text"  # documents in, a call out
+
+
+def test_required_calls_are_valid_and_stream_in_openais_shape(smol):
+    schemas = {"get_weather": WEATHER_PARAMETERS, "get_time": TIME["function"]["parameters"]}
+    for prompt in PROMPTS[:2]:
+        response = smol.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=100,
+            temperature=0,
+        )
+        (call,) = response.choices[0].message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    with smol.chat.completions.stream(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80,
+        temperature=0,
+    ) as stream:
+        argument_pieces = [e.arguments_delta for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion()
+    assert len(argument_pieces) > 1  # the arguments stream as they are generated
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.arguments == "".join(argument_pieces)
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
+
+
+def test_auto_and_bad_tools_are_400s_naming_the_field(smol):
+    with pytest.raises(openai.BadRequestError) as caught:
+        smol.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+    assert caught.value.body["param"] == "tool_choice"
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        smol.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[bad], tool_choice="required"
+        )
+    assert caught.value.body["param"] == "tools[0].function.parameters"
+
+
+def test_logit_bias_is_honoured_and_checked_against_the_vocabulary(smol):
+    response = smol.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say something."}],
+        logit_bias={"330": 100},
+        max_tokens=4,
+        logprobs=True,
+        extra_body={"retrieval": {"mode": "none"}, "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.0},
+    )
+    tokens = [t.token for t in response.choices[0].logprobs.content]
+    assert len(tokens) == 4 and len(set(tokens)) == 1, tokens  # +100 on one token: it is every token
+    with pytest.raises(openai.BadRequestError) as caught:
+        smol.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], logit_bias={"99999999": 5}, max_tokens=2
+        )
+    assert caught.value.body["param"] == "logit_bias"
+
+
+def test_a_forced_call_is_valid_with_the_random_model(client):
+    """The tiny random model's output is noise; the constraint alone makes its call valid."""
+    for seed in range(3):
+        response = client.chat.completions.create(
+            model="mmrag-tiny-llava",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=False,  # else noise may add calls until its tokens run out
+            max_tokens=200,
+            seed=seed,
+        )
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        for call in choice.message.tool_calls:
+            schema = WEATHER_PARAMETERS if call.function.name == "get_weather" else TIME["function"]["parameters"]
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def test_langchain_structured_output_and_bound_tools(smol):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=MODEL, base_url=str(smol.base_url), api_key="unused", max_retries=0, temperature=0, max_tokens=120
+    )
+    city = llm.with_structured_output(City).invoke("Describe the city of Rome.")
+    assert isinstance(city, City)
+    message = llm.bind_tools([WEATHER, TIME], tool_choice="get_weather").invoke("Weather in Oslo?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(call["args"], WEATHER_PARAMETERS)
+    message = llm.bind_tools([WEATHER, TIME], tool_choice="any").invoke("What time is it in Tokyo?")
+    assert message.tool_calls and message.tool_calls[0]["name"] in ("get_weather", "get_time")
+
+
+def test_llamaindex_openai_like_chat(smol):
+    pytest.importorskip("llama_index.llms.openai_like", reason="llama-index-llms-openai-like is not installed")
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai_like import OpenAILike
+
+    llm = OpenAILike(
+        model=MODEL,
+        api_base=str(smol.base_url),
+        api_key="unused",
+        is_chat_model=True,
+        context_window=2048,
+        max_tokens=24,
+        temperature=0,
+        max_retries=0,
+    )
+    response = llm.chat([ChatMessage(role="user", content="Who first recorded Comet Orrin-7?")])
+    assert response.message.content and "Okonkwo" in response.message.content
