@@ -69,7 +69,7 @@ def as_openai_error(exc: Exception, line: BatchLine) -> OpenAIError:
 
 class LazyRetriever:
     """The retrieval stage, built on the first request that retrieves: a batch without retrieval never
-    loads the encoder or opens Milvus (Milvus Lite allows one process per file)."""
+    loads the encoder or opens Milvus (opened in-process, Milvus Lite allows one process per file)."""
 
     def __init__(self, config: MmragConfig):
         self._config = config

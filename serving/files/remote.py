@@ -1,9 +1,12 @@
 """``mmrag ingest --server URL``: local files into a running server's vector store, over its HTTP API.
 
-On the embedded default the server holds the Milvus Lite file, so the CLI cannot open it while the server
-runs; through the server it needs nothing but the URL. Each file is uploaded (``POST /v1/files``, streamed
-from disk) and attached to a vector store (``POST /v1/vector_stores/{id}/files``) with two attributes:
-``path`` (relative to the working directory, as the Lite path's ``source``) and ``sha256``. Those make it
+This is the way to a running server's own vector stores from another machine, or from any client: it needs
+nothing but the URL (plain ``mmrag ingest`` beside a local server reaches the same Milvus Lite data through
+that server's Lite server, but into a CLI collection, not a vector store).
+
+Each file is uploaded (``POST /v1/files``, streamed from disk) and attached to a vector store
+(``POST /v1/vector_stores/{id}/files``) with two attributes: ``path``
+(relative to the working directory, as the Lite path's ``source``) and ``sha256``. Those make it
 idempotent: a file whose path and bytes are already in the store is skipped, a changed one is added beside
 the old version, or replaces it with ``replace``; a file that failed before is retried. Then every
 attachment is polled until it is ``completed`` or ``failed`` (with the server's reason).

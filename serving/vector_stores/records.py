@@ -4,10 +4,11 @@ Why SQLite and not a Milvus collection of records: a file's status is a small re
 progress, complete, fail, delete racing an ingestion) that SQLite does in a transaction, where Milvus offers
 neither transactions nor a schema without a vector; and crash recovery ("every attachment left
 ``in_progress`` was interrupted") is only correct when one process owns the records, which is what the
-retriever replica is (Milvus Lite already allows one process per file). The file sits beside the Lite file,
-so the two move, back up and disappear together. One process writes (it holds ``<file>.lock``); another
-that opens the same records, such as a batch job beside the server, only reads them. Several retriever
-replicas would need one shared writer: not done (vector stores are off with several, see ``config.py``).
+process is (the ``VectorStores`` deployment's one replica, or the retriever's when there is one retriever).
+The file sits beside the Lite file, so the two move, back up and disappear together. One process writes
+(it holds ``<file>.lock``); another that opens the same records, such as a batch job beside the server,
+only reads them. Several retriever replicas forward every records call to that one writer
+(``deployments/vector_stores.py``).
 """
 
 from __future__ import annotations
