@@ -37,6 +37,7 @@ def test_graceful_shutdown_reaches_serve():
     assert DeploymentConfig().serve_options()["graceful_shutdown_timeout_s"] == 20, "Serve's own default"
 
 
+@pytest.mark.slow  # importing ray.serve: ~8 s alone, shared with test_serve_config.py in a full run
 def test_serve_accepts_the_graceful_shutdown_options():
     from ray import serve
 
