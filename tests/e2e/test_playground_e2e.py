@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -18,9 +17,13 @@ from tests.playground.browser import ARTIFACTS, chromium_page, needs_chromium
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_chromium]
 
-# A demo-corpus document smol answers from with a sentence (tests/e2e/test_smol_e2e.py), uploaded through the page.
-DOCUMENT = Path(__file__).parents[2] / "serving" / "data" / "demo_corpus" / "orrin-comet.md"
-QUESTION = "Who first recorded Comet Orrin-7?"
+DOCUMENT_NAME = "observatory-flag.md"
+DOCUMENT = (
+    "# The Orrin observatory flag\n\n"
+    "The flag of the Orrin observatory is a red square on a white field. It was designed by the astronomer "
+    "Pell Okonkwo-Vance in 1903.\n"
+)
+QUESTION = "What colour is the square in the image?"  # the image below is that flag
 
 
 def figure(answer, name: str) -> str:
@@ -29,8 +32,8 @@ def figure(answer, name: str) -> str:
 
 def test_the_page_answers_with_an_image_and_retrieval_and_shows_sources_and_costs(default_client, tmp_path):
     root = str(default_client.base_url).removesuffix("/").removesuffix("/v1")
-    document = tmp_path / DOCUMENT.name
-    document.write_bytes(DOCUMENT.read_bytes())
+    document = tmp_path / DOCUMENT_NAME
+    document.write_text(DOCUMENT)
     image = tmp_path / "red-square.png"
     drawing = Image.new("RGB", (336, 336), "white")
     ImageDraw.Draw(drawing).rectangle((84, 84, 252, 252), fill=(210, 30, 30))
@@ -38,21 +41,22 @@ def test_the_page_answers_with_an_image_and_retrieval_and_shows_sources_and_cost
     store = f"playground-{uuid.uuid4().hex[:8]}"
 
     with chromium_page(tmp_path / "profile") as (page, problems):
+        page.set_default_timeout(120_000)  # a shared 2-core CI machine: generous waits, no timing asserted
         streams: list[str] = []
         page.on(
             "response",
             lambda r: r.url.endswith("/v1/chat/completions") and streams.append(r.headers.get("content-type", "")),
         )
         page.goto(f"{root}/playground")
-        page.wait_for_selector("#model:has-text('smol')", timeout=30_000)
+        page.wait_for_selector("#model:has-text('smol')")
 
         # Documents: a new vector store, one file uploaded and indexed through the Files + Vector Stores APIs.
         page.fill("#store-name", store)
         page.click("#create-store")
         page.wait_for_selector(f"#store option:has-text('{store}')", state="attached")
         page.set_input_files("#upload", str(document))
-        page.wait_for_selector("#store-files .badge.completed", timeout=120_000)
-        assert DOCUMENT.name in page.text_content("#store-files")
+        page.wait_for_selector("#store-files .badge.completed")
+        assert DOCUMENT_NAME in page.text_content("#store-files")
 
         # Side by side: text retrieval over the store in both lanes, full images (A) vs AIM 1/4 (B).
         page.check("#compare")
@@ -69,7 +73,7 @@ def test_the_page_answers_with_an_image_and_retrieval_and_shows_sources_and_cost
         page.click("#send")
         page.wait_for_selector(".answer[data-lane=B][data-state=done], .answer[data-state=failed]", timeout=300_000)
         # Wait for the source texts the page fetches after the answer (a search of the store).
-        page.wait_for_selector(".answer[data-lane=B] .sources pre.chunk", timeout=30_000)
+        page.wait_for_selector(".answer[data-lane=B] .sources pre.chunk")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
 
@@ -81,9 +85,9 @@ def test_the_page_answers_with_an_image_and_retrieval_and_shows_sources_and_cost
             assert int(answer.get_attribute("data-chunks")) >= 1, f"{lane}: no content chunk"
             # The retrieved source: the uploaded file, its score and the chunk's text.
             first = answer.query_selector(".sources li")
-            assert DOCUMENT.name in first.query_selector(".source").text_content()
+            assert DOCUMENT_NAME in first.query_selector(".source").text_content()
             assert 0 < float(first.query_selector(".score").text_content()) <= 1
-            assert "Okonkwo-Vance" in first.query_selector("pre.chunk").text_content()
+            assert "a red square on a white field" in first.query_selector("pre.chunk").text_content()
             assert "1 of" in figure(answer, "retrieval") or "2 of" in figure(answer, "retrieval")
             # The costs: prompt tokens, visual tokens before -> after AIM, KV entries kept, TTFT, tokens/s.
             assert int(figure(answer, "prompt_tokens")) > 0

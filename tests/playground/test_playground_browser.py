@@ -19,7 +19,7 @@ from mmrag.serving.server_process import free_port
 from tests.fake_engine import FakeEngine
 from tests.playground.browser import chromium_page, needs_chromium
 
-pytestmark = needs_chromium
+pytestmark = [needs_chromium, pytest.mark.slow]  # a browser start: a few seconds
 
 KEY = "sk-playground-browser"
 

@@ -453,8 +453,9 @@ function showFigures(panel, { usage, retrieval, started, firstAt, ended }) {
   rows.push(figure("ttft", "time to first token", ttft === null ? "–" : `${Math.round(ttft)} ms`));
   const decodeSeconds = firstAt === null ? 0 : (ended - firstAt) / 1000;
   const generated = usage ? usage.completion_tokens : 0;
-  // Tokens after the first over the time they took: the decode rate, not counting the prefill.
-  const rate = generated > 1 && decodeSeconds > 0 ? ((generated - 1) / decodeSeconds).toFixed(1) : "–";
+  // Tokens after the first over the time they took: the decode rate, not counting the prefill. Under four
+  // tokens the last ones arrive together (the end of the stream), too few to say anything.
+  const rate = generated >= 4 && decodeSeconds > 0 ? ((generated - 1) / decodeSeconds).toFixed(1) : "–";
   rows.push(figure("tokens_per_s", "tokens/s", rate));
   if (retrieval) {
     const used = `${retrieval.context_documents} of ${retrieval.documents.length} in the prompt`;
