@@ -55,8 +55,7 @@ def test_the_page_answers_with_an_image_and_retrieval_and_shows_sources_and_cost
         page.click("#create-store")
         page.wait_for_selector(f"#store option:has-text('{store}')", state="attached")
         page.set_input_files("#upload", str(document))
-        page.wait_for_selector("#store-files .badge.completed")
-        assert DOCUMENT_NAME in page.text_content("#store-files")
+        page.wait_for_selector(f"#store-files li:has-text('{DOCUMENT_NAME}') .badge.completed")
 
         # Side by side: text retrieval over the store in both lanes, full images (A) vs AIM 1/4 (B).
         page.check("#compare")
