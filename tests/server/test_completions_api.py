@@ -18,8 +18,7 @@ MODEL = "smol"
 KEY = "sk-completions-test"
 
 
-@pytest.fixture
-def engine():
+def make_engine() -> FakeEngine:
     # Retrieval stays the server default (text) with no retriever behind it: completions must not retrieve.
     limits = {"max_n": 3, "max_completion_prompts": 3, "max_completion_tokens": 50, "max_prompt_chars": 400}
     return FakeEngine(
@@ -27,11 +26,25 @@ def engine():
     )
 
 
-@pytest.fixture
-def http(engine):
+@pytest.fixture(scope="module")
+def app_and_engine():
+    """One app for the module (building one is most of a test's time); each test starts with no requests seen."""
+    engine = make_engine()
     with TestClient(create_app(engine.config, LocalBackend(engine))) as client:
         client.headers["Authorization"] = f"Bearer {KEY}"
-        yield client
+        yield client, engine
+
+
+@pytest.fixture
+def engine(app_and_engine):
+    engine = app_and_engine[1]
+    engine.seen.clear()
+    return engine
+
+
+@pytest.fixture
+def http(app_and_engine, engine):
+    return app_and_engine[0]
 
 
 @pytest.fixture
@@ -104,7 +117,14 @@ def test_streaming_several_prompts_and_done(http):
     assert all("usage" not in c or c["usage"] is None for c in chunks)
 
 
-def test_keys_and_metrics_are_chats(http):
+def test_keys_and_metrics_are_chats():
+    engine = make_engine()
+    with TestClient(create_app(engine.config, LocalBackend(engine))) as http:  # its own: fresh counters
+        http.headers["Authorization"] = f"Bearer {KEY}"
+        _keys_and_metrics(http)
+
+
+def _keys_and_metrics(http):
     assert (
         http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}, headers={"Authorization": ""}).status_code
         == 401

@@ -56,24 +56,42 @@ def config(**limits) -> MmragConfig:
     return MmragConfig.model_validate(
         {
             "retrieval": {"default_mode": "none", "encoder": {"batch_size": 2}},
-            "limits": {"max_embedding_inputs": 5, "max_embedding_input_chars": 40, **limits},
+            "limits": {
+                "max_embedding_inputs": 5,
+                "max_embedding_input_chars": 40,
+                "max_request_bytes": 100_000,
+                **limits,
+            },
             "server": {"api_keys": [KEY]},
         }
     )
 
 
-@pytest.fixture
-def encoder() -> WordEncoder:
-    return WordEncoder()
+def keyed_app(encoder: WordEncoder, cfg: MmragConfig | None = None) -> TestClient:
+    cfg = cfg or config()
+    client = TestClient(create_app(cfg, LocalBackend(FakeEngine(cfg), Retriever(cfg.retrieval, encoder=encoder))))
+    client.headers["Authorization"] = f"Bearer {KEY}"
+    return client
+
+
+@pytest.fixture(scope="module")
+def app_and_encoder():
+    """One app for the module (building one is most of a test's time); each test starts with no encoding."""
+    encoder = WordEncoder()
+    with keyed_app(encoder) as client:
+        yield client, encoder
 
 
 @pytest.fixture
-def http(encoder):
-    cfg = config()
-    retriever = Retriever(cfg.retrieval, encoder=encoder)
-    with TestClient(create_app(cfg, LocalBackend(FakeEngine(cfg), retriever))) as client:
-        client.headers["Authorization"] = f"Bearer {KEY}"
-        yield client
+def encoder(app_and_encoder) -> WordEncoder:
+    encoder = app_and_encoder[1]
+    encoder.calls.clear()
+    return encoder
+
+
+@pytest.fixture
+def http(app_and_encoder, encoder):
+    return app_and_encoder[0]
 
 
 @pytest.fixture
@@ -133,7 +151,12 @@ def test_refusals_name_the_field(http, encoder, body, status, param, says):
     assert encoder.calls == []  # refused before any encoding
 
 
-def test_keys_body_rules_and_metrics_are_chats(http, encoder):
+def test_keys_body_rules_and_metrics_are_chats():
+    with keyed_app(WordEncoder()) as http:  # its own: fresh counters
+        _keys_body_rules_and_metrics(http)
+
+
+def _keys_body_rules_and_metrics(http):
     assert (
         http.post("/v1/embeddings", json={"model": "minilm", "input": "x"}, headers={"Authorization": ""}).status_code
         == 401
@@ -146,16 +169,9 @@ def test_keys_body_rules_and_metrics_are_chats(http, encoder):
     assert re.search(r'mmrag_requests_total\{status="400"\} 1\.0', text)
 
 
-def test_large_body_over_the_limit_is_413():
-    cfg = config(max_request_bytes=1000)
-    retriever = Retriever(cfg.retrieval, encoder=WordEncoder())
-    with TestClient(create_app(cfg, LocalBackend(FakeEngine(cfg), retriever))) as http:
-        response = http.post(
-            "/v1/embeddings",
-            json={"model": "minilm", "input": ["x " * 10] * 60},
-            headers={"Authorization": f"Bearer {KEY}"},
-        )
-    assert response.status_code == 413
+def test_large_body_over_the_limit_is_413(http, encoder):
+    response = http.post("/v1/embeddings", json={"model": "minilm", "input": ["x " * 100] * 600})  # 120 KB
+    assert response.status_code == 413 and encoder.calls == []
 
 
 def test_no_retriever_is_a_404():
