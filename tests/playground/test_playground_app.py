@@ -5,6 +5,7 @@ FastAPI app with the fake engine; the page itself is driven in a browser by test
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -115,3 +116,14 @@ def test_a_cross_site_page_still_cannot_call_a_keyless_loopback_server(http):
     assert foreign.status_code == 403 and foreign.json()["error"]["param"] == "Origin"
     own = http.post("/v1/chat/completions", json=chat, headers={"Origin": "http://127.0.0.1:8000"})
     assert own.status_code == 200, own.text
+
+
+def test_the_page_files_are_package_data():
+    """An installed (non-editable) mmrag must carry the files the router reads at start."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["mmrag.serving.openai"]
+    served = ["index.html", *ASSETS]
+    for name in served:
+        assert any(fnmatch.fnmatch(f"playground/{name}", p) for p in patterns), name
+    assert sorted(p.name for p in PAGE_FILES.iterdir()) == sorted(served)  # nothing shipped unserved
