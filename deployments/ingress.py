@@ -12,6 +12,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest
 from mmrag.serving.errors import EngineUnavailableError, OpenAIError, OverloadedError
@@ -125,6 +126,7 @@ def client_error(exc: Exception, stage: str) -> Exception:
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, config: dict[str, Any], llm: DeploymentHandle, retriever: DeploymentHandle):
+        keep_replica_grpc_on_loopback()
         self.config = MmragConfig.model_validate(config)
         configure_logging(self.config.server)
         self.backend = ServeBackend(llm, retriever)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import DEFAULT_ENGINE, GenerationDelta, GenerationRequest, load_engine_class
 from mmrag.serving.logs import configure_logging
@@ -22,6 +23,7 @@ class LLMServer:
     replaces it, while requests in flight fail with a 503 rather than hang."""
 
     async def __init__(self, config: dict[str, Any], engine_cls: str = DEFAULT_ENGINE):
+        keep_replica_grpc_on_loopback()
         self.config = MmragConfig.model_validate(config)
         configure_logging(self.config.server)
         checkpoint = model_path(self.config.model)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
+from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
 from mmrag.deployments.vector_stores import ForwardsVectorStores
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.stage import RetrievalStage
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 class RetrieverReplica(ForwardsVectorStores, RetrievalStage):
     """The stage as a replica serves it, plus ``/v1/embeddings``: the texts are encoded by the encoder that
     fills and searches the collections (in a worker thread of this replica)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        keep_replica_grpc_on_loopback()
+        super().__init__(*args, **kwargs)
 
     async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
         return await self.core.embed(texts, model=model, dimensions=dimensions)

@@ -16,6 +16,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.errors import OpenAIError
 from mmrag.serving.retrieval.errors import RetrievalError
@@ -23,7 +24,14 @@ from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
 from mmrag.serving.retrieval.stage import RetrievalStage
 from mmrag.serving.vector_stores.config import separate_vector_stores
 
-VectorStoreServer = serve.deployment(name="VectorStores")(RetrievalStage)
+
+class VectorStoresReplica(RetrievalStage):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        keep_replica_grpc_on_loopback()
+        super().__init__(*args, **kwargs)
+
+
+VectorStoreServer = serve.deployment(name="VectorStores")(VectorStoresReplica)
 
 
 def vector_stores_deployment(config: MmragConfig) -> Any | None:
