@@ -41,7 +41,9 @@ LAYERS = {
     "mmrag.serving.openai": 2,
     "mmrag.serving.pipeline": 3,
     "mmrag.serving.openai.server": 4,
-    "mmrag.serving.openai.responses_api": 4,  # an HTTP adapter over the pipeline, mounted by the server
+    "mmrag.serving.openai.responses_api": 4,  # HTTP adapters over the pipeline, mounted by the server
+    "mmrag.serving.openai.completions_api": 4,
+    "mmrag.serving.openai.embeddings_api": 4,
     "mmrag.serving.batch": 4,
     "mmrag.serving.server_process": 4,
     "mmrag.deployments": 5,
