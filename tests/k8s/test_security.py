@@ -259,3 +259,10 @@ def test_jobs_are_valid_core_objects():
                         template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}}
                         template["template"] = {"spec": pod}
                         kubernetes_validate.validate(template, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_production_serves_no_playground():
+    """The try-it page is on by default for local servers; the production overlay turns it off."""
+    from tests.k8s.test_serve_config import app_config
+
+    assert app_config("prod-gpu").server.playground is False
