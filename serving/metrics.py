@@ -172,4 +172,6 @@ def engine_stat_loggers() -> list[type] | None:
     from vllm.v1.metrics.loggers import PrometheusStatLogger
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-    return [PrometheusStatLogger, RayPrometheusStatLogger]
+    # Ray's first: every PrometheusStatLogger (the Ray one is a subclass) starts by unregistering all vllm:*
+    # collectors from prometheus_client's registry, so the other order left /metrics without the engine's.
+    return [RayPrometheusStatLogger, PrometheusStatLogger]

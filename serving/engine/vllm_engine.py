@@ -29,6 +29,7 @@ from mmrag.serving.engine.protocol import (
     TokenLogprob,
 )
 from mmrag.serving.errors import EngineUnavailableError, InvalidRequestError
+from mmrag.serving.metrics import engine_stat_loggers
 from mmrag.serving.vllm_plugin.kv.plan import plan_compaction, request_extra_args
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ class VllmEngine(Engine):
         chat_template = load_chat_template(self._model_path)
         self._aim = aim_enabled(self._config, self._model_path)
         self._llm = AsyncLLM.from_engine_args(
-            structured_outputs_config(build_engine_args(self._config, self._model_path), self._config)
+            structured_outputs_config(build_engine_args(self._config, self._model_path), self._config),
+            stat_loggers=engine_stat_loggers(),  # in a Serve replica, vLLM's metrics also reach Ray's port
         )
         self._prompts = PromptBuilder(self._llm, chat_template, self._config, self._aim)
         logger.info("vLLM engine started", extra={"model": self._model_path})
