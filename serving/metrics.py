@@ -12,7 +12,6 @@ metrics agent of each Ray node exports on its metrics port (8080 on Kubernetes) 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge as PromGauge
 from prometheus_client import Histogram as PromHistogram
 
+from mmrag.serving.logs import in_serve_replica
 from mmrag.serving.openai.protocol import Usage
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -59,21 +59,6 @@ METRICS = {
         MetricSpec("mmrag_kv_tokens_kept", "counter", "Prompt KV entries kept after LOOK-M (prompts with images)."),
     )
 }
-
-
-def in_serve_replica() -> bool:
-    """True inside a Ray Serve replica, where Ray's metrics agent exports ``ray.util.metrics``. A process that
-    has not imported Ray is not one, and pays no import to find out."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return False
-    try:
-        from ray import serve
-
-        serve.get_replica_context()
-        return True
-    except Exception:  # RayServeException: a Ray driver or task, not a replica
-        return False
 
 
 class _Metric:
