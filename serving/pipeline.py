@@ -40,6 +40,7 @@ from mmrag.serving.errors import (
 from mmrag.serving.media import ImagePolicy, decode_image_bytes, load_images
 from mmrag.serving.offload import Offload
 from mmrag.serving.openai import chat
+from mmrag.serving.openai.constraints import check_request_schemas
 from mmrag.serving.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -342,7 +343,7 @@ def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatComp
     if _SURROGATE_ESCAPE.search(body):
         reject_lone_surrogates(payload)
     try:
-        return ChatCompletionRequest.model_validate(payload, context={"limits": limits})
+        request = ChatCompletionRequest.model_validate(payload, context={"limits": limits})
     except RecursionError as exc:  # validators that walk a nested value (compression.kv) hit the same bound
         raise InvalidRequestError("the request body is nested too deeply") from exc
     except ValidationError as exc:
@@ -350,6 +351,8 @@ def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatComp
         error = max(exc.errors(), key=lambda e: len(e["loc"]))
         param = format_error_location(error["loc"])
         raise InvalidRequestError(f"{param}: {error['msg']}", param=param or None) from exc
+    check_request_schemas(request, limits or LimitsConfig())
+    return request
 
 
 # JSON can only carry a lone surrogate as an escape (raw ones are invalid UTF-8, refused by the decoder).

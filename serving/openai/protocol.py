@@ -373,14 +373,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("this server does not store completions; send false or leave it out")
         return store
 
-    @model_validator(mode="after")
-    def _tools_and_formats(self, info: ValidationInfo) -> ChatCompletionRequest:
-        """Tool definitions, the tool choice and the schemas asked for: a 400 naming the exact field."""
-        from mmrag.serving.openai.structured import check_request_schemas
-
-        check_request_schemas(self, validation_limits(info))
-        return self
-
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> list[str]:

@@ -6,8 +6,8 @@ hands to vLLM's structured-output backend (``engine.engine_kwargs.structured_out
 by default: xgrammar, falling back to llguidance for schema features xgrammar lacks). Every schema is
 checked here against its JSON Schema meta-schema and the request's schemas are bounded in size
 (``limits.max_schema_bytes``), so a bad or huge schema is a 400 naming its field before any generation and
-never reaches a grammar compiler. This runs inside request validation, which the pipeline moves off the event
-loop for large bodies.
+never reaches a grammar compiler (:mod:`.constraints` runs these checks with the tools' in request parsing, which
+the pipeline moves off the event loop for large bodies).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from mmrag.serving.config import LimitsConfig
 from mmrag.serving.engine.protocol import GenerationDelta, StructuredOutput
 from mmrag.serving.errors import InvalidRequestError
 
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JsonStringEscaper",
-    "check_request_schemas",
+    "SchemaBudget",
     "check_schema",
     "compact_json",
     "escaped_json_deltas",
@@ -54,7 +53,7 @@ def check_schema(schema: dict[str, Any], param: str) -> None:
         raise InvalidRequestError(f"{param}: the schema is nested too deeply", param=param) from None
 
 
-class _SchemaBudget:
+class SchemaBudget:
     """The bytes of schema a request may send, spent field by field: the field that overflows is named."""
 
     def __init__(self, limit: int):
@@ -68,33 +67,6 @@ class _SchemaBudget:
                 f"{param}: the request's schemas exceed {self.limit} bytes of compact JSON (limits.max_schema_bytes)",
                 param=param,
             )
-
-
-def check_request_schemas(request: ChatCompletionRequest, limits: LimitsConfig) -> None:
-    """Schemas, tool names and how the constraints combine; every refusal names the field to change."""
-    from mmrag.serving.openai.tools import check_tools
-
-    budget = _SchemaBudget(limits.max_schema_bytes)
-    response_format = request.response_format
-    if response_format is not None and response_format.type == "json_schema":
-        schema = response_format.json_schema.json_schema
-        if schema is not None:
-            param = "response_format.json_schema.schema"
-            budget.spend(compact_json(schema), param)
-            check_schema(schema, param)
-    extra = request.structured_outputs
-    if extra is not None:
-        if response_format is not None and response_format.type != "text":
-            raise InvalidRequestError(
-                "structured_outputs: send response_format or structured_outputs, not both", param="structured_outputs"
-            )
-        if extra.json_schema is not None:
-            budget.spend(compact_json(extra.json_schema), "structured_outputs.json")
-            check_schema(extra.json_schema, "structured_outputs.json")
-        else:
-            spec = extra.regex or extra.grammar or compact_json(extra.choice)
-            budget.spend(spec, "structured_outputs")
-    check_tools(request, budget)
 
 
 def structured_output(request: ChatCompletionRequest) -> StructuredOutput | None:

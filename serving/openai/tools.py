@@ -27,7 +27,7 @@ from mmrag.serving.openai.structured import JsonStringEscaper, check_schema, com
 
 if TYPE_CHECKING:
     from mmrag.serving.openai.protocol import ChatCompletionRequest, ChatMessage, Tool
-    from mmrag.serving.openai.structured import _SchemaBudget
+    from mmrag.serving.openai.structured import SchemaBudget
 
 __all__ = ["ToolPlan", "check_tools", "new_call_id", "plan_tools", "template_tool_fields", "tool_call_deltas"]
 
@@ -49,7 +49,7 @@ class ToolPlan:
     name: str | None = None
 
 
-def check_tools(request: ChatCompletionRequest, budget: _SchemaBudget) -> None:
+def check_tools(request: ChatCompletionRequest, budget: SchemaBudget) -> None:
     """Names unique, parameter schemas valid and within the request's schema budget, the choice among them."""
     tools = request.tools or []
     seen: set[str] = set()
