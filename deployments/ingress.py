@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
+from ray.serve.context import _get_internal_replica_context
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -37,8 +38,10 @@ class ServeBackend:
     the chain over a paced fake engine (``mmrag bench serving``'s notes in docs/results.md): Ray's
     object-per-item streaming and the hops between the router's thread and the replica's loop cost the LLM
     replica about 1 ms of CPU per token and the ingress about 2; over gRPC on one loop (and with SSE chunks from
-    a template), about 0.4 and 0.9. The handles are set up on first use, on the loop that serves (the
-    replica's): a handle routes on the loop it was set up on.
+    a template), about 0.4 and 0.9. Inside a replica the handles are set up on first use, on the loop that
+    serves (the replica's, which lives as long as they do); elsewhere (a driver, a test that runs a loop of its
+    own and closes it) they keep Serve's router thread, which ``serve.shutdown`` can stop after that loop is
+    gone.
     """
 
     def __init__(self, llm: DeploymentHandle, retriever: DeploymentHandle):
@@ -49,8 +52,9 @@ class ServeBackend:
     def _bind(self) -> DeploymentHandle:
         """The streaming LLM handle; on the first call, both handles are set up to route on this loop."""
         if self._llm_stream is None:
+            in_replica = _get_internal_replica_context() is not None
             for handle in (self._llm, self._retriever):
-                if not handle.is_initialized:  # Ray 2.60: the option exists only at set-up, as ``_init``
+                if in_replica and not handle.is_initialized:  # Ray 2.60: only at set-up, as ``_init``
                     handle._init(_run_router_in_separate_loop=False)
             self._llm_stream = self._llm.options(stream=True, _by_reference=False)
         return self._llm_stream
