@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import ValidationError
-
 from mmrag.serving.config import CompressionConfig, LimitsConfig, MmragConfig
 from mmrag.serving.engine.protocol import (
     CompressionSettings,
@@ -52,6 +50,7 @@ from mmrag.serving.openai.protocol import (
     json_object,
     new_completion_id,
     now,
+    validated,
 )
 from mmrag.serving.openai.structured import escaped_json_deltas, structured_output
 from mmrag.serving.openai.tools import ToolPlan, plan_tools, template_tool_fields, tool_call_deltas
@@ -342,15 +341,7 @@ def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatComp
     payload = json_object(body)
     if _SURROGATE_ESCAPE.search(body):
         reject_lone_surrogates(payload)
-    try:
-        request = ChatCompletionRequest.model_validate(payload, context={"limits": limits})
-    except RecursionError as exc:  # validators that walk a nested value (compression.kv) hit the same bound
-        raise InvalidRequestError("the request body is nested too deeply") from exc
-    except ValidationError as exc:
-        # The deepest location is the most specific one when a union reports every branch.
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = format_error_location(error["loc"])
-        raise InvalidRequestError(f"{param}: {error['msg']}", param=param or None) from exc
+    request = validated(ChatCompletionRequest, payload, limits)
     check_request_schemas(request, limits or LimitsConfig())
     return request
 

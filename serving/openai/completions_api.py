@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest, SamplingOptions
@@ -33,7 +32,7 @@ from mmrag.serving.openai.completions_protocol import (
     new_completion_id,
 )
 from mmrag.serving.openai.observed import observed
-from mmrag.serving.openai.protocol import Usage, format_error_location, json_object, now
+from mmrag.serving.openai.protocol import Usage, json_object, now, validated
 from mmrag.serving.openai.streaming import StreamThenCall
 from mmrag.serving.openai.vector_stores_api import documented
 from mmrag.serving.pipeline import (
@@ -55,14 +54,7 @@ def parse_completion_body(body: bytes, config: MmragConfig) -> CompletionRequest
     payload = json_object(body)
     if b"\\u" in body:
         reject_lone_surrogates(payload)
-    try:
-        return CompletionRequest.model_validate(payload, context={"limits": config.limits})
-    except ValidationError as exc:
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = format_error_location(error["loc"])
-        param = "prompt" if param.startswith("prompt") else param
-        message = error["msg"].removeprefix("Value error, ")
-        raise InvalidRequestError(f"{param}: {message}", param=param or None) from exc
+    return validated(CompletionRequest, payload, config.limits, whole=("prompt",))
 
 
 def check_completion_limits(request: CompletionRequest, config: MmragConfig) -> None:

@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.errors import InvalidRequestError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai.observed import observed
-from mmrag.serving.openai.protocol import format_error_location, json_object, validation_limits
+from mmrag.serving.openai.protocol import json_object, validated, validation_limits
 from mmrag.serving.openai.vector_stores_api import documented
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, reject_lone_surrogates
 
@@ -97,15 +96,8 @@ def parse_embedding_body(body: bytes, config: MmragConfig) -> EmbeddingRequest:
     payload = json_object(body)
     if b"\\u" in body:
         reject_lone_surrogates(payload)  # the tokenizer would fail on one deep inside the retriever
-    try:
-        return EmbeddingRequest.model_validate(payload, context={"limits": config.limits})
-    except ValidationError as exc:
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = format_error_location(error["loc"])
-        # A bad item of a list input is the input's fault: clients look for `input`.
-        param = "input" if param.startswith("input") else param
-        message = error["msg"].removeprefix("Value error, ")
-        raise InvalidRequestError(f"{param}: {message}", param=param or None) from exc
+    # A bad item of a list input is the input's fault: clients look for `input`.
+    return validated(EmbeddingRequest, payload, config.limits, whole=("input",))
 
 
 def embedding_response(request: EmbeddingRequest, embeddings: Embeddings) -> bytes:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from collections.abc import Collection
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from mmrag.serving.config import LimitsConfig
@@ -572,3 +573,31 @@ def json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     return payload
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validated(
+    model: type[Model],
+    payload: dict[str, Any],
+    limits: LimitsConfig | None = None,
+    *,
+    whole: tuple[str, ...] = (),
+    not_fields: Collection[Any] = (),
+) -> Model:
+    """``payload`` as ``model``, or a 400 naming the field: of pydantic's errors, the deepest location (the most
+    specific one when a union reports every branch), read as the request's own fields. ``limits`` bound what
+    validation may build (the defaults without). ``whole``: fields whose inner errors are reported as the
+    field's own (clients look for ``input``, not ``input[3]``); ``not_fields``: location parts that are type
+    tags, not fields."""
+    try:
+        return model.model_validate(payload, context={"limits": limits})
+    except RecursionError as exc:  # validators that walk a nested value (compression.kv) hit the same bound
+        raise InvalidRequestError("the request body is nested too deeply") from exc
+    except ValidationError as exc:
+        error = max(exc.errors(), key=lambda e: len(e["loc"]))
+        param = format_error_location(tuple(part for part in error["loc"] if part not in not_fields))
+        param = next((field for field in whole if param.startswith(field)), param)
+        message = error["msg"].removeprefix("Value error, ")
+        raise InvalidRequestError(f"{param}: {message}" if param else message, param=param or None) from exc

@@ -30,7 +30,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from mmrag.serving.config import MmragConfig
@@ -39,7 +38,7 @@ from mmrag.serving.errors import InvalidRequestError, NotFoundError, OpenAIError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai import responses_protocol as rp
-from mmrag.serving.openai.protocol import ChatCompletionRequest, format_error_location, json_object
+from mmrag.serving.openai.protocol import ChatCompletionRequest, json_object, validated
 from mmrag.serving.openai.streaming import StreamThenCall
 from mmrag.serving.openai.vector_stores_api import documented, request_owners
 from mmrag.serving.pipeline import INLINE_PARSE_BYTES, ChatPipeline, PreparedChat, reject_lone_surrogates
@@ -144,20 +143,8 @@ def parse_responses_body(body: bytes, config: MmragConfig) -> rp.ResponsesReques
     if b"\\u" in body:  # only an escape can carry a lone surrogate
         reject_lone_surrogates(payload)
     rp.check_items(payload, config.limits)
-    return validated(rp.ResponsesRequest, payload)
-
-
-def validated(model: type[BaseModel], payload: dict[str, Any], context: dict[str, Any] | None = None) -> Any:
-    try:
-        return model.model_validate(payload, context=context)
-    except RecursionError as exc:  # validators that walk a nested value (compression.kv)
-        raise InvalidRequestError("the request body is nested too deeply") from exc
-    except ValidationError as exc:
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the deepest location is the most specific
-        # The item and part type tags pydantic puts in a location are not fields of the request.
-        param = format_error_location(tuple(p for p in error["loc"] if p not in rp.TAGS)) or None
-        message = error["msg"].removeprefix("Value error, ")
-        raise InvalidRequestError(f"{param}: {message}" if param else message, param=param) from exc
+    # The item and part type tags pydantic puts in a location are not fields of the request.
+    return validated(rp.ResponsesRequest, payload, not_fields=rp.TAGS)
 
 
 def retrieval_options(request: rp.ResponsesRequest, vector_stores: Any) -> dict[str, Any]:
@@ -185,7 +172,7 @@ def retrieval_options(request: rp.ResponsesRequest, vector_stores: Any) -> dict[
 
 def chat_request(request: rp.ResponsesRequest, retrieval: dict[str, Any], config: MmragConfig) -> ChatCompletionRequest:
     """The chat request the pipeline serves (its validation errors name chat fields; the caller renames)."""
-    return validated(ChatCompletionRequest, rp.chat_payload(request, retrieval), {"limits": config.limits})
+    return validated(ChatCompletionRequest, rp.chat_payload(request, retrieval), config.limits)
 
 
 class ChatFieldNames:

@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.errors import InvalidRequestError, OpenAIError, PayloadTooLargeError
 from mmrag.serving.openai.files_api import key_owner
-from mmrag.serving.openai.protocol import format_error_location, json_object
+from mmrag.serving.openai.protocol import json_object, validated
 from mmrag.serving.vector_stores import protocol as p
 from mmrag.serving.vector_stores.access import key_id
 from mmrag.serving.vector_stores.backend import LocalVectorStoreBackend, Method, VectorStoreBackend, backend_of
@@ -177,15 +177,3 @@ def list_query(request: Request, statuses: bool = True) -> p.ListQuery:
     if not statuses and "filter" in params:
         raise InvalidRequestError("filter: not a parameter of this listing", param="filter")
     return validated(p.ListQuery, params)
-
-
-def validated(model: type[Model], payload: dict[str, Any]) -> Model:
-    try:
-        return model.model_validate(payload)
-    except RecursionError as exc:
-        raise InvalidRequestError("the request body is nested too deeply") from exc
-    except ValidationError as exc:
-        error = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = format_error_location(error["loc"]) or None
-        message = error["msg"].removeprefix("Value error, ")
-        raise InvalidRequestError(f"{param}: {message}" if param else message, param=param) from exc
