@@ -130,8 +130,13 @@ def test_special_tokens_in_tools_or_calls_are_refused():
 
 
 @pytest.mark.slow
-def test_the_engine_gets_the_configured_backend_and_whitespace_rule():
+def test_the_engine_gets_the_configured_backend_and_whitespace_rule(monkeypatch):
+    import huggingface_hub.constants
     from vllm import AsyncEngineArgs
+
+    # Other modules' conftests set HF_HUB_OFFLINE=1, and vLLM's engine args then resolve the model name
+    # "unused" as a local snapshot and fail; this test needs no model.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.vllm_engine import structured_outputs_config
