@@ -17,7 +17,11 @@ def fresh_mmrag_logger(monkeypatch):
     logger = logging.getLogger("mmrag")
     monkeypatch.setattr(logger, "handlers", [])
     monkeypatch.setattr(logger, "propagate", True)
-    return logger
+    level = logger.level
+    yield logger
+    # configure_logging sets the level; left at WARNING, later tests' INFO records never reach caplog (and
+    # setLevel, unlike restoring the attribute, clears the loggers' cached decisions).
+    logger.setLevel(level)
 
 
 class Capture(logging.Handler):
