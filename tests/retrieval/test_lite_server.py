@@ -44,7 +44,10 @@ def test_a_death_is_reported_and_restarted_on_its_port_then_a_stop_is_clean_and_
         assert lite.ensure_running(max_restarts=1)
     assert f"exited with {-signal.SIGKILL}; restarting it (1 of 1)" in caplog.text
     assert (lite.port, find_running(lite.data_dir).pid) == (port, lite.pid) and lite.pid != first
-    assert lite.stop() == 0  # SIGINT: milvus-lite closes the directory and exits 0
+    # SIGINT: milvus-lite closes the directory and exits 0; on a loaded machine a just-restarted server was
+    # once ended by the signal itself (-2) before its handler was in place (CI, load ~10). Either way it is gone.
+    assert lite.stop() in (0, -signal.SIGINT)
+    assert not lite.alive()
     assert not state_path(lite.data_dir).exists() and find_running(lite.data_dir) is None
     assert not port_open(lite.uri)
     assert lite.ensure_running(max_restarts=1) is False  # restarts used up: `mmrag serve` stops serving
