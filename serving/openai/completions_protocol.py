@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mmrag.serving.openai.protocol import StreamOptions, Usage, validation_limits
+from mmrag.serving.openai.protocol import StreamOptions, Usage, stop_sequences, validation_limits
 
 # OpenAI's legacy default: a completion of 16 tokens unless the request says otherwise.
 DEFAULT_MAX_TOKENS = 16
@@ -68,12 +68,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
+        return stop_sequences(stop)
 
     @field_validator("best_of")
     @classmethod

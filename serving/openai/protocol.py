@@ -377,12 +377,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
+        return stop_sequences(stop)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -399,6 +394,16 @@ class ChatCompletionRequest(BaseModel):
 
 # OpenAI documents no bound; 1024 biased tokens is far more than any use and keeps the engine's work small.
 MAX_LOGIT_BIAS = 1024
+
+
+def stop_sequences(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's ``stop`` (a string or up to 4 non-empty strings) as a list."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must be non-empty")
+    return stops
 
 
 def validation_limits(info: ValidationInfo) -> LimitsConfig:
