@@ -26,7 +26,9 @@ def app_url():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {"PYTHONPATH": str(REPO), "MMRAG_FAKE_ENGINE_START_S": "3"}
+    # A replacement replica must take longer to start than the ingress's health call waits (5 s): with a
+    # 3 s start, /health waited for the new replica and never showed the outage (failed in CI).
+    env = {"PYTHONPATH": str(REPO), "MMRAG_FAKE_ENGINE_START_S": "10"}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     config = MmragConfig.model_validate(
         {
