@@ -1,7 +1,5 @@
-"""What every model route does around its own work: the ingress metrics, and errors in the OpenAI shape.
-
-Chat completions and responses keep their own copy of this wrapper; completions and embeddings share this one.
-"""
+"""What every model route (chat, responses, completions, embeddings) does around its own work: the ingress
+metrics, and errors in the OpenAI shape."""
 
 from __future__ import annotations
 

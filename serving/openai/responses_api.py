@@ -30,7 +30,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta
@@ -38,6 +37,7 @@ from mmrag.serving.errors import InvalidRequestError, NotFoundError, OpenAIError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai import chat
 from mmrag.serving.openai import responses_protocol as rp
+from mmrag.serving.openai.observed import observed
 from mmrag.serving.openai.protocol import ChatCompletionRequest, json_object, validated
 from mmrag.serving.openai.streaming import StreamThenCall
 from mmrag.serving.openai.vector_stores_api import documented, request_owners
@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 # The file_search tool's position in ``tools`` (at most one tool is accepted).
 TOOL = "tools[0]"
-# nginx's "client closed request", as the chat route answers a client gone before its body was read.
-CLIENT_CLOSED_REQUEST = 499
 
 
 def responses_router(
@@ -79,24 +77,7 @@ def responses_router(
 
     @router.post("/v1/responses", openapi_extra=documented(rp.ResponsesRequest))
     async def create_response(http_request: Request) -> Response:
-        start = time.perf_counter()
-        metrics.in_flight.inc()
-        try:
-            response = await _respond(http_request, start)
-        except OpenAIError as exc:
-            response = JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
-        except ClientDisconnect:
-            logger.info("client closed the connection before its request body was read")
-            response = Response(status_code=CLIENT_CLOSED_REQUEST)
-        except Exception:
-            logger.exception("unhandled error in a response")
-            response = JSONResponse(OpenAIError("internal server error").to_dict(), status_code=500)
-        metrics.requests.labels(status=str(response.status_code)).inc()
-        if isinstance(response, StreamThenCall):
-            return response  # served after this returns: in flight until its last byte
-        metrics.in_flight.dec()
-        metrics.latency.observe(time.perf_counter() - start)
-        return response
+        return await observed(metrics, "response", lambda start: _respond(http_request, start))
 
     @router.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> Response:

@@ -21,7 +21,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta
@@ -38,6 +37,7 @@ from mmrag.serving.openai.completions_api import completions_router
 from mmrag.serving.openai.edge import EdgeGuard
 from mmrag.serving.openai.embeddings_api import embeddings_router
 from mmrag.serving.openai.files_api import files_router
+from mmrag.serving.openai.observed import observed
 from mmrag.serving.openai.playground_api import playground_router
 from mmrag.serving.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 from mmrag.serving.openai.responses_api import responses_router
@@ -47,8 +47,6 @@ from mmrag.serving.pipeline import ChatBackend, ChatPipeline
 
 logger = logging.getLogger(__name__)
 
-# nginx's "client closed request": the client hung up before its request was read; no response reaches it.
-CLIENT_CLOSED_REQUEST = 499
 
 
 class RequestTimeoutError(OpenAIError):
@@ -104,25 +102,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: Request) -> Response:
-        start = time.perf_counter()
-        metrics.in_flight.inc()
-        try:
-            response = await _chat(http_request, start)
-        except OpenAIError as exc:
-            response = error_response(exc)
-        except ClientDisconnect:
-            # A careless or hostile client, not a fault of ours: one line, and its own status in the counts.
-            logger.info("client closed the connection before its request body was read")
-            response = Response(status_code=CLIENT_CLOSED_REQUEST)
-        except Exception:
-            logger.exception("unhandled error in chat completion")
-            response = error_response(OpenAIError("internal server error"))
-        metrics.requests.labels(status=str(response.status_code)).inc()
-        if isinstance(response, StreamThenCall):
-            return response  # served after this returns: in flight until its last byte (see _chat)
-        metrics.in_flight.dec()
-        metrics.latency.observe(time.perf_counter() - start)
-        return response
+        return await observed(metrics, "chat completion", lambda start: _chat(http_request, start))
 
     async def read_request_body(http_request: Request) -> bytes:
         """The body under this server's limits (size, idle and total read time)."""
