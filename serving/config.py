@@ -37,6 +37,13 @@ class ModelConfig(_Strict):
         default=None, description="The name clients put in `model`. None: the registered model's own name."
     )
     tiny_seed: int = Field(default=0, description="Seed of the generated `tiny-random` model.")
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM's tool-call parser for this model's call format (`vllm serve --tool-call-parser` names: "
+        "hermes, llama3_json, mistral, ...), which `tool_choice: auto` needs to read calls from the answer. None: "
+        "`auto` is a 400 (required and named calls work with any model). `hermes` reads the `<tool_call>` blocks "
+        "the fallback tool prompt asks for, for models whose chat template has no tools section.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -47,6 +54,15 @@ class ModelConfig(_Strict):
             raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
         return name
 
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, name: str | None) -> str | None:
+        if name is not None:
+            known = vllm_tool_parsers()
+            if name not in known:
+                raise ValueError(f"unknown tool-call parser {name!r}; vLLM's: {', '.join(sorted(known))}")
+        return name
+
     @model_validator(mode="after")
     def _default_served_name(self) -> ModelConfig:
         if self.served_name is None:
@@ -54,6 +70,30 @@ class ModelConfig(_Strict):
 
             self.served_name = Path(self.path).name if self.path else MODELS[self.name].served_name
         return self
+
+
+def vllm_tool_parsers() -> frozenset[str]:
+    """The tool-call parser names vLLM registers, read from its table without importing vLLM (which takes
+    10-25 s and a GiB here: a config is validated by every CLI command and test). The table is the pinned
+    0.32's ``_TOOL_PARSERS_TO_REGISTER``; should a later vLLM move it, its registry is asked instead."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return frozenset()  # no vLLM here (a client-only install): nothing can parse
+    table = Path(spec.origin).parent / "tool_parsers" / "__init__.py"
+    try:
+        for node in ast.parse(table.read_text()).body:
+            if isinstance(node, ast.Assign) and any(
+                getattr(t, "id", None) == "_TOOL_PARSERS_TO_REGISTER" for t in node.targets
+            ):
+                return frozenset(ast.literal_eval(node.value))
+    except (OSError, SyntaxError, ValueError):
+        pass
+    from vllm.tool_parsers import ToolParserManager
+
+    return frozenset(ToolParserManager.list_registered())
 
 
 class EngineConfig(_Strict):

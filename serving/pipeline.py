@@ -38,6 +38,7 @@ from mmrag.serving.errors import (
 from mmrag.serving.media import ImagePolicy, decode_image_bytes, load_images
 from mmrag.serving.offload import Offload
 from mmrag.serving.openai import chat
+from mmrag.serving.openai.completions_protocol import CompletionRequest
 from mmrag.serving.openai.constraints import check_request_schemas
 from mmrag.serving.openai.protocol import (
     ChatCompletion,
@@ -53,6 +54,7 @@ from mmrag.serving.openai.protocol import (
     validated,
 )
 from mmrag.serving.openai.structured import escaped_json_deltas, structured_output
+from mmrag.serving.openai.tool_parsing import ToolCallParsing
 from mmrag.serving.openai.tools import ToolPlan, plan_tools, template_tool_fields, tool_call_deltas
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import (
@@ -143,6 +145,8 @@ class ChatPipeline:
         self.backend = backend
         self.offload = Offload(config.limits.worker_threads)
         self._files: Any = None  # the Files API's store, opened by the first retrieved image (FileStore)
+        parser = config.model.tool_call_parser  # tool_choice auto: loads in the background from now on
+        self.tool_parsing = ToolCallParsing(parser, config.model) if parser is not None else None
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
         """A request body (bytes, as received) -> a validated request; over-size bodies are refused first."""
@@ -163,7 +167,7 @@ class ChatPipeline:
         with API keys (it searches only that key's vector stores), None on an open one."""
         completion_id = new_completion_id()
         check_limits(request, self.config)
-        tools = plan_tools(request)
+        tools = plan_tools(request, self.config.model.tool_call_parser)
         generation = GenerationRequest(
             request_id=completion_id,
             messages=[template_message(m) for m in request.messages],
@@ -172,6 +176,8 @@ class ChatPipeline:
             compression=compression_settings(request.compression, self.config.compression),
             tools=tools.prompt_tools if tools else None,
         )
+        if tools is not None and tools.mode == "auto" and self.tool_parsing is not None:
+            generation.sampling = await self.tool_parsing.sampling(tools.prompt_tools or [], generation.sampling)
         generation.retrieval = await self._retrieve(request, generation, owner)
         stores = request.retrieval.vector_store_ids if request.retrieval is not None else None
         if stores and generation.retrieval is not None and generation.retrieval.chunks:  # image files: stores only
@@ -180,10 +186,15 @@ class ChatPipeline:
 
     def generate(self, prepared: PreparedChat) -> AsyncIterator[GenerationDelta]:
         deltas = self.backend.generate(prepared.generation)
-        if prepared.tools is not None and prepared.tools.mode != "none":
-            return tool_call_deltas(deltas, prepared.tools)
+        tools = prepared.tools
+        if tools is not None and tools.mode in ("named", "required"):
+            return tool_call_deltas(deltas, tools)
         structured = prepared.generation.sampling.structured
-        return escaped_json_deltas(deltas) if structured and structured.kind in ("json", "json_object") else deltas
+        if structured and structured.kind in ("json", "json_object"):
+            deltas = escaped_json_deltas(deltas)
+        if tools is not None and tools.mode == "auto" and self.tool_parsing is not None:
+            return self.tool_parsing.deltas(deltas, tools.prompt_tools or [], stream=prepared.request.stream)
+        return deltas
 
     async def complete(
         self, prepared: PreparedChat, deltas: AsyncIterator[GenerationDelta] | None = None
@@ -458,10 +469,22 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     return {"role": role, "content": parts, **template_tool_fields(message)}
 
 
-def sampling_options(request: ChatCompletionRequest, tools: ToolPlan | None = None) -> SamplingOptions:
-    """The request's sampling; a forced tool call's constraint wins over response_format (never both: a 400)."""
+def sampling_options(
+    request: ChatCompletionRequest | CompletionRequest, tools: ToolPlan | None = None
+) -> SamplingOptions:
+    """A chat's or a legacy completion's sampling (the fields they share mean the same). Chat: a forced tool
+    call's constraint wins over response_format (never both: a 400). Completions: ``logprobs`` is the count of
+    alternatives, and with ``echo`` the prompt's tokens are scored too."""
+    if isinstance(request, ChatCompletionRequest):
+        max_tokens = request.completion_limit
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        structured = (tools.structured if tools else None) or structured_output(request)
+        prompt_logprobs = None
+    else:
+        max_tokens, logprobs, structured = request.max_tokens, request.logprobs, None
+        prompt_logprobs = request.logprobs if request.echo else None
     return SamplingOptions(
-        max_tokens=request.completion_limit,
+        max_tokens=max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
@@ -469,10 +492,11 @@ def sampling_options(request: ChatCompletionRequest, tools: ToolPlan | None = No
         n=request.n,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-        structured=(tools.structured if tools else None) or structured_output(request),
+        logprobs=logprobs,
+        structured=structured,
         logit_bias=tuple((int(k), v) for k, v in (request.logit_bias or {}).items()),
         min_p=request.min_p,
         top_k=request.top_k,
         repetition_penalty=request.repetition_penalty,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -53,6 +53,12 @@ class SamplingOptions:
     min_p: float = 0.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    # False keeps special tokens in the text: a tool-call parser may need the markers its model writes as such.
+    skip_special_tokens: bool = True
+    # True: each delta carries its token ids (some tool-call parsers read markers by id as they stream).
+    return_token_ids: bool = False
+    # None: no prompt log-probabilities; k >= 0: each prompt token's, with the k most likely (legacy ``echo``).
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,11 @@ class GenerationDelta:
     # None: a text answer. A tuple (empty while a call is still being read): a tool-call answer, whose pieces
     # of calls these are (the output they were read from is not in ``text``).
     tool_calls: tuple[ToolCallChunk, ...] | None = None
+    # The ids of ``text``'s tokens, when ``SamplingOptions.return_token_ids`` asked for them.
+    token_ids: tuple[int, ...] | None = None
+    # On a choice's first delta, when ``SamplingOptions.prompt_logprobs`` asked: one entry per prompt token; the
+    # first's log-probability is NaN (nothing precedes it, so the model gives it none).
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 # With no max_tokens in the request, text RAG leaves at least this many tokens for the answer.

@@ -6,7 +6,8 @@ that reads ``tool_calls`` gets assistant calls and ``tool`` messages as they are
 tiny test models'), the fallback writes them as text in the Hermes convention many models were trained on:
 
 - the tools, as one JSON schema per line inside ``<tools></tools>``, in a system message (appended to the
-  first one, or a new one first);
+  first one, or a new one first), asking for calls as ``<tool_call>`` blocks: what vLLM's ``hermes`` parser
+  reads back for ``tool_choice: auto`` (a forced call's output is fixed by its grammar instead);
 - an assistant's calls as ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` after its text;
 - ``tool`` results as a user turn of ``<tool_response>...</tool_response>`` blocks (consecutive results share
   one turn), so templates that only know system, user and assistant, or that require turns to alternate,
@@ -25,7 +26,8 @@ __all__ = ["TOOLS_PREAMBLE", "reject_special_tool_text", "render_tools"]
 
 TOOLS_PREAMBLE = (
     "You can call functions to help answer. Their JSON schemas, one per line:\n<tools>\n{tools}\n</tools>\n"
-    'To call one, answer with its name and arguments as JSON: {{"name": <function name>, "arguments": <object>}}.'
+    "To call one, answer with its name and arguments as JSON inside <tool_call></tool_call> tags:\n"
+    '<tool_call>\n{{"name": <function name>, "arguments": <object>}}\n</tool_call>'
 )
 
 

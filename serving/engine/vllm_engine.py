@@ -78,8 +78,13 @@ class VllmEngine(Engine):
         params = self._sampling_params(request.sampling, prompt_tokens, extra_args)
         completion_tokens = 0
         retrieval = request.retrieval.info if request.retrieval else None
+        token_ids = request.sampling.return_token_ids
+        prompt_logprobs = None  # the first output carries them; each choice's first delta repeats them
+        unseen = set(range(request.sampling.n)) if params.prompt_logprobs is not None else set()
         try:
             async for output in self._llm.generate(engine_input, params, request.request_id):
+                if unseen and prompt_logprobs is None and output.prompt_logprobs is not None:
+                    prompt_logprobs = self._prompt_logprobs(output, params.prompt_logprobs)
                 for choice in output.outputs:
                     completion_tokens += len(choice.token_ids)
                     yield GenerationDelta(
@@ -91,7 +96,10 @@ class VllmEngine(Engine):
                         retrieval=retrieval,
                         compression=compression,
                         logprobs=_token_logprobs(choice, params.logprobs) if params.logprobs is not None else None,
+                        token_ids=tuple(choice.token_ids) if token_ids else None,
+                        prompt_logprobs=prompt_logprobs if choice.index in unseen else None,
                     )
+                    unseen.discard(choice.index)
                     retrieval = None
         except Exception as exc:
             raise _as_openai_error(exc, request.sampling.structured) from exc
@@ -131,6 +139,16 @@ class VllmEngine(Engine):
         plan = plan_compaction(method, prompt_len=prompt_len, spans=spans)
         kept = plan.kept if plan else prompt_len
         return CompressionCounts(visual_before=before, visual_after=after, kv_prompt=prompt_len, kv_kept=kept)
+
+    def _prompt_logprobs(self, output: Any, top_k: int) -> tuple[TokenLogprob, ...]:
+        """vLLM's per-prompt-position ``{token_id: Logprob}`` (None first) as ours; the first token, which has
+        no log-probability (NaN), is named by the tokenizer."""
+        ids = list(output.prompt_token_ids or ())
+        if not ids:
+            return ()
+        first = TokenLogprob(self._llm.get_tokenizer().decode(ids[:1]), float("nan"))
+        positions = list(output.prompt_logprobs or ())[1:]
+        return (first, *(_position_logprob(i, p, top_k) for i, p in zip(ids[1:], positions, strict=True)))
 
     def _sampling_params(
         self, options: SamplingOptions, prompt_tokens: int, extra_args: dict[str, Any] | None = None
@@ -180,6 +198,8 @@ class VllmEngine(Engine):
             min_p=options.min_p,
             top_k=options.top_k,
             repetition_penalty=options.repetition_penalty,
+            skip_special_tokens=options.skip_special_tokens,
+            prompt_logprobs=options.prompt_logprobs,
         )
 
     async def check_health(self) -> None:
@@ -233,17 +253,21 @@ def _structured_outputs_params(structured: StructuredOutput | None) -> Any:
 
 def _token_logprobs(choice: Any, top_k: int) -> tuple[TokenLogprob, ...]:
     """vLLM's per-position ``{token_id: Logprob}`` (the top ``top_k`` plus the sampled token) as ours."""
-    out = []
-    for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=True):
-        sampled = position[token_id]
-        # The sampled token is in the dict even when it ranks below top_k; OpenAI's list holds exactly k.
-        ranked = sorted(
-            (lp for lp in position.values() if lp.rank is not None and lp.rank <= top_k),
-            key=operator.attrgetter("rank"),
-        )
-        top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
-        out.append(TokenLogprob(sampled.decoded_token or "", sampled.logprob, top))
-    return tuple(out)
+    return tuple(
+        _position_logprob(token_id, position, top_k)
+        for token_id, position in zip(choice.token_ids, choice.logprobs or (), strict=True)
+    )
+
+
+def _position_logprob(token_id: int, position: dict[int, Any], top_k: int) -> TokenLogprob:
+    sampled = position[token_id]
+    # The sampled token is in the dict even when it ranks below top_k; OpenAI's list holds exactly k.
+    ranked = sorted(
+        (lp for lp in position.values() if lp.rank is not None and lp.rank <= top_k),
+        key=operator.attrgetter("rank"),
+    )
+    top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked)
+    return TokenLogprob(sampled.decoded_token or "", sampled.logprob, top)
 
 
 # vLLM's names for what it validates -> the chat request field a client must change.

@@ -345,17 +345,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids_and_bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        """Keys are token ids (the engine checks them against its vocabulary); values in [-100, 100]."""
-        if bias is None:
-            return None
-        if len(bias) > MAX_LOGIT_BIAS:
-            raise ValueError(f"{len(bias)} entries; at most {MAX_LOGIT_BIAS}")
-        for key, value in bias.items():
-            if not key.isascii() or not key.isdigit() or len(key) > 9:
-                raise ValueError(f"keys are token ids (non-negative integers), not {clip(key)}")
-            if not -100.0 <= value <= 100.0:
-                raise ValueError(f"token {key}: bias {value} is outside [-100, 100]")
-        return bias
+        return check_logit_bias(bias)
 
     @field_validator("metadata")
     @classmethod
@@ -392,8 +382,22 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-# OpenAI documents no bound; 1024 biased tokens is far more than any use and keeps the engine's work small.
-MAX_LOGIT_BIAS = 1024
+# OpenAI's own bound on the entries of ``logit_bias``.
+MAX_LOGIT_BIAS = 300
+
+
+def check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
+    """Keys are token ids (the engine checks them against its vocabulary); values in [-100, 100]."""
+    if bias is None:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"{len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 9:
+            raise ValueError(f"keys are token ids (non-negative integers), not {clip(key)}")
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"token {key}: bias {value} is outside [-100, 100]")
+    return bias
 
 
 def stop_sequences(stop: str | list[str] | None) -> list[str]:

@@ -7,9 +7,10 @@ time, whatever the model: for a named function, its arguments object; for ``requ
 turns that output into OpenAI's ``tool_calls`` as it streams: a named call's arguments stream as generated,
 each call of ``required`` is sent whole as soon as its object closes.
 
-``auto`` lets the model choose between text and calls, which needs the model's own call format and a parser
-for it; no served model has one here (SmolLM2-135M-Instruct was not trained to call tools), so ``auto`` with
-tools is a 400 naming ``tool_choice`` that says what works. ``none`` shows the model no tools.
+``auto`` (the default with tools) lets the model choose between text and calls, which needs the model's own
+call format and a parser for it: vLLM's, named per model by ``model.tool_call_parser`` (:mod:`.tool_parsing`
+reads the answer with it). Where none is configured, ``auto`` is a 400 naming ``tool_choice`` that says what
+works. ``none`` shows the model no tools.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class ToolPlan:
     """What a request's tools and tool choice ask of the engine and of the output.
 
     ``mode``: ``named`` (one call of ``name``, the output is its arguments), ``required`` (the output is an
-    array of calls) or ``none`` (text; tools unseen). ``prompt_tools``: the tools the model is shown.
+    array of calls), ``auto`` (text or calls in the model's own format, read by the configured parser) or
+    ``none`` (text; tools unseen). ``prompt_tools``: the tools the model is shown.
     """
 
-    mode: Literal["named", "required", "none"]
+    mode: Literal["named", "required", "auto", "none"]
     prompt_tools: list[dict[str, Any]] | None
     structured: StructuredOutput | None
     name: str | None = None
@@ -85,19 +87,22 @@ def check_tools(request: ChatCompletionRequest, budget: SchemaBudget) -> None:
         )
 
 
-def plan_tools(request: ChatCompletionRequest) -> ToolPlan | None:
-    """The request's tool plan (None: no tools); ``auto`` is refused here, with what to send instead."""
+def plan_tools(request: ChatCompletionRequest, parser: str | None = None) -> ToolPlan | None:
+    """The request's tool plan (None: no tools). ``parser``: the served model's tool-call parser
+    (``model.tool_call_parser``); without one, ``auto`` is refused here, with what to send instead."""
     tools = request.tools or []
     choice = request.tool_choice
     if not tools:
         return None
     if choice is None or choice == "auto":
-        raise InvalidRequestError(
-            "tool_choice 'auto' (the default with tools) needs a tool-call parser for the served model, and it has "
-            "none; send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} (constrained to "
-            "your schema, valid every time), or 'none'",
-            param="tool_choice",
-        )
+        if parser is None:
+            raise InvalidRequestError(
+                "tool_choice 'auto' (the default with tools) needs a tool-call parser for the served model "
+                "(model.tool_call_parser), and it has none; send tool_choice 'required' or {'type': 'function', "
+                "'function': {'name': ...}} (constrained to your schema, valid every time), or 'none'",
+                param="tool_choice",
+            )
+        return ToolPlan(mode="auto", prompt_tools=[_template_tool(t) for t in tools], structured=None)
     if choice == "none":
         return ToolPlan(mode="none", prompt_tools=None, structured=None)
     if choice == "required":
@@ -189,7 +194,7 @@ async def tool_call_deltas(deltas: AsyncIterator[GenerationDelta], plan: ToolPla
     """The engine's deltas with the constrained output read as tool calls (``tool_calls``, no ``text``); a
     choice that stopped with calls finishes with ``tool_calls``. Deltas that carry nothing to send (a call
     still being read, no retrieval info, no finish) are dropped; the token counts ride on the later ones."""
-    if plan.mode == "none":
+    if plan.mode in ("none", "auto"):
         async for delta in deltas:
             yield delta
         return

@@ -11,86 +11,20 @@ import asyncio
 import dataclasses
 import json
 
-import openai
 import pytest
-from fastapi.testclient import TestClient
 
-from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta
 from mmrag.serving.openai.protocol import ChatCompletionRequest
-from mmrag.serving.openai.server import create_app
 from mmrag.serving.openai.tools import plan_tools, tool_call_deltas
-from mmrag.serving.pipeline import LocalBackend
-from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult, RetrievedChunk, RetrievedDocument
-from tests.fake_engine import FakeEngine
+from mmrag.serving.retrieval.protocol import RetrievalInfo
+from tests.server.fake_app import MODEL, TIME, WEATHER, OneDocument, app_fixtures, assert_error, chat, sse_chunks
 
-MODEL = "smol"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
-
-class OneDocument:
-    """A retriever that always finds the same document."""
-
-    async def retrieve(self, options, query_text):
-        chunk = RetrievedChunk(id="d1", score=0.9, text="Paris is in France.", source="facts.txt")
-        info = RetrievalInfo(mode="text", documents=[RetrievedDocument(id="d1", score=0.9, source="facts.txt")])
-        return RetrievalResult(chunks=[chunk], info=info)
-
-
-@pytest.fixture(scope="module")
-def served():
-    """One app for the module (building one costs more than most tests here); ``engine`` clears what it saw."""
-    config = {"retrieval": {"default_mode": "none"}, "limits": {"max_schema_bytes": 4096, "max_tools": 4, "max_n": 2}}
-    engine = FakeEngine(MmragConfig.model_validate(config))
-    with TestClient(create_app(engine.config, LocalBackend(engine, OneDocument()))) as http:
-        yield engine, http
-
-
-@pytest.fixture
-def engine(served):
-    served[0].seen.clear()
-    return served[0]
-
-
-@pytest.fixture
-def http(served, engine):
-    return served[1]
-
-
-@pytest.fixture
-def client(http):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
-
-
-def chat(text: str, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
-
-
-def assert_error(response, param: str, fragment: str = "") -> None:
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert (error["param"], error["type"]) == (param, "invalid_request_error"), error
-    assert fragment in error["message"], error
-
-
-def sse_chunks(response) -> list[dict]:
-    lines = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
+served, engine, http, client = app_fixtures(
+    {"retrieval": {"default_mode": "none"}, "limits": {"max_schema_bytes": 4096, "max_tools": 4, "max_n": 2}},
+    OneDocument(),
+)
 
 
 def test_named_tool_choice_returns_the_call_and_constrains_to_its_parameters(client, engine):
