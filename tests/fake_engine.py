@@ -2,7 +2,8 @@
 
 It answers with the words of the last user text, one delta per word, and honours ``n``,
 ``max_tokens``, ``logprobs`` (word k has log-probability ``-k/10``; its alternatives are ``alt1 ``,
-``alt2 ``... each 1.0 lower) and the image count. Special user texts:
+``alt2 ``... each 1.0 lower), ``prompt_logprobs`` (a completions prompt's words with the spaces before them,
+word k at ``-k/10 - 1``, the first NaN) and the image count. Special user texts:
 
 - ``"slow"`` streams forever (until aborted);
 - ``"die"`` ends the replica's process after one delta (a crashed engine);
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 
 from mmrag.serving.config import MmragConfig
@@ -66,7 +68,16 @@ class FakeEngine(Engine):
                     done = step == min(limit, len(words)) - 1
                     reason = ("length" if limit < len(words) else "stop") if done else None
                     logprobs = _logprobs(words[step] + " ", step, request.sampling.logprobs)
-                    yield GenerationDelta(index, words[step] + " ", reason, prompt_tokens, produced, logprobs=logprobs)
+                    scored = _prompt_logprobs(request) if step == 0 else None
+                    yield GenerationDelta(
+                        index,
+                        words[step] + " ",
+                        reason,
+                        prompt_tokens,
+                        produced,
+                        logprobs=logprobs,
+                        prompt_logprobs=scored,
+                    )
                 await asyncio.sleep(0)
         finally:
             self.running -= 1
@@ -108,9 +119,19 @@ def last_user_text(request: GenerationRequest) -> str:
     return ""
 
 
-def _logprobs(token: str, step: int, top_k: int | None) -> tuple[TokenLogprob, ...] | None:
+def _prompt_logprobs(request: GenerationRequest) -> tuple[TokenLogprob, ...] | None:
+    top_k = request.sampling.prompt_logprobs
+    if top_k is None or request.prompt is None:
+        return None
+    tokens = re.findall(r"\s*\S+", request.prompt)
+    first = TokenLogprob(tokens[0], float("nan")) if tokens else None
+    rest = [_logprobs(token, k, top_k, shift=-1.0)[0] for k, token in enumerate(tokens) if k]  # type: ignore[index]
+    return (first, *rest) if first else ()
+
+
+def _logprobs(token: str, step: int, top_k: int | None, shift: float = 0.0) -> tuple[TokenLogprob, ...] | None:
     if top_k is None:
         return None
-    logprob = -step / 10
+    logprob = -step / 10 + shift
     top = [(token, logprob), *((f"alt{i} ", logprob - i) for i in range(1, top_k))][:top_k]
     return (TokenLogprob(token, logprob, tuple(top)),)

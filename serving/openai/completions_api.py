@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest, SamplingOptions
+from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
 from mmrag.serving.errors import InvalidRequestError, ModelNotFoundError, OpenAIError
 from mmrag.serving.metrics import IngressMetrics
 from mmrag.serving.openai.completions_protocol import (
@@ -41,6 +41,7 @@ from mmrag.serving.pipeline import (
     ChatPipeline,
     compression_settings,
     reject_lone_surrogates,
+    sampling_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,17 +84,7 @@ def check_completion_limits(request: CompletionRequest, config: MmragConfig) -> 
 
 
 def generation_requests(request: CompletionRequest, completion_id: str, config: MmragConfig) -> list[GenerationRequest]:
-    sampling = SamplingOptions(
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        stop=tuple(request.stop or ()),
-        n=request.n,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        logprobs=request.logprobs,
-    )
+    sampling = sampling_options(request)
     compression = compression_settings(None, config.compression)
     return [
         GenerationRequest(
@@ -112,25 +103,41 @@ class ChoiceText:
     finish_reason: str | None = None
 
     def add(self, delta: GenerationDelta, prefix: str = "") -> tuple[str, CompletionLogprobs | None]:
-        """Append a delta; returns the new text and the new log-probabilities (for a stream chunk)."""
-        offset = len(self.text) + len(prefix)
-        self.text += prefix + delta.text
-        self.finish_reason = delta.finish_reason or self.finish_reason
-        if delta.logprobs is None:
+        """Append a delta; returns the new text and the new log-probabilities (for a stream chunk). With
+        ``echo``, ``prefix`` is the prompt, and its tokens' log-probabilities (``delta.prompt_logprobs``) come
+        first: the first token's is null, as it has nothing before it."""
+        if delta.logprobs is None and delta.prompt_logprobs is None:
+            self.text += prefix + delta.text
+            self.finish_reason = delta.finish_reason or self.finish_reason
             return prefix + delta.text, None
         new = CompletionLogprobs()
-        for token in delta.logprobs:
-            top = dict(token.top)
-            top.setdefault(token.token, token.logprob)  # OpenAI: the k likeliest and the sampled one
-            new.tokens.append(token.token)
-            new.token_logprobs.append(token.logprob)
-            new.top_logprobs.append(top)
-            new.text_offset.append(offset)
+        if prefix and delta.prompt_logprobs is not None:
+            offset = len(self.text)
+            for token in delta.prompt_logprobs:
+                _append(new, token, offset)
+                offset += len(token.token)
+        offset = len(self.text) + len(prefix)
+        for token in delta.logprobs or ():
+            _append(new, token, offset)
             offset += len(token.token)
+        self.text += prefix + delta.text
+        self.finish_reason = delta.finish_reason or self.finish_reason
         self.logprobs = self.logprobs or CompletionLogprobs()
         for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
             getattr(self.logprobs, name).extend(getattr(new, name))
         return prefix + delta.text, new
+
+
+def _append(logprobs: CompletionLogprobs, token: TokenLogprob, offset: int) -> None:
+    """One token in the legacy shape; a NaN log-probability (a prompt's first token) is null."""
+    scored = token.logprob == token.logprob
+    top = dict(token.top)
+    if scored:
+        top.setdefault(token.token, token.logprob)  # OpenAI: the k likeliest and the sampled one
+    logprobs.tokens.append(token.token)
+    logprobs.token_logprobs.append(token.logprob if scored else None)
+    logprobs.top_logprobs.append(top if scored else None)
+    logprobs.text_offset.append(offset)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """OpenAI legacy completions (``/v1/completions``) request and response shapes, validated strictly.
 
 As on chat, unknown top-level fields are ignored and OpenAI's fields that would change the answer and that
-mmrag does not implement are a 400 naming the field: ``suffix`` (insertion needs a model trained for it),
-``logit_bias``, ``best_of`` other than ``n`` (server-side best-of ranking), and ``echo`` together with
-``logprobs`` (the prompt's own log-probabilities are not computed).
+mmrag does not implement are a 400 naming the field: ``suffix`` (insertion needs a model trained for it) and
+``best_of`` other than ``n`` (server-side best-of ranking). ``logit_bias`` and vLLM's sampling extras
+(``min_p``, ``top_k``, ``repetition_penalty``) are chat's; ``echo`` with ``logprobs`` scores the prompt's tokens
+too (vLLM's prompt log-probabilities), in OpenAI's legacy shape.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mmrag.serving.openai.protocol import StreamOptions, Usage, stop_sequences, validation_limits
+from mmrag.serving.openai.protocol import StreamOptions, Usage, check_logit_bias, stop_sequences, validation_limits
 
 # OpenAI's legacy default: a completion of 16 tokens unless the request says otherwise.
 DEFAULT_MAX_TOKENS = 16
@@ -41,10 +42,20 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool = Field(default=False, description="Each choice's text starts with its prompt.")
     logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of each token and the k likeliest."
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log-probabilities of each token and the k likeliest (with `echo`, the prompt's tokens too).",
     )
     suffix: str | None = Field(default=None, description="Refused when set: not supported.")
-    logit_bias: dict[str, Any] | None = Field(default=None, description="Refused when set: not supported.")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias added to its logit, in [-100, 100]."
+    )
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top one's.")
+    top_k: int = Field(default=0, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1: all).")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="vLLM: > 1 discourages tokens already in the prompt or answer."
+    )
     user: str | None = Field(default=None, description="Accepted and ignored.")
 
     @field_validator("prompt", mode="before")
@@ -78,22 +89,17 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"best_of={best_of} must equal n ({n}): choices are not ranked on the server")
         return best_of
 
-    @field_validator("suffix", "logit_bias")
+    @field_validator("suffix")
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:  # null, "" and {} ask for nothing
+        if value:  # null and "" ask for nothing
             raise ValueError(f"`{info.field_name}` is not supported by this server")
         return value
 
-    @field_validator("logprobs")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_prompt_logprobs(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
-        if logprobs is not None and info.data.get("echo"):
-            raise ValueError(
-                "logprobs together with echo asks for the prompt's log-probabilities, which this server does "
-                "not compute; drop one of them"
-            )
-        return logprobs
+    def _token_ids_and_bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        return check_logit_bias(bias)
 
     @property
     def prompts(self) -> list[str]:

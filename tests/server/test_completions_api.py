@@ -82,6 +82,43 @@ def test_echo_and_legacy_logprobs(client):
     assert sampled_only.choices[0].logprobs.top_logprobs == [{"one ": 0.0}]  # the sampled token is always there
 
 
+def test_echo_with_logprobs_scores_the_prompt_first(client, engine):
+    """OpenAI's legacy shape: the prompt's tokens, the first with null log-probability and alternatives, then the
+    completion's, each with its offset in the echoed text."""
+    response = client.completions.create(model=MODEL, prompt="one two", echo=True, logprobs=1, max_tokens=2)
+    (choice,) = response.choices
+    assert choice.text == "one twoone two "
+    logprobs = choice.logprobs
+    assert logprobs.tokens == ["one", " two", "one ", "two "]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx([-1.1, 0.0, -0.1])
+    assert logprobs.top_logprobs[1] == pytest.approx({" two": -1.1})
+    assert logprobs.text_offset == [0, 3, 7, 11]
+    assert "".join(logprobs.tokens) == choice.text
+    assert engine.seen[0].sampling.prompt_logprobs == 1 and engine.seen[0].sampling.logprobs == 1
+
+
+def test_streamed_echo_with_logprobs_sends_the_prompts_scores_with_it(client):
+    stream = client.completions.create(model=MODEL, prompt="a b", echo=True, logprobs=0, stream=True)
+    first, *rest = [c.choices[0] for c in stream if c.choices]
+    assert first.text == "a ba " and first.logprobs.tokens == ["a", " b", "a "]
+    assert first.logprobs.token_logprobs[0] is None and first.logprobs.text_offset == [0, 1, 3]
+    assert [c.logprobs.text_offset for c in rest] == [[5]]
+
+
+def test_logit_bias_and_vllm_extras_reach_the_engine(client, engine):
+    client.completions.create(
+        model=MODEL,
+        prompt="x",
+        logit_bias={"42": -100, "7": 2.5},
+        extra_body={"min_p": 0.1, "top_k": 20, "repetition_penalty": 1.2},
+    )
+    sampling = engine.seen[0].sampling
+    assert sampling.logit_bias == ((42, -100.0), (7, 2.5))
+    assert (sampling.min_p, sampling.top_k, sampling.repetition_penalty) == (0.1, 20, 1.2)
+    assert sampling.prompt_logprobs is None  # no echo: the prompt is not scored
+
+
 def test_a_list_of_prompts_with_n(client, engine):
     response = client.completions.create(model=MODEL, prompt=["a b", "c d e"], n=2, best_of=2, temperature=0.5)
     assert [(c.index, c.text) for c in response.choices] == [(0, "a b "), (1, "a b "), (2, "c d e "), (3, "c d e ")]
@@ -140,7 +177,11 @@ def _keys_and_metrics(http):
     ("body", "status", "param", "says"),
     [
         ({"suffix": "and so on"}, 400, "suffix", "not supported"),
-        ({"logit_bias": {"50256": -100}}, 400, "logit_bias", "not supported"),
+        ({"logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
+        ({"logit_bias": {"-5": 1}}, 400, "logit_bias", "token ids"),
+        ({"logit_bias": {"5": 100.5}}, 400, "logit_bias", "outside [-100, 100]"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias", "at most 300"),
+        ({"top_k": -2}, 400, "top_k", ""),
         ({"best_of": 2}, 400, "best_of", "must equal n"),
         ({"prompt": [1, 2, 3]}, 400, "prompt", "token-id prompts"),
         ({"prompt": [[1, 2], [3]]}, 400, "prompt", "token-id prompts"),
@@ -149,7 +190,6 @@ def _keys_and_metrics(http):
         ({"prompt": ["a", "x" * 401]}, 400, "prompt", "prompt[1] has 401 characters"),
         ({"prompt": " ".join(["w"] * 70)}, 400, "prompt", "too long"),  # the engine's count: 64 tokens
         ({"prompt": " ".join(["w"] * 70), "stream": True}, 400, "prompt", "too long"),  # before any byte
-        ({"echo": True, "logprobs": 1}, 400, "logprobs", "echo"),
         ({"logprobs": 6}, 400, "logprobs", ""),
         ({"max_tokens": 0}, 400, "max_tokens", ""),
         ({"max_tokens": 51}, 400, "max_tokens", "at most 50"),
