@@ -31,6 +31,8 @@ def build_application(config: MmragConfig, engine_cls: str = DEFAULT_ENGINE) -> 
     payload = config.model_dump()
     llm = LLMServer.options(**config.deployments.llm.serve_options()).bind(payload, engine_cls)
     # With several retriever replicas the vector stores run in one more replica, which they forward to.
-    retriever = RetrieverServer.options(**retriever_options(config)).bind(payload, vector_stores_deployment(config))
+    # The replica that indexes vector stores asks the LLM to describe image files.
+    vector_stores = vector_stores_deployment(config, llm)
+    retriever = RetrieverServer.options(**retriever_options(config)).bind(payload, vector_stores, llm)
     ingress_options = {**config.deployments.ingress.serve_options(), "backpressure_config": _BACKPRESSURE}
     return OpenAIIngress.options(**ingress_options).bind(payload, llm, retriever)

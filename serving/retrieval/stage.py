@@ -13,6 +13,7 @@ from mmrag.serving.retrieval.errors import RetrievalUnavailableError
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
 
 if TYPE_CHECKING:
+    from mmrag.serving.vector_stores.describe import Generate, ImageDescriber
     from mmrag.serving.vector_stores.service import VectorStoreService
 
 logger = logging.getLogger(__name__)
@@ -22,10 +23,12 @@ class RetrievalStage:
     """One encoder and one Milvus connection, with the demo corpus and the collection checked at start.
 
     Plain class: the Serve deployment :data:`mmrag.deployments.retriever.RetrieverServer` wraps it, batch
-    jobs and tests build it directly.
+    jobs and tests build it directly. ``generate``: how the served model is reached (the LLM deployment's
+    handle, an engine of this process) to describe the image files attached to vector stores; None: images
+    are indexed without the model's description.
     """
 
-    def __init__(self, config: dict[str, Any] | MmragConfig) -> None:
+    def __init__(self, config: dict[str, Any] | MmragConfig, generate: Generate | None = None) -> None:
         # Imported here: the ingress imports this module (through the app builder) and needs neither.
         from mmrag.serving.retrieval.demo import ensure_demo_corpus
         from mmrag.serving.retrieval.retriever import Retriever
@@ -51,6 +54,9 @@ class RetrievalStage:
         from mmrag.serving.vector_stores.config import vector_stores_enabled
 
         self._vector_stores_on = vector_stores_enabled(self.config)
+        self._describer: ImageDescriber | None = None
+        if self._vector_stores_on:
+            self.describe_images_with(generate)
         records = self.config.vector_stores.resolved_records_path(self.config.retrieval)
         if self._vector_stores_on and records.exists():
             _ = self.vector_stores  # records from an earlier run: recover interrupted ingestions now
@@ -64,13 +70,27 @@ class RetrievalStage:
             if self._vector_stores is None:
                 from mmrag.serving.vector_stores.service import VectorStoreService
 
-                self._vector_stores = VectorStoreService(self.config, self.core)
+                self._vector_stores = VectorStoreService(self.config, self.core, describer=self._describer)
             return self._vector_stores
+
+    def describe_images_with(self, generate: Generate | None) -> None:
+        """Describe image files with ``generate`` from now on (None: no longer); see ``describe.py``."""
+        from mmrag.serving.vector_stores.describe import describer_for
+
+        self._describer = describer_for(self.config, generate)
+        if self._vector_stores is not None:
+            self._vector_stores.describer = self._describer
+
+    def bind_describer(self) -> None:
+        """Called on the event loop that runs the model (the replica's, the app's): descriptions run there."""
+        if self._describer is not None:
+            self._describer.bind(asyncio.get_running_loop())
 
     async def vector_stores_call(self, method: str, /, **kwargs: Any) -> Any:
         """One Vector Stores API operation (the ingress's ``VectorStoreBackend`` reaches it through the handle)."""
         from mmrag.serving.vector_stores.backend import dispatch
 
+        self.bind_describer()
         return await asyncio.to_thread(lambda: dispatch(self.vector_stores, method, kwargs))
 
     async def retrieve(self, options: RetrievalOptions | dict | None, query_text: str) -> RetrievalResult:
@@ -94,9 +114,11 @@ class RetrievalStage:
         return service.chat_scope(list(dict.fromkeys(store_ids)), owner=owner)
 
     async def check_health(self) -> None:
-        """Unhealthy only when an embedded Milvus Lite stops answering (a restart reopens it); a remote
-        Milvus outage is not this replica's fault, and restarting it would not help."""
-        if self.config.retrieval.is_lite():
+        """Unhealthy only when a Milvus Lite opened in this process stops answering (a restart reopens it); a
+        remote Milvus outage is not this replica's fault, and restarting it would not help, nor for the Lite
+        server that `mmrag serve` supervises (``retrieval.lite_server_uri``): it restarts that, and the
+        ingress's ``/health`` reports it down meanwhile."""
+        if self.config.retrieval.is_lite() and not self.config.retrieval.shares_lite():
             await asyncio.to_thread(self.core.check_health)
 
     def __del__(self) -> None:

@@ -61,16 +61,23 @@ class LocalVectorStoreBackend:
         self.service = service
 
     async def call(self, method: Method, /, **kwargs: Any) -> Any:
+        describer = getattr(self.service, "describer", None)
+        if describer is not None:  # the engine of this process runs on this loop: descriptions go here
+            describer.bind(asyncio.get_running_loop())
         return await asyncio.to_thread(dispatch, self.service, method, kwargs)
 
 
 def backend_of(chat_backend: Any) -> VectorStoreBackend | None:
     """The vector-store backend a chat backend offers: its own ``call`` if it has one (a Serve backend), or
-    a local one over the service of its in-process retriever stage (``LocalBackend(engine, stage)``)."""
+    a local one over the service of its in-process retriever stage (``LocalBackend(engine, stage)``), whose
+    engine then describes the image files attached (``describe.py``)."""
     if callable(getattr(chat_backend, "vector_stores_call", None)):
         return _Forwarding(chat_backend)
     stage = getattr(chat_backend, "retriever", None)
     if stage is not None and hasattr(stage, "vector_stores"):
+        engine = getattr(chat_backend, "engine", None)
+        if engine is not None and hasattr(stage, "describe_images_with"):
+            stage.describe_images_with(engine.generate)
         return LocalVectorStoreBackend(stage.vector_stores)
     return None
 

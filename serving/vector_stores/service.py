@@ -16,8 +16,9 @@ is ``vector_store_id``, not in a collection per store, because
 Rows are the retrieval schema (``store.py``) plus ``vector_store_id`` and ``file_id``: ``source`` holds the
 file name (what the text-RAG prompt shows) and ``metadata`` holds ``file_id``, ``filename``, ``chunk_index``,
 the section's own metadata (a PDF page) and ``attributes`` (what search filters read). An image file is one
-chunk, ``kind: "image"``, whose text describes it (:func:`image_description`): a chat request that retrieves
-it loads the file and shows the model the image (``serving/pipeline.py``).
+chunk, ``kind: "image"``, whose text describes it (:func:`image_description`: its name, alt text, attributes,
+and what the served model says it shows, asked while it is indexed, ``describe.py``): a chat request that
+retrieves it loads the file and shows the model the image (``serving/pipeline.py``).
 
 Records (stores, attachments, batches) are in SQLite (``records.py`` says why). Ingestion runs in a thread
 pool of this process: an attachment is ``in_progress`` until its chunks are all written and flushed, then
@@ -56,9 +57,10 @@ from mmrag.serving.retrieval.retriever import Retriever
 from mmrag.serving.retrieval.store import MilvusStore, quote_string
 from mmrag.serving.vector_stores import protocol as p
 from mmrag.serving.vector_stores.access import Access, PermissionDeniedError
+from mmrag.serving.vector_stores.describe import ImageDescriber
 from mmrag.serving.vector_stores.filters import FilterError, to_milvus
 from mmrag.serving.vector_stores.records import Records, encode, now
-from mmrag.serving.vector_stores.sources import FileSource, UnreadableFile
+from mmrag.serving.vector_stores.sources import FileSource, TextSection, UnreadableFile
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +74,15 @@ class VectorStoreService:
     503 when Milvus fails), which pickles across a Serve handle.
     """
 
-    def __init__(self, config: MmragConfig, retriever: Retriever, files: FileSource | None = None) -> None:
+    def __init__(
+        self,
+        config: MmragConfig,
+        retriever: Retriever,
+        files: FileSource | None = None,
+        describer: ImageDescriber | None = None,
+    ) -> None:
         self.config = config.vector_stores
+        self.describer = describer  # the served model's descriptions of image files (None: without them)
         self.retrieval = config.retrieval
         self.core = retriever
         self.collection = self.config.collection
@@ -235,7 +244,9 @@ class VectorStoreService:
                     chunk |= {"vector_store_id": store_id, "file_id": file_id}
                     if chunk["metadata"].get("kind") == "image":  # an image is found by its attributes too
                         meta = chunk["metadata"]
-                        text = image_description(meta["filename"], attributes, meta.get("image_text", ""))
+                        text = image_description(
+                            meta["filename"], attributes, meta.get("image_text", ""), meta.get("model_description", "")
+                        )
                         chunk["text"] = _text_field(text)
                         chunk["dense"] = self.core.encoder.encode([chunk["text"]])[0].tolist()
                 if chunks:
@@ -459,7 +470,8 @@ class VectorStoreService:
         rows: list[dict[str, Any]] = []
         for section in self.files.sections(file_id):
             if section.metadata.get("image"):  # an image file: one chunk, its description (see image_description)
-                rows.append(_image_row(store_id, file_id, len(rows), filename, section.text, attributes))
+                seen = self.describer.describe(section.image, filename) if self._describes(section) else None
+                rows.append(_image_row(store_id, file_id, len(rows), filename, section.text, attributes, seen))
                 continue
             for chunk in chunk_text(section.text, encoder.token_spans, chunk_tokens, overlap):
                 index = len(rows)
@@ -495,6 +507,9 @@ class VectorStoreService:
             self._milvus(lambda b=batch: store.upsert(self.collection, b))
         self._milvus(lambda: store.flush(self.collection))
         return usage
+
+    def _describes(self, section: TextSection) -> bool:
+        return self.describer is not None and section.image is not None
 
     def _wanted(self, store_id: str, file_id: str) -> bool:
         row = self.records.one("SELECT removed FROM files WHERE vector_store_id = ? AND file_id = ?", store_id, file_id)
@@ -735,12 +750,15 @@ def _file_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def image_description(filename: str, attributes: dict[str, Any], text: str = "") -> str:
-    """The text an image file is found by: the words of its name (``red-square.png``: "red square"), the text
-    it came with when it is not just that name (alt or nearby text), and its attachment's attribute values (a
-    client's ``description``). The model's own description at ingestion is the next step (docs/usage.md)."""
+def image_description(filename: str, attributes: dict[str, Any], text: str = "", seen: str = "") -> str:
+    """The text an image file is found by: the words of its name (``red-square.png``: "red square"), what the
+    served model said it shows (``seen``, asked at ingestion: ``describe.py``), the text it came with when it
+    is not just that name (alt or nearby text), and its attachment's attribute values (a client's
+    ``description``)."""
     words = " ".join(_NAME_WORDS.split(_CAMEL.sub(" ", Path(filename).stem))).strip()
     lines = [f"Image: {words} ({filename})" if words else f"Image: {filename}"]
+    if seen.strip():
+        lines.append(f"Model description: {seen.strip()}")
     if text.strip() and text.strip() != filename:
         lines.append(text.strip())
     lines += [
@@ -756,12 +774,19 @@ _NAME_WORDS = re.compile(r"[\W_]+")
 
 
 def _image_row(
-    store_id: str, file_id: str, index: int, filename: str, text: str, attributes: dict[str, Any]
+    store_id: str,
+    file_id: str,
+    index: int,
+    filename: str,
+    text: str,
+    attributes: dict[str, Any],
+    seen: str | None = None,
 ) -> dict[str, Any]:
     """An image file's one chunk: ``kind: "image"`` tells a chat request to load the file and show it as an image
-    (``image_text``: the text it came with, kept so that new attributes rewrite the description)."""
+    (``image_text``, ``model_description``: the text it came with and what the model said it shows, kept so
+    that new attributes rewrite the description without asking the model again)."""
     text = "" if text.strip() == filename else text.strip()
-    description = image_description(filename, attributes, text)
+    description = image_description(filename, attributes, text, seen or "")
     return {
         "id": _chunk_id(store_id, file_id, index),
         "vector_store_id": store_id,
@@ -775,6 +800,7 @@ def _image_row(
             "chunk_index": index,
             "attributes": attributes,
             **({"image_text": text} if text else {}),
+            **({"model_description": seen} if seen else {}),
         },
     }
 

@@ -17,6 +17,7 @@ from mmrag.serving.config import MmragConfig
 class TextSection:
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    image: Any = None  # an image file's decoded image (PIL), which the served model may describe
 
 
 class UnreadableFile(Exception):
@@ -42,7 +43,7 @@ class FileSource:
         return self.store.get(file_id, owner=owner).filename
 
     def sections(self, file_id: str) -> list[TextSection]:
-        """The file's text sections; an image is indexed by the text that names it (its file name for now)."""
+        """The file's text sections; an image file's one section carries the image and the text that names it."""
         from mmrag.serving.files.parsers import ParseError, parse
 
         file, handle = self.store.open(file_id)
@@ -54,5 +55,5 @@ class FileSource:
         except ParseError as exc:
             raise UnreadableFile(str(exc), exc.code) from exc
         sections = [TextSection(s.text, dict(s.metadata)) for s in parsed.sections if s.text.strip()]
-        sections += [TextSection(image.text, {"image": True}) for image in parsed.images]
+        sections += [TextSection(image.text, {"image": True}, image.image) for image in parsed.images]
         return sections

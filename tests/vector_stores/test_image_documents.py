@@ -36,7 +36,8 @@ def serve(tmp_path: Path, make_stage):
         sections = {
             "retrieval": {"uri": str(tmp_path / "milvus.db"), "ingest_demo_corpus": False, "default_mode": "none"},
             "files": {"directory": str(tmp_path / "files")},
-            "vector_stores": {"poll_after_ms": 20},
+            # The model's descriptions (their own tests below) would add the echo engine's words to every image.
+            "vector_stores": {"poll_after_ms": 20, "image_descriptions": {"enabled": False}},
         }
         for name, values in overrides.items():
             sections[name] = {**sections.get(name, {}), **values}
@@ -264,3 +265,113 @@ def test_which_models_read_images(tmp_path):
         (folder / "config.json").write_text(json.dumps(checkpoint))
     assert model_reads_images("smol", str(llava)) and not model_reads_images("smol", str(text))
     assert model_reads_images("smol", str(tmp_path / "elsewhere"))  # not readable here: the engine decides
+
+
+# -- the served model's own description, asked at ingestion --------------------------------------------------
+
+DESCRIBE = {"image_descriptions": {"questions": ["zanzibar periwinkle"]}}  # the echo engine answers these words
+
+
+class SlowToDescribe(RetrievalEchoEngine):
+    """Answers chats at once and never finishes a description (until cancelled, which it records)."""
+
+    cancelled = 0
+
+    async def generate(self, request):
+        if request.request_id.startswith("describe-"):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                type(self).cancelled += 1
+                raise
+        async for delta in super().generate(request):
+            yield delta
+
+
+class BrokenDescriber(RetrievalEchoEngine):
+    async def generate(self, request):
+        if request.request_id.startswith("describe-"):
+            raise RuntimeError("the engine fell over")
+        async for delta in super().generate(request):
+            yield delta
+
+
+def test_the_model_describes_an_image_and_search_finds_it_by_that(serve):
+    client, engine = serve(vector_stores=DESCRIBE)
+    store = client.vector_stores.create(name="pictures")
+    image_id = attach(client, store.id, "IMG_0042.png", png_bytes((8, 8), RED), {"place": "studio"})
+    attach(client, store.id, "trains.txt", TRAINS)
+    # The engine was asked once, greedy and bounded, with the image after "Image 1:" and the question.
+    (asked,) = engine.seen
+    assert asked.messages == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Image 1:"},
+                {"type": "image"},
+                {"type": "text", "text": "zanzibar periwinkle"},
+            ],
+        }
+    ]
+    assert asked.images[0].getpixel((0, 0)) == RED and asked.retrieval is None
+    assert (asked.sampling.temperature, asked.sampling.max_tokens) == (0.0, 24)
+    # Indexed by the answer too: a word only the model's description has finds the image.
+    (hit,) = client.vector_stores.search(store.id, query="periwinkle", max_num_results=1).data
+    assert hit.file_id == image_id
+    assert hit.content[0].text.splitlines() == [
+        "Image: IMG 0042 (IMG_0042.png)",
+        "Model description: Image 1: zanzibar periwinkle",
+        "place: studio",
+    ]
+    # New attributes rewrite the indexed text and keep the description, without asking the model again.
+    client.vector_stores.files.update(file_id=image_id, vector_store_id=store.id, attributes={"place": "harbour"})
+    (content,) = client.vector_stores.files.content(file_id=image_id, vector_store_id=store.id).data
+    assert "zanzibar periwinkle" in content.text and "place: harbour" in content.text and len(engine.seen) == 1
+
+
+def test_a_text_file_is_not_described(serve):
+    client, engine = serve(vector_stores=DESCRIBE)
+    store = client.vector_stores.create(name="notes")
+    attach(client, store.id, "trains.txt", TRAINS)
+    assert engine.seen == []
+
+
+@pytest.mark.parametrize(
+    ("engine_class", "settings", "logged"),
+    [
+        (SlowToDescribe, {"timeout_s": 0.5}, "no answer within 0.5 s (vector_stores.image_descriptions.timeout_s)"),
+        (BrokenDescriber, {}, "RuntimeError: the engine fell over"),
+    ],
+)
+def test_a_failed_description_leaves_the_name_and_says_why(serve, caplog, engine_class, settings, logged):
+    caplog.set_level("WARNING", logger="mmrag.serving.vector_stores.describe")
+    descriptions = {**DESCRIBE["image_descriptions"], **settings}
+    client, _ = serve(engine_class, vector_stores={"image_descriptions": descriptions})
+    store = client.vector_stores.create(name="pictures")
+    image_id = attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))  # completed all the same
+    (hit,) = client.vector_stores.search(store.id, query="red square", max_num_results=1).data
+    assert hit.file_id == image_id and hit.content[0].text == "Image: red square (red-square.png)"
+    assert f"image red-square.png indexed without the model's description: {logged}" in caplog.text
+    if engine_class is SlowToDescribe:
+        assert SlowToDescribe.cancelled == 1  # the engine's request was cancelled, not left running
+
+
+def test_a_text_only_model_is_not_asked(serve, caplog):
+    caplog.set_level("INFO", logger="mmrag.serving.vector_stores.describe")
+    client, engine = serve(model={"name": "smol-lm"}, vector_stores=DESCRIBE)
+    store = client.vector_stores.create(name="pictures")
+    attach(client, store.id, "red-square.png", png_bytes((8, 8), RED))
+    assert engine.seen == [] and "the served model (smol-lm) reads text only" in caplog.text
+
+
+def test_description_questions_by_model():
+    from mmrag.serving.vector_stores.config import ImageDescriptionsConfig
+    from mmrag.serving.vector_stores.describe import clean_answer
+
+    default = ImageDescriptionsConfig()
+    assert default.resolved_questions("smol") == ("What colour is the shape in Image 1?", "What shape is in Image 1?")
+    assert default.resolved_questions("tiny-llava") == ("Describe Image 1 in one short sentence.",)
+    assert ImageDescriptionsConfig(questions=["What is it?"]).resolved_questions("smol") == ("What is it?",)
+    assert clean_answer("  A red\n circle.  ") == "A red circle" and clean_answer(" . ") == ""
+    with pytest.raises(ValueError):
+        MmragConfig.model_validate({"vector_stores": {"image_descriptions": {"questions": []}}})
