@@ -44,6 +44,7 @@ from mmrag.serving.openai.responses_api import responses_router
 from mmrag.serving.openai.streaming import ChunkEvents, StreamThenCall
 from mmrag.serving.openai.vector_stores_api import request_owners, vector_stores_router
 from mmrag.serving.pipeline import ChatBackend, ChatPipeline
+from mmrag.serving.retrieval.lite_server import check_lite_server
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def create_app(config: MmragConfig, backend: ChatBackend) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         try:
+            await check_lite_server(config.retrieval)  # a loopback connect: the Lite server `mmrag serve` restarts
             await backend.check_health()
         except Exception as exc:
             logger.warning("health check failed: %s", exc)

@@ -19,6 +19,7 @@ where every mmrag command already looks, the path of the Lite data in its config
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,6 +31,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmrag.serving.retrieval.config import RetrievalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,33 @@ def port_open(uri: str, timeout_s: float = 1.0) -> bool:
             return True
     except OSError:
         return False
+
+
+async def answers(uri: str, timeout_s: float = 1.0) -> bool:
+    """Whether the server at ``uri`` accepts a connection within ``timeout_s`` (:func:`port_open` for an event
+    loop: ``/health`` asks it on the ingress's)."""
+    host, port = _host_port(uri)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def check_lite_server(retrieval: RetrievalConfig) -> None:
+    """Raise a 503 naming retrieval while the Milvus Lite server the replicas share (``retrieval.lite_server_uri``)
+    is down: `mmrag serve` restarts it on the same port within seconds, and meanwhile every search and vector
+    store call fails, so ``/health`` says so (a load balancer stops sending traffic) rather than "ok". A
+    Milvus server (``retrieval.uri``) is not checked: it is not ours to restart."""
+    uri = retrieval.lite_server_uri
+    if uri is None or not retrieval.is_lite() or await answers(uri):
+        return
+    from mmrag.serving.errors import ServiceUnavailableError
+
+    raise ServiceUnavailableError(f"retrieval: the Milvus Lite server ({uri}) is not answering (down or restarting)")
 
 
 def free_port(host: str = HOST) -> int:
