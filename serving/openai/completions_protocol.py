@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mmrag.serving.openai.protocol import StreamOptions, Usage, check_logit_bias, stop_sequences, validation_limits
+from mmrag.serving.openai.protocol import SamplingExtras, StreamOptions, Usage, stop_sequences, validation_limits
 
 # OpenAI's legacy default: a completion of 16 tokens unless the request says otherwise.
 DEFAULT_MAX_TOKENS = 16
@@ -22,7 +22,7 @@ DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 5
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingExtras):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
@@ -48,14 +48,6 @@ class CompletionRequest(BaseModel):
         description="Log-probabilities of each token and the k likeliest (with `echo`, the prompt's tokens too).",
     )
     suffix: str | None = Field(default=None, description="Refused when set: not supported.")
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description="Token id (as a string) -> bias added to its logit, in [-100, 100]."
-    )
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top one's.")
-    top_k: int = Field(default=0, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1: all).")
-    repetition_penalty: float = Field(
-        default=1.0, gt=0.0, le=10.0, description="vLLM: > 1 discourages tokens already in the prompt or answer."
-    )
     user: str | None = Field(default=None, description="Accepted and ignored.")
 
     @field_validator("prompt", mode="before")
@@ -95,11 +87,6 @@ class CompletionRequest(BaseModel):
         if value:  # null and "" ask for nothing
             raise ValueError(f"`{info.field_name}` is not supported by this server")
         return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_ids_and_bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        return check_logit_bias(bias)
 
     @property
     def prompts(self) -> list[str]:

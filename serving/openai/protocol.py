@@ -252,7 +252,28 @@ class StructuredOutputsOptions(BaseModel):
         return self
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingExtras(BaseModel):
+    """OpenAI's ``logit_bias`` and vLLM's sampling extras, top-level as vLLM's own server takes them: chat's and
+    legacy completions' alike."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias added to its logit, in [-100, 100]."
+    )
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top one's.")
+    top_k: int = Field(default=0, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1: all).")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="vLLM: > 1 discourages tokens already in the prompt or answer."
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        return check_logit_bias(bias)
+
+
+class ChatCompletionRequest(SamplingExtras):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
@@ -279,15 +300,6 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    # vLLM's sampling extras, top-level as vLLM's own server takes them.
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description="Token id (as a string) -> bias added to its logit, in [-100, 100]."
-    )
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top one's.")
-    top_k: int = Field(default=0, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1: all).")
-    repetition_penalty: float = Field(
-        default=1.0, gt=0.0, le=10.0, description="vLLM: > 1 discourages tokens already in the prompt or answer."
-    )
     structured_outputs: StructuredOutputsOptions | None = Field(
         default=None, description="vLLM: constrain the answer to a JSON schema, regex, choice or grammar."
     )
@@ -341,11 +353,6 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(tools, list) and len(tools) > limit:
             raise ValueError(f"{len(tools)} tools; at most {limit} per request")
         return tools
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_ids_and_bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        return check_logit_bias(bias)
 
     @field_validator("metadata")
     @classmethod
