@@ -7,7 +7,9 @@ produce; what the engine was asked is read from ``engine.seen`` (cleared before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
@@ -15,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mmrag.serving.config import MmragConfig
+from mmrag.serving.engine.protocol import GenerationDelta
 from mmrag.serving.openai.server import create_app
 from mmrag.serving.pipeline import LocalBackend
 from mmrag.serving.retrieval.protocol import RetrievalInfo, RetrievalResult, RetrievedChunk, RetrievedDocument
@@ -88,3 +91,24 @@ def sse_chunks(response) -> list[dict[str, Any]]:
     lines = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(line) for line in lines[:-1]]
+
+
+def engine_deltas(pieces: list[str], retrieval: Any) -> list[GenerationDelta]:
+    """One choice's deltas as an engine sends them: ``retrieval`` on the first, counts growing, ``stop`` last."""
+    deltas = [
+        GenerationDelta(0, t, None, 5, i + 1, retrieval=retrieval if i == 0 else None) for i, t in enumerate(pieces)
+    ]
+    deltas[-1] = dataclasses.replace(deltas[-1], finish_reason="stop")
+    return deltas
+
+
+async def read_through(
+    reader: Callable[[AsyncIterator[GenerationDelta]], AsyncIterator[GenerationDelta]], deltas: list[GenerationDelta]
+) -> list[GenerationDelta]:
+    """What ``reader`` makes of ``deltas`` streamed to it."""
+
+    async def source() -> AsyncIterator[GenerationDelta]:
+        for delta in deltas:
+            yield delta
+
+    return [d async for d in reader(source())]

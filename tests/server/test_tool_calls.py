@@ -8,16 +8,25 @@ produce; the constraint the engine was given is read from ``engine.seen``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 
 import pytest
 
-from mmrag.serving.engine.protocol import GenerationDelta
 from mmrag.serving.openai.protocol import ChatCompletionRequest
 from mmrag.serving.openai.tools import plan_tools, tool_call_deltas
 from mmrag.serving.retrieval.protocol import RetrievalInfo
-from tests.server.fake_app import MODEL, TIME, WEATHER, OneDocument, app_fixtures, assert_error, chat, sse_chunks
+from tests.server.fake_app import (
+    MODEL,
+    TIME,
+    WEATHER,
+    OneDocument,
+    app_fixtures,
+    assert_error,
+    chat,
+    engine_deltas,
+    read_through,
+    sse_chunks,
+)
 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
@@ -142,18 +151,8 @@ def test_the_call_reader_sends_retrieval_at_once_and_holds_back_empty_deltas():
     no call yet; deltas with nothing to send are dropped; the call goes out whole, then the finish."""
     plan = plan_tools(ChatCompletionRequest.model_validate(chat("x", tools=[WEATHER, TIME], tool_choice="required")))
     info = RetrievalInfo(mode="text")
-    pieces = [" ", '[{"name": "get_time", ', '"arguments": {}}', "]"]
-    deltas = [GenerationDelta(0, t, None, 5, i + 1, retrieval=info if i == 0 else None) for i, t in enumerate(pieces)]
-    deltas[-1] = dataclasses.replace(deltas[-1], finish_reason="stop")
-
-    async def run():
-        async def source():
-            for delta in deltas:
-                yield delta
-
-        return [d async for d in tool_call_deltas(source(), plan)]
-
-    out = asyncio.run(run())
+    deltas = engine_deltas([" ", '[{"name": "get_time", ', '"arguments": {}}', "]"], info)
+    out = asyncio.run(read_through(lambda source: tool_call_deltas(source, plan), deltas))
     assert [(d.retrieval, d.finish_reason, d.completion_tokens) for d in out] == [
         (info, None, 1),
         (None, None, 3),

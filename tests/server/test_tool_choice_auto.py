@@ -9,14 +9,13 @@ tokenizer: the shipped tiny-mllm checkpoint's (``model.path``; nothing to prepar
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import json
 
 import pytest
 from fastapi.testclient import TestClient
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.engine.protocol import GenerationDelta
 from mmrag.serving.engine.tool_prompt import render_tools
 from mmrag.serving.models.trained import trained_model_path
 from mmrag.serving.openai.server import create_app
@@ -24,7 +23,18 @@ from mmrag.serving.openai.tool_parsing import ToolCallParsing
 from mmrag.serving.pipeline import LocalBackend
 from mmrag.serving.retrieval.protocol import RetrievalInfo
 from tests.fake_engine import FakeEngine
-from tests.server.fake_app import MODEL, TIME, WEATHER, OneDocument, app_fixtures, assert_error, chat, sse_chunks
+from tests.server.fake_app import (
+    MODEL,
+    TIME,
+    WEATHER,
+    OneDocument,
+    app_fixtures,
+    assert_error,
+    chat,
+    engine_deltas,
+    read_through,
+    sse_chunks,
+)
 
 # The first request waits for vLLM's import (10-25 s on the 2-core machine, once per process).
 pytestmark = pytest.mark.slow
@@ -135,18 +145,9 @@ def test_retrieval_info_goes_out_once_first_and_counts_ride_on_the_last(served, 
     delta only, whatever the parser makes of the text; the finish carries the last counts."""
     info = RetrievalInfo(mode="text")
     words = ["Sure. ", "<tool_call> ", '{"name": "get_weather", ', '"arguments": {"city": "Oslo"}} ', "</tool_call>"]
-    deltas = [GenerationDelta(0, w, None, 5, i + 1, retrieval=info if i == 0 else None) for i, w in enumerate(words)]
-    deltas[-1] = dataclasses.replace(deltas[-1], finish_reason="stop")
-
-    async def run():
-        async def source():
-            for delta in deltas:
-                yield delta
-
-        reader = ToolCallParsing("hermes", served[0].config.model)  # the app's own is not reachable from here
-        return [d async for d in reader.deltas(source(), [WEATHER], stream=stream)]
-
-    out = asyncio.run(run())
+    parsing = ToolCallParsing("hermes", served[0].config.model)  # the app's own is not reachable from here
+    reader = functools.partial(parsing.deltas, tools=[WEATHER], stream=stream)
+    out = asyncio.run(read_through(reader, engine_deltas(words, info)))
     assert [d.retrieval for d in out].count(info) == 1 and out[0].retrieval == info
     assert out[-1].finish_reason == "tool_calls" and out[-1].completion_tokens == 5
     assert "".join(d.text for d in out).strip() == "Sure."
