@@ -1,11 +1,13 @@
 """Images as documents on the real stack (`mmrag serve`, tiny random LLaVA, Milvus Lite): an image file a
 chat request's vector-store search retrieves reaches vLLM as one more image, whose visual tokens the usage
-counts (and AIM merges, as it does the request's own image)."""
+counts (and AIM merges, as it does the request's own image). And on the default server (smol): the served
+model's own description of an image file, asked at ingestion, is what indexes it beside its name."""
 
 from __future__ import annotations
 
 import base64
 import io
+import random
 
 import pytest
 from PIL import Image
@@ -52,5 +54,37 @@ def test_a_retrieved_image_adds_one_image_of_visual_tokens(client):
             **kwargs, extra_body={**retrieval, "compression": {"aim_keep_ratio": 0.5}}
         )
         assert merged.usage.model_extra["mmrag"]["visual_tokens_after"] == IMAGE_TOKENS  # 8 + 8
+    finally:
+        client.vector_stores.delete(store.id)
+
+
+def shapes_png(colour: str, shape: str, seed: int) -> bytes:
+    """One of the synthetic shapes images the default model's projector was trained on (32 px)."""
+    from mmrag.training.tasks.render import ShapeImage, render
+
+    buf = io.BytesIO()
+    Image.fromarray(render(ShapeImage(colour, shape), random.Random(seed), 32)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_the_default_model_describes_image_files_and_search_finds_them_by_it(default_client):
+    """Names that say nothing ("scan-1.png"): only smol's description (its answers to the colour and shape
+    questions, greedy) tells the two apart. By hand it named 12 of 12 colours and shapes of such images."""
+    client = default_client
+    store = client.vector_stores.create(name="e2e-described-images")
+    try:
+        files = {}
+        for name, (colour, shape) in {"scan-1.png": ("red", "circle"), "scan-2.png": ("blue", "square")}.items():
+            uploaded = client.files.create(file=(name, shapes_png(colour, shape, 7)), purpose="assistants")
+            attached = client.vector_stores.files.create_and_poll(file_id=uploaded.id, vector_store_id=store.id)
+            assert attached.status == "completed", attached.last_error
+            files[(colour, shape)] = uploaded.id
+        for (colour, shape), file_id in files.items():
+            (content,) = client.vector_stores.files.content(file_id=file_id, vector_store_id=store.id).data
+            described = [line for line in content.text.splitlines() if line.startswith("Model description: ")]
+            assert described == [f"Model description: {colour} {shape}"], content.text
+            hits = client.vector_stores.search(store.id, query=f"a {colour} {shape}", max_num_results=2).data
+            assert hits[0].file_id == file_id, [(h.filename, h.score) for h in hits]
     finally:
         client.vector_stores.delete(store.id)
