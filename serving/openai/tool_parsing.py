@@ -109,6 +109,7 @@ class _Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of text the parser still holds back
+    content: str = ""  # the text sent as content so far (streams)
     called: bool = False
 
     def hold(self, delta: GenerationDelta, request: Any) -> list[GenerationDelta]:
@@ -152,8 +153,15 @@ class _Choice:
             logger.exception("tool-call parser %s failed on a stream", type(self.parser).__name__)
             message = None
         out: list[GenerationDelta] = []
-        if message is not None and message.content:
-            out.append(self._text(delta, message.content, None))
+        content = message.content if message is not None and message.content else ""
+        if delta.finish_reason is not None and not self.called and not (message is not None and message.tool_calls):
+            # The answer ends with no call: text the parser held back (what might have begun a marker) is text.
+            sent = self.content + content
+            if self.text.startswith(sent):
+                content += self.text[len(sent) :]
+        if content:
+            self.content += content
+            out.append(self._text(delta, content, None))
         calls = [self._call_piece(call) for call in (message.tool_calls if message is not None else ())]
         if delta.finish_reason is not None and self.called:
             rest = self._unsent_arguments()

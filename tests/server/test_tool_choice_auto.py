@@ -119,6 +119,15 @@ def test_streamed_text_and_the_sdk_accumulates_calls(client):
     assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
 
+def test_a_stream_that_ends_like_a_marker_still_sends_all_its_text(served):
+    """The parser holds back a tail that may begin ``<tool_call>``; when the answer ends there, it is text."""
+    parsing = ToolCallParsing("hermes", served[0].config.model)
+    reader = functools.partial(parsing.deltas, tools=[WEATHER], stream=True)
+    out = asyncio.run(read_through(reader, engine_deltas(["a < b ", "<tool"], None)))
+    assert [d.text for d in out] == ["a < b ", "<tool"] and out[-1].finish_reason == "stop"
+    assert all(d.tool_calls is None for d in out)
+
+
 def test_n_choices_are_parsed_apart(client):
     response = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": CALL}], tools=[WEATHER], n=2, temperature=0.5
