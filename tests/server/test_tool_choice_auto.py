@@ -9,6 +9,7 @@ tokenizer: the shipped tiny-mllm checkpoint's (``model.path``; nothing to prepar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 
@@ -126,6 +127,28 @@ def test_a_stream_that_ends_like_a_marker_still_sends_all_its_text(served):
     out = asyncio.run(read_through(reader, engine_deltas(["a < b ", "<tool"], None)))
     assert [d.text for d in out] == ["a < b ", "<tool"] and out[-1].finish_reason == "stop"
     assert all(d.tool_calls is None for d in out)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_real_tokenizers_pieces_read_back(served, stream):
+    """Token by token as a model writes them (the markers split across several tokens): the text before the call
+    is content, the call's pieces add up to its arguments."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_path())
+    answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    texts = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
+    pieces = [text[len(before) :] for before, text in zip(["", *texts], texts, strict=False)]
+    assert "".join(pieces) == answer and len(pieces) > 20
+    deltas = [dataclasses.replace(d, token_ids=(i,)) for d, i in zip(engine_deltas(pieces, None), ids, strict=True)]
+    parsing = ToolCallParsing("hermes", served[0].config.model)
+    out = asyncio.run(read_through(functools.partial(parsing.deltas, tools=[WEATHER], stream=stream), deltas))
+    assert "".join(d.text for d in out) == "Let me check.\n"
+    calls = [c for d in out for c in d.tool_calls or ()]
+    assert [c.name for c in calls if c.name] == ["get_weather"] and calls[0].id.startswith("call_")
+    assert json.loads("".join(c.arguments for c in calls)) == {"city": "Paris"}
+    assert out[-1].finish_reason == "tool_calls" and out[-1].completion_tokens == len(ids)
 
 
 def test_n_choices_are_parsed_apart(client):
