@@ -1,7 +1,9 @@
 """Structured outputs and tool calls against the real servers of the session (no new server): the default
 `smol` (SmolLM2-135M-Instruct, text retrieval on by default, so every chat here also has documents in its
 prompt) through the `openai` SDK, LangChain and LlamaIndex; the tiny random model for a forced call that must be
-valid whatever the model says."""
+valid whatever the model says. The default server names no tool-call parser, so `tool_choice: auto` is its 400
+here; auto with vLLM's hermes parser is tests/server/test_tool_choice_auto.py (a fake engine, the real parser
+and a real tokenizer)."""
 
 from __future__ import annotations
 
@@ -181,6 +183,30 @@ def test_logit_bias_is_honoured_and_checked_against_the_vocabulary(smol):
         smol.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], logit_bias={"99999999": 5}, max_tokens=2
         )
+    assert caught.value.body["param"] == "logit_bias"
+
+
+def test_completions_echo_scores_the_prompt_and_logit_bias_steers(smol):
+    """Legacy completions on the real engine: echo with logprobs gives the prompt's tokens first (vLLM's prompt
+    log-probabilities, the first null) in OpenAI's shape; logit_bias is chat's."""
+    prompt = "The capital of France is"
+    response = smol.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=3, temperature=0)
+    (choice,) = response.choices
+    logprobs = choice.logprobs
+    assert choice.text.startswith(prompt) and "".join(logprobs.tokens) == choice.text
+    prompt_tokens = response.usage.prompt_tokens
+    assert len(logprobs.tokens) == prompt_tokens + response.usage.completion_tokens
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(
+        token in top and len(top) in (2, 3)
+        for token, top in zip(logprobs.tokens[1:], logprobs.top_logprobs[1:], strict=True)
+    )
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    biased = smol.completions.create(model=MODEL, prompt=prompt, logit_bias={"330": 100}, max_tokens=3, logprobs=0)
+    assert len(set(biased.choices[0].logprobs.tokens)) == 1, biased.choices[0].logprobs.tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        smol.completions.create(model=MODEL, prompt=prompt, logit_bias={"99999999": 5}, max_tokens=2)
     assert caught.value.body["param"] == "logit_bias"
 
 
