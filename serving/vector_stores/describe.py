@@ -4,8 +4,8 @@ Ingestion runs in a worker thread of the vector-store service (``service.py``); 
 LLM deployment, reached through a Serve handle (``deployments/retriever.py``), or an engine in this process
 (``LocalBackend(engine, stage)``: tests, single-process servers). Both are async and belong to an event loop
 (a handle routes on the loop that calls it, vLLM's ``AsyncLLM`` lives on its own), so the worker thread does
-not call them: it hands the generation to that loop (:meth:`ImageDescriber.bind`, the loop of the first
-Vector Stores API call) and waits at most ``timeout_s``, then cancels it (the engine aborts the request).
+not call them: it hands the generation to that loop (:meth:`ImageDescriber.bind`, the loop of the Vector
+Stores API calls) and waits at most ``timeout_s``, then cancels it (the engine aborts the request).
 
 The request is a chat of one user message, "Image 1:", the image and one question, greedy and at most
 ``max_tokens`` per question: the form the default model's vision projector was trained on, and harmless to
@@ -44,9 +44,9 @@ class ImageDescriber:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run generations on ``loop`` (the one ``generate`` belongs to); the first binding stays."""
-        if self._loop is None or self._loop.is_closed():
-            self._loop = loop
+        """Run generations on ``loop`` (the one ``generate`` belongs to): the loop of the latest Vector Stores
+        call, which is alive (a replica has one; an app in tests may be started again on a new one)."""
+        self._loop = loop
 
     def describe(self, image: Any, filename: str) -> str | None:
         """The model's description of ``image`` (a PIL image), or None (logged why). Blocking: call it from a
