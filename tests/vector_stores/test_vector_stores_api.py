@@ -348,7 +348,8 @@ def test_pdf_and_image_files_and_a_file_content(client):
         assert attached.status == status, attached.last_error
     assert "encrypt" in attached.last_error.message.lower()
     assert search(client, store.id, "toll of the Kessel Span")[0].file_id == pdf
-    assert search(client, store.id, "red square diagram")[0].file_id == png  # by its name (and the echo engine's "description")
+    # Found by its name (the echo engine's "description" repeats the question it was asked).
+    assert search(client, store.id, "red square diagram")[0].file_id == png
     pages = [part.text for part in client.vector_stores.files.content(pdf, vector_store_id=store.id)]
     assert pages == ["The Kessel Span bridge is 412 metres long.", "Its toll is two silver coins."]
     assert list(client.vector_stores.files.content(locked, vector_store_id=store.id)) == []
