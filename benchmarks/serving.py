@@ -58,6 +58,9 @@ from typing import Any
 HELP = "Streaming TTFT/TBT/latency of mmrag serve vs vllm serve vs in-process AsyncLLM on the same engine args."
 
 SYSTEMS = ("mmrag", "vllm-serve", "asyncllm")
+# mmrag serve with other Ray Serve settings, measured only when named in --systems: the environment each adds.
+# proxy-grpc: Serve's HTTP proxy calls the ingress replica over gRPC instead of a Ray actor call.
+MMRAG_VARIANTS = {"mmrag-proxy-grpc": {"RAY_SERVE_PROXY_USE_GRPC": "1"}}
 BASELINE = "vllm-serve"
 PROMPT = "Write a short story about a robot who learns to paint."
 # The per-point figures summarised across rounds (median, min, max) and compared against the baseline.
@@ -83,7 +86,9 @@ MMRAG_OVERRIDES = ["retrieval.default_mode=none", "retrieval.ingest_demo_corpus=
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-random", help="A registered model (tiny-random; smol: default).")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"Comma-separated subset of {SYSTEMS}.")
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"Comma-separated, of {SYSTEMS} and {tuple(MMRAG_VARIANTS)}."
+    )
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=None, help="Closed-loop concurrencies (1 4 16 64; quick 1 4)."
     )
@@ -121,9 +126,9 @@ class Settings:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    unknown = sorted(set(systems) - set(SYSTEMS) - set(MMRAG_VARIANTS))
     if unknown or not systems:
-        raise SystemExit(f"--systems: unknown {unknown}; choose from {SYSTEMS}")
+        raise SystemExit(f"--systems: unknown {unknown}; choose from {SYSTEMS + tuple(MMRAG_VARIANTS)}")
     quick = args.quick
     return Settings(
         model=args.model,
@@ -548,7 +553,7 @@ def vllm_server(model: Model, log_path: Path, timeout_s: float):
     return server_process("vllm serve", command, env, log_path, timeout_s)
 
 
-def mmrag_server(model: Model, log_path: Path, timeout_s: float):
+def mmrag_server(model: Model, log_path: Path, timeout_s: float, extra_env: dict[str, str] | None = None):
     """``mmrag serve`` as :func:`~mmrag.serving.server_process.running_server` starts it, in this session."""
     from mmrag.serving.paths import cache_dir
 
@@ -556,7 +561,7 @@ def mmrag_server(model: Model, log_path: Path, timeout_s: float):
     for item in model.overrides:
         command += ["--set", item]
     # The same cache as resolve_model: the server serves the very checkpoint the other two load.
-    env = {**os.environ, "MMRAG_CACHE_DIR": str(cache_dir())}
+    env = {**os.environ, "MMRAG_CACHE_DIR": str(cache_dir()), **(extra_env or {})}
     return server_process("mmrag serve", command, env, log_path, timeout_s)
 
 
@@ -678,18 +683,23 @@ async def run_system(system: str, round_index: int, model: Model, settings: Sett
                 await warm_up(send, system, settings)
                 result["points"] = await measure_system(send, system, round_index, settings)
         return result
-    server = mmrag_server if system == "mmrag" else vllm_server
-    with server(model, log_path, settings.start_timeout_s) as running:
+    is_mmrag = system == "mmrag" or system in MMRAG_VARIANTS
+    if is_mmrag:
+        server = mmrag_server(model, log_path, settings.start_timeout_s, MMRAG_VARIANTS.get(system))
+    else:
+        server = vllm_server(model, log_path, settings.start_timeout_s)
+    with server as running:
         url = running.url
         result["start_s"] = time.perf_counter() - started
         async with http_system(url, model, settings) as send:
             with pinned(settings.client_cpus):
                 await warm_up(send, system, settings)
-                before = httpx.get(f"{url}/metrics", timeout=10).text if system == "mmrag" else ""
+                before = httpx.get(f"{url}/metrics", timeout=10).text if is_mmrag else ""
                 result["points"] = await measure_system(send, system, round_index, settings, running.pid)
-                after = httpx.get(f"{url}/metrics", timeout=10).text if system == "mmrag" else ""
-        if system == "mmrag":
-            result["stage"] = stage_breakdown(mmrag_stage_metrics(before), mmrag_stage_metrics(after), result)
+                after = httpx.get(f"{url}/metrics", timeout=10).text if is_mmrag else ""
+        if is_mmrag:
+            stage = stage_breakdown(mmrag_stage_metrics(before), mmrag_stage_metrics(after), result)
+            result["stage"] = {"system": system, **stage}
     return result
 
 
@@ -759,6 +769,10 @@ async def benchmark(settings: Settings, logs: Path) -> dict[str, Any]:
         "order": order,
         "summary": summary,
         "ratios": ratios(summary),
+        # Each mmrag variant against plain mmrag measured in the same rounds.
+        "variant_ratios": {
+            pair: rows for pair, rows in ratios(summary, "mmrag").items() if pair.split("/")[0] in MMRAG_VARIANTS
+        },
         "points": points,
         "start_s": {s: [r["start_s"] for r in runs if r["system"] == s] for s in settings.systems},
         "mmrag_stage": [r["stage"] for r in runs if "stage" in r],
@@ -790,7 +804,7 @@ def print_table(figures: dict[str, Any]) -> None:
                 f"tbt p50 {_ms(tbt and tbt['median'])} {tps['median'] if tps else 0:.0f} tok/s "
                 f"(rounds {entry['rounds']}, valid {entry['all_valid']})"
             )
-    for pair, rows in figures["ratios"].items():
+    for pair, rows in {**figures["ratios"], **figures["variant_ratios"]}.items():
         for c, row in rows.items():
             shown = {m: round(v, 3) for m, v in row.items() if v is not None and m in _RATIO_SHOWN}
             print(f"{pair} c={c}: {shown}")

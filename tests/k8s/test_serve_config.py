@@ -209,3 +209,13 @@ def test_engine_arguments_build(overlay, monkeypatch):
     assert engine_args.served_model_name == [config.model.served_name]
     for key, value in config.engine.engine_kwargs.items():
         assert getattr(engine_args, key) == value
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_proxy_reaches_the_ingress_as_mmrag_serve_has_it(overlay):
+    """The Ray containers' environment carries the Serve transport `mmrag serve` sets on one machine (gRPC)."""
+    from mmrag.serving.cli.serve import SERVE_TRANSPORT
+
+    objects = render(f"overlays/{overlay}")
+    env = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("mmrag-env"))
+    assert SERVE_TRANSPORT.items() <= env["data"].items()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmrag.serving.cli.serve import http_options, local_ray_environment
+from mmrag.serving.cli.serve import SERVE_TRANSPORT, http_options, local_ray_environment, serve_transport_environment
 from mmrag.serving.config import ServerConfig
 
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "MMRAG_REPLICA_GRPC_HOST": "127.0.0.1"}
@@ -24,6 +24,15 @@ def test_a_public_server_a_joined_cluster_or_the_users_choice_are_left_alone(mon
     assert local_ray_environment(ServerConfig(ray_address="ray://head:10001")) == {}
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     assert local_ray_environment(ServerConfig()) == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+
+
+def test_a_local_rays_proxy_reaches_the_ingress_over_grpc_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_PROXY_USE_GRPC", raising=False)
+    assert serve_transport_environment(ServerConfig()) == {"RAY_SERVE_PROXY_USE_GRPC": "1"} == SERVE_TRANSPORT
+    assert serve_transport_environment(ServerConfig(host="0.0.0.0")) == SERVE_TRANSPORT  # not about listeners
+    assert serve_transport_environment(ServerConfig(ray_address="ray://head:10001")) == {}
+    monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")
+    assert serve_transport_environment(ServerConfig()) == {}
 
 
 def test_the_proxy_gets_the_configured_timeouts():
