@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"  # milvus-lite's own default is 0.0.0.0: always pass the host
 START_TIMEOUT_S = 60.0
+RELOAD_TIMEOUT_S = 60.0  # per collection loaded again after a restart
 STOP_GRACE_S = 30.0  # milvus-lite drains requests (5 s), then closes: waits for its background index builds
 _READY = "gRPC server listening on"  # what `milvus-lite server` prints once it serves
 
@@ -267,7 +268,33 @@ class LiteServer:
             logger.error("the Milvus Lite server did not restart: %s", exc)
             return False
         self._write_state()
+        self._reload_collections()
         return True
+
+    def _reload_collections(self, timeout_s: float = RELOAD_TIMEOUT_S) -> None:
+        """Load every collection again after a restart. A restarted server has them all *released*, while its
+        clients (the replicas' pymilvus channels reconnect by themselves) remember them loaded and load each
+        only once per connection: without this every search failed with "call load() before search" until
+        the replicas were restarted (measured: still failing 33 s after the restart). A collection that does not
+        load is logged; its clients' searches fail as before."""
+        from pymilvus import MilvusClient
+
+        try:
+            client = MilvusClient(uri=self.uri, timeout=timeout_s)
+        except Exception as exc:  # pymilvus's own errors, gRPC's: logged, the server runs all the same
+            logger.error("collections not reloaded after the Milvus Lite server's restart: %s", exc)
+            return
+        try:
+            for name in client.list_collections(timeout=timeout_s):
+                try:
+                    client.load_collection(name, timeout=timeout_s)
+                except Exception as exc:
+                    logger.error("collection %s not reloaded after the Milvus Lite server's restart: %s", name, exc)
+            logger.info("collections reloaded after the Milvus Lite server's restart")
+        except Exception as exc:
+            logger.error("collections not reloaded after the Milvus Lite server's restart: %s", exc)
+        finally:
+            client.close()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
         """Stop the server (SIGINT, then SIGKILL after ``grace_s``) and remove its state file."""

@@ -319,6 +319,7 @@ class VectorStoreService:
             expression = f"({expression}) and {attribute_filter}"
         threshold = body.ranking_options.score_threshold if body.ranking_options else None
         store = self._store()
+        self._ensure_collection()  # a store with no file yet, on a fresh server: no hits, not a 503
         best: dict[str, Any] = {}
         queries = body.queries()
         if len(queries) > self.config.max_queries:
