@@ -1,15 +1,21 @@
 """Vector stores with two retriever replicas on the Milvus Lite server (as `mmrag serve` runs it), through the
 whole Serve application and the real `openai` SDK: the replicas forward the API and the stores' scope of a chat
-to the one VectorStores replica, which owns the records and the ingestion jobs, and search Milvus themselves."""
+to the one VectorStores replica, which owns the records and the ingestion jobs (and asks the LLM deployment to
+describe image files), and search Milvus themselves. While the Lite server is down, `/health` says so."""
 
 from __future__ import annotations
 
+import os
+import signal
+
+import httpx
 import openai
 import pytest
 
 from mmrag.deployments.app import build_application
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.lite_server import LiteServer
+from tests.files.documents import png_bytes
 from tests.vector_stores.conftest import serve_application
 
 
@@ -46,7 +52,12 @@ def test_vector_stores_with_two_retriever_replicas(tmp_path):
             "ingest_demo_corpus": False,
             "default_mode": "none",
         }
-        sections = {"retrieval": retrieval, "deployments": {"retriever": {"num_replicas": 2}}}
+        sections = {
+            "retrieval": retrieval,
+            "deployments": {"retriever": {"num_replicas": 2}},
+            # The echo engine answers a description with the question's words.
+            "vector_stores": {"poll_after_ms": 50, "image_descriptions": {"questions": ["zanzibar periwinkle"]}},
+        }
         with serve_application(tmp_path, "vector-stores-replicas", **sections) as (url, config):
             replicas = serve.status().applications["vector-stores-replicas"].deployments
             assert (replicas["Retriever"].replica_states, replicas["VectorStores"].replica_states) == (
@@ -77,3 +88,21 @@ def test_vector_stores_with_two_retriever_replicas(tmp_path):
                 )
             assert caught.value.body["param"] == "retrieval.vector_store_ids"
             assert {s.id for s in client.vector_stores.list(limit=100).data} == {s.id for s in stores}
+            # An image file, described by the LLM deployment for the VectorStores replica.
+            image = client.files.create(file=("IMG_0042.png", png_bytes((8, 8))), purpose="assistants")
+            attached = client.vector_stores.files.create_and_poll(file_id=image.id, vector_store_id=stores[1].id)
+            assert attached.status == "completed", attached.last_error
+            (hit,) = client.vector_stores.search(stores[1].id, query="periwinkle", max_num_results=1).data
+            assert hit.file_id == image.id and "zanzibar periwinkle" in hit.content[0].text
+            # The Lite server dies: /health names retrieval until it is back (what `mmrag serve` does), then
+            # the replicas search it again.
+            root = url.removesuffix("/v1")
+            assert httpx.get(f"{root}/health", timeout=30).status_code == 200
+            os.kill(lite.pid, signal.SIGKILL)
+            lite.process.wait()
+            down = httpx.get(f"{root}/health", timeout=30)
+            assert down.status_code == 503 and "retrieval: the Milvus Lite server" in down.json()["error"]["message"]
+            assert lite.ensure_running(max_restarts=1)
+            assert httpx.get(f"{root}/health", timeout=30).status_code == 200
+            hits = client.vector_stores.search(stores[0].id, query="Who keeps the lighthouse?").data
+            assert hits[0].file_id == file.id
