@@ -32,7 +32,10 @@ MODES = ("none", "text", "xrag")
 DOCUMENT_COUNTS = (1, 4, 8)
 ENGLISH_DOCUMENT_COUNTS = (1, 4)
 # Shipped xRAG projectors by registered model.
-PROJECTORS = {"tiny-mllm": "mmrag.serving.models.trained:trained_projector_path"}
+PROJECTORS = {
+    "tiny-mllm": "mmrag.serving.models.trained:trained_projector_path",
+    "smol": "mmrag.serving.models.smol:smol_projector_path",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projector", default=None, help="xRAG projector (default: the model's shipped one, if any).")
 
 
-def prompt_for(task, mode: str, tokenizer, vectors: dict[str, Any]) -> dict[str, Any]:
-    """The vLLM prompt of ``task`` in ``mode`` (rendered as the server renders it)."""
+def prompt_for(task, mode: str, tokenizer, vectors: dict[str, Any], layout=None) -> dict[str, Any]:
+    """The vLLM prompt of ``task`` in ``mode`` (rendered as the server renders it); ``layout``: the xRAG
+    projector's prompt layout (its card's; None: text RAG's)."""
     import dataclasses
 
     import numpy as np
@@ -53,7 +57,8 @@ def prompt_for(task, mode: str, tokenizer, vectors: dict[str, Any]) -> dict[str,
     from mmrag.training.train_projector import xrag_view
 
     shown = {"none": dataclasses.replace(task, documents=()), "text": task, "xrag": xrag_view(task)}[mode]
-    text = tokenizer.apply_chat_template(template_messages(shown), tokenize=False, add_generation_prompt=True)
+    messages = template_messages(shown, layout=layout if mode == "xrag" else None)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt: dict[str, Any] = {"prompt": text}
     if mode == "xrag":
         prompt["multi_modal_data"] = {"retrieval": np.stack([vectors[d] for d in task.documents])}
@@ -97,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     from mmrag.benchmarks.common import plot_path, write_result
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.args import xrag_overrides
-    from mmrag.serving.retrieval.config import EncoderConfig
+    from mmrag.serving.retrieval.config import EncoderConfig, TextRagConfig
     from mmrag.serving.retrieval.encoders import load_encoder
+    from mmrag.serving.xrag.projector import read_card
     from mmrag.training.tasks import make_task
     from mmrag.training.tasks.english import distractors, questions
     from mmrag.training.train_projector import encode_documents
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     vectors: dict[str, Any] = {}
     encoder = load_encoder(EncoderConfig())
+    # The layout the projector was trained in (text RAG's for the tiny model's, a lean one for smol's).
+    layout = read_card(projector).prompt_layout(TextRagConfig()) if projector else None
     if projector:
         texts = [d for t in [*tasks, *cost_tasks] for d in t.documents]
         texts += [d.text for q, others in english for d in (q.doc, *others)]
@@ -139,11 +147,12 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=32)  # room for a chat model's sentence
-        accuracy, by_attribute = _accuracy(llm, greedy, tasks, tokenizer, vectors, modes)
+        accuracy, by_attribute = _accuracy(llm, greedy, tasks, tokenizer, vectors, modes, layout)
         reading = _english_accuracy(
-            llm, SamplingParams(temperature=0.0, max_tokens=48), english, tokenizer, vectors, modes
+            llm, SamplingParams(temperature=0.0, max_tokens=48), english, tokenizer, vectors, modes, layout
         )
-        cost = _cost(llm, SamplingParams(temperature=0.0, max_tokens=1), cost_tasks, repeats, tokenizer, vectors, modes)
+        first_token = SamplingParams(temperature=0.0, max_tokens=1)
+        cost = _cost(llm, first_token, cost_tasks, repeats, tokenizer, vectors, modes, layout)
     finally:
         llm.llm_engine.engine_core.shutdown()
     contains = accuracy.pop("contains")
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     run_config = {
         "model": str(model_path),
         "projector": str(projector) if projector else None,
+        "xrag_layout": layout.model_dump(include={"instruction", "document_template"}) if layout else None,
         "encoder": encoder.name,
         "tasks": n_tasks,
         "english_questions": n_english,
@@ -183,7 +193,7 @@ def _share_of_gain(accuracy: dict[str, float]) -> float | None:
     return (accuracy["xrag"] - accuracy["none"]) / gain if "xrag" in accuracy and gain > 0 else None
 
 
-def english_prompt(question, documents, mode: str, tokenizer, vectors: dict[str, Any]) -> dict[str, Any]:
+def english_prompt(question, documents, mode: str, tokenizer, vectors: dict[str, Any], layout=None) -> dict[str, Any]:
     """The vLLM prompt of an English question with ``documents`` (its own first) as the server renders it."""
     import numpy as np
 
@@ -194,7 +204,7 @@ def english_prompt(question, documents, mode: str, tokenizer, vectors: dict[str,
     if mode != "none":
         shown = tuple(XRAG_TOKEN if mode == "xrag" else d.text for d in documents)
         sources = tuple(f"docs/{d.title.lower().replace(' ', '-')}.md" for d in documents)
-        messages.append({"role": "system", "content": context_text(shown, sources)})
+        messages.append({"role": "system", "content": context_text(shown, sources, layout if mode == "xrag" else None)})
     messages.append({"role": "user", "content": question.question})
     prompt: dict[str, Any] = {
         "prompt": tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -204,7 +214,7 @@ def english_prompt(question, documents, mode: str, tokenizer, vectors: dict[str,
     return prompt
 
 
-def _english_accuracy(llm, params, english, tokenizer, vectors, modes) -> dict[str, dict[str, float]]:
+def _english_accuracy(llm, params, english, tokenizer, vectors, modes, layout) -> dict[str, dict[str, float]]:
     """Per document count, per mode: the share of replies that contain the expected answer."""
     from mmrag.training.tasks.english import contains_answer
 
@@ -213,7 +223,7 @@ def _english_accuracy(llm, params, english, tokenizer, vectors, modes) -> dict[s
         row = {}
         for mode in modes:
             shown = [(q, _shuffled((q.doc, *others[: count - 1]), q.question)) for q, others in english]
-            prompts = [english_prompt(q, docs, mode, tokenizer, vectors) for q, docs in shown]
+            prompts = [english_prompt(q, docs, mode, tokenizer, vectors, layout) for q, docs in shown]
             outs = llm.generate(prompts, params, use_tqdm=False)
             row[mode] = sum(contains_answer(o.outputs[0].text, q) for o, (q, _) in zip(outs, shown, strict=True))
             row[mode] /= len(english)
@@ -230,7 +240,9 @@ def _shuffled(documents: tuple, key: str) -> tuple:
     return tuple(order)
 
 
-def _accuracy(llm, params, tasks, tokenizer, vectors, modes) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+def _accuracy(
+    llm, params, tasks, tokenizer, vectors, modes, layout
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """Per mode: exact match (the reply is the answer and stops: what the trained tiny model is built for)
     overall and per asked attribute (colour, place, number), and ``contains`` (the answer as a word of the
     reply: what a chat model's sentences are judged by)."""
@@ -241,7 +253,8 @@ def _accuracy(llm, params, tasks, tokenizer, vectors, modes) -> tuple[dict[str, 
     overall: dict[str, Any] = {"contains": {}}
     by_attribute: dict[str, dict[str, float]] = {}
     for mode in modes:
-        outs = llm.generate([prompt_for(t, mode, tokenizer, vectors) for t in tasks], params, use_tqdm=False)
+        prompts = [prompt_for(t, mode, tokenizer, vectors, layout) for t in tasks]
+        outs = llm.generate(prompts, params, use_tqdm=False)
         replies = [o.outputs[0] for o in outs]
         right = [r.finish_reason == "stop" and r.text == t.answer for r, t in zip(replies, tasks, strict=True)]
         found = [
@@ -257,7 +270,7 @@ def _accuracy(llm, params, tasks, tokenizer, vectors, modes) -> tuple[dict[str, 
     return overall, by_attribute
 
 
-def _cost(llm, params, pool, repeats: int, tokenizer, vectors, modes) -> dict[str, Any]:
+def _cost(llm, params, pool, repeats: int, tokenizer, vectors, modes, layout) -> dict[str, Any]:
     """Per document count and mode: prompt tokens and median time to first token (one request at a time)."""
     rows: dict[str, Any] = {}
     for count in DOCUMENT_COUNTS:
@@ -266,7 +279,7 @@ def _cost(llm, params, pool, repeats: int, tokenizer, vectors, modes) -> dict[st
         for mode in modes:
             tokens, seconds = [], []
             for task in tasks:
-                prompt = prompt_for(task, mode, tokenizer, vectors)
+                prompt = prompt_for(task, mode, tokenizer, vectors, layout)
                 start = time.perf_counter()
                 (out,) = llm.generate([prompt], params, use_tqdm=False)
                 seconds.append(time.perf_counter() - start)

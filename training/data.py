@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmrag.serving.retrieval.config import TextRagConfig
 from mmrag.training.tasks import Task
 from mmrag.training.tasks.chat import template_messages
 
@@ -37,10 +38,13 @@ def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor | None:
     return torch.from_numpy(scaled).permute(0, 3, 1, 2).contiguous()
 
 
-def encode_prompt(task: Task, tokenizer, tokens_per_image: int, with_documents: bool = True) -> list[int]:
-    """Prompt ids with each ``<image>`` repeated ``tokens_per_image`` times (LlavaProcessor's expansion)."""
+def encode_prompt(
+    task: Task, tokenizer, tokens_per_image: int, with_documents: bool = True, layout: TextRagConfig | None = None
+) -> list[int]:
+    """Prompt ids with each ``<image>`` repeated ``tokens_per_image`` times (LlavaProcessor's expansion);
+    ``layout``: how documents are rendered (None: text RAG's default)."""
     text = tokenizer.apply_chat_template(
-        template_messages(task, with_documents), tokenize=False, add_generation_prompt=True
+        template_messages(task, with_documents, layout), tokenize=False, add_generation_prompt=True
     )
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     ids: list[int] = []
@@ -63,6 +67,7 @@ def encode_task(
     follow_ups: Sequence[tuple[str, str]] = (),
     *,
     prompt_loss: bool = False,
+    layout: TextRagConfig | None = None,
 ) -> EncodedTask:
     """Prompt + answer + eos, then each follow-up as a later user turn and its answer + eos.
 
@@ -70,7 +75,7 @@ def encode_task(
     placeholders), as next-token prediction over the whole chat. The first turn is exactly the serving prompt;
     later turns are rendered by the chat template one message at a time.
     """
-    ids = encode_prompt(task, tokenizer, tokens_per_image)
+    ids = encode_prompt(task, tokenizer, tokens_per_image, layout=layout)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
 
     def unanswered(span: list[int]) -> list[int]:

@@ -17,9 +17,10 @@ from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import COMPLETION_RESERVE_TOKENS, GenerationRequest, text_rag_budget
 from mmrag.serving.engine.tool_prompt import reject_special_tool_text, render_tools
 from mmrag.serving.errors import InvalidRequestError
+from mmrag.serving.retrieval.config import TextRagConfig
 from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
-from mmrag.serving.xrag.projector import XRAG_TOKEN
+from mmrag.serving.xrag.projector import XRAG_TOKEN, read_card
 
 __all__ = [
     "PromptBuilder",
@@ -28,6 +29,7 @@ __all__ = [
     "modality_tokens",
     "placeholder_tokens",
     "special_tokens",
+    "xrag_layout",
 ]
 
 # Rebuilding a text-RAG prompt converges in one retry in practice; more would mean a template bug.
@@ -47,6 +49,7 @@ class PromptBuilder:
         self.specials = special_tokens(self._tokenizer)
         self.modality_tokens = modality_tokens(self._tokenizer, getattr(llm.model_config, "hf_config", None))
         self.accepts_images = bool(llm.model_config.is_multimodal_model)
+        self.xrag_layout = xrag_layout(config)
 
     async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
         """The rendered engine input (``prompt_token_ids``, multimodal data and placeholders)."""
@@ -105,10 +108,12 @@ class PromptBuilder:
         budget = text_rag_budget(text_rag.max_context_tokens, max_model_len, bare_tokens, max_tokens)
         reserve = max_tokens if max_tokens is not None else COMPLETION_RESERVE_TOKENS
         xrag = retrieval.info.mode == "xrag"
-        # xRAG: each chunk is the one placeholder token in the text RAG layout; its vector goes alongside.
+        # xRAG: each chunk is the one placeholder token, in the layout its projector was trained in (the
+        # card's: text RAG's, or a lean one without source lines); its vector goes alongside.
         in_prompt = as_xrag_placeholders(retrieval) if xrag else retrieval
+        layout = self.xrag_layout if xrag else text_rag
         for _ in range(_MAX_FIT_ATTEMPTS):
-            messages = build_text_rag_messages(request.messages, in_prompt, self._tokenizer, budget, text_rag)
+            messages = build_text_rag_messages(request.messages, in_prompt, self._tokenizer, budget, layout)
             text = self.chat_text(messages, request.tools)
             overflow = self._count(text) + image_surplus + reserve - max_model_len
             if overflow <= 0 or budget == 0:
@@ -214,6 +219,15 @@ def strip_special_tokens(text: str, specials: list[str]) -> str:
     while (token := first_special_token(text, specials)) is not None:
         text = text.replace(token, "")
     return text
+
+
+def xrag_layout(config: MmragConfig) -> TextRagConfig:
+    """How xRAG documents enter the prompt: text RAG's settings with the fields the configured projector
+    was trained with (its card's ``layout``); text RAG's own when no projector is configured."""
+    text_rag = config.retrieval.text_rag
+    if config.retrieval.xrag.projector is None:
+        return text_rag
+    return read_card(config.retrieval.xrag.projector).prompt_layout(text_rag)
 
 
 def as_xrag_placeholders(result: RetrievalResult) -> RetrievalResult:

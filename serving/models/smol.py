@@ -16,8 +16,10 @@ __all__ = [
     "GGUF_FILE",
     "GGUF_SHA256",
     "LM_CHAT_TEMPLATE",
+    "SMOL_PROJECTOR_DIR",
     "build_smol_llava",
     "gguf_path",
+    "smol_projector_path",
     "write_smol_llava",
     "write_smol_lm",
 ]
@@ -105,6 +107,8 @@ def _edit_json(path: Path, edit) -> None:
 # -- the multimodal smol: the project's vision tower + a trained projector + SmolLM2 (LLaVA layout) ----------
 
 SMOL_VISION_DIR = Path(__file__).resolve().parent.parent / "data" / "smol-vision"
+# smol's xRAG projector for the bundled MiniLM encoder (``mmrag train-projector --model smol``).
+SMOL_PROJECTOR_DIR = SMOL_VISION_DIR.parent / "smol-xrag-minilm"
 IMAGE_SIZE, PATCH_SIZE = 32, 8  # the tower of the shipped tiny MLLM (serving/data/tiny-mllm): 16 tokens/image
 
 
@@ -171,6 +175,12 @@ def write_smol_llava(target: Path, lm_dir: Path, tower_dir: Path, projector_file
     tokenizer.model_max_length = model.config.text_config.max_position_embeddings
     build_processor(tokenizer, TinyLlavaSpec(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)).save_pretrained(target)
     save_hub_weights(model, target)
+
+
+def smol_projector_path() -> Path:
+    if not (SMOL_PROJECTOR_DIR / "projector.safetensors").is_file():
+        raise FileNotFoundError(f"no xRAG projector at {SMOL_PROJECTOR_DIR}; run `mmrag train-projector --model smol`")
+    return SMOL_PROJECTOR_DIR
 
 
 def locate_smol_lm(seed: int = 0) -> Path:

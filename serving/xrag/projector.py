@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmrag.serving.retrieval.config import TextRagConfig
+
 __all__ = [
     "CARD_FILE",
     "WEIGHTS_FILE",
@@ -34,6 +36,7 @@ __all__ = [
 XRAG_TOKEN = "<xrag>"
 WEIGHTS_FILE = "projector.safetensors"
 CARD_FILE = "projector.json"
+MODEL_MANIFEST = "mmrag_model.json"  # a prepared model's manifest (serving.models.registry.MANIFEST)
 
 
 class ProjectorMismatchError(ValueError):
@@ -51,10 +54,23 @@ class LlmIdentity:
 
 @dataclass(frozen=True)
 class ProjectorCard:
+    """What a projector was trained for and how: the encoder, the LLM, and the prompt layout.
+
+    ``layout``: the text RAG fields (``instruction``, ``document_template``) the xRAG documents were rendered
+    with in training, which serving must use too; empty: text RAG's own (what the tiny model's projector was
+    trained in, a ``[n] (source: ...)`` line per document). A lean layout drops the source line, so that a
+    document costs about one token; its citations travel in the response's ``retrieval.documents``.
+    """
+
     encoder: str
     encoder_dim: int
     llm: LlmIdentity
     training: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, str] = field(default_factory=dict)
+
+    def prompt_layout(self, text_rag: TextRagConfig) -> TextRagConfig:
+        """``text_rag`` with the fields this projector was trained with (budgets and placement kept)."""
+        return text_rag.model_copy(update=self.layout) if self.layout else text_rag
 
     def check(self, encoder: str | None = None, encoder_dim: int | None = None, llm: LlmIdentity | None = None):
         """Raise :class:`ProjectorMismatchError` if the given encoder or LLM is not the one trained for."""
@@ -68,10 +84,17 @@ class ProjectorCard:
 
 
 def llm_identity(model_path: str | Path) -> LlmIdentity:
-    """The identity of a checkpoint directory (its name and its text model's hidden and vocab sizes)."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    """The identity of a checkpoint directory (its name and its text model's hidden and vocab sizes).
+
+    The name is the registered model's for a prepared one (its manifest's: ``smol``), since its cache
+    directory's name carries a digest that changes with the recipe; else the directory's name.
+    """
+    path = Path(model_path).resolve()
+    config = json.loads((path / "config.json").read_text())
     text = config.get("text_config", config)
-    return LlmIdentity(Path(model_path).resolve().name, int(text["hidden_size"]), int(text["vocab_size"]))
+    manifest = path / MODEL_MANIFEST
+    name = json.loads(manifest.read_text())["name"] if manifest.is_file() else path.name
+    return LlmIdentity(name, int(text["hidden_size"]), int(text["vocab_size"]))
 
 
 class XragProjector(nn.Module):
@@ -104,7 +127,13 @@ def read_card(directory: str | Path) -> ProjectorCard:
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not an xRAG projector (no {CARD_FILE})")
     raw = json.loads(path.read_text())
-    return ProjectorCard(raw["encoder"], int(raw["encoder_dim"]), LlmIdentity(**raw["llm"]), raw.get("training", {}))
+    return ProjectorCard(
+        raw["encoder"],
+        int(raw["encoder_dim"]),
+        LlmIdentity(**raw["llm"]),
+        raw.get("training", {}),
+        raw.get("layout", {}),
+    )
 
 
 def load_projector(

@@ -41,20 +41,28 @@ def context_text(documents: tuple[str, ...], sources: tuple[str, ...] = (), conf
     return "\n\n".join([config.instruction, *rendered])
 
 
-def _messages(task: Task, image_part, with_documents: bool) -> list[dict[str, Any]]:
+def _messages(task: Task, image_part, with_documents: bool, layout: TextRagConfig | None) -> list[dict[str, Any]]:
     content = [image_part(task.images[p]) if isinstance(p, int) else {"type": "text", "text": p} for p in task.parts]
     messages: list[dict[str, Any]] = []
     if with_documents and task.documents:
-        messages.append({"role": "system", "content": context_text(task.documents, task.sources)})
+        messages.append({"role": "system", "content": context_text(task.documents, task.sources, layout)})
     messages.append({"role": "user", "content": content})
     return messages
 
 
 def openai_messages(task: Task, with_documents: bool = True) -> list[dict[str, Any]]:
     """What an ``openai`` client sends: images as PNG data URLs."""
-    return _messages(task, lambda px: {"type": "image_url", "image_url": {"url": png_data_url(px)}}, with_documents)
+    return _messages(
+        task, lambda px: {"type": "image_url", "image_url": {"url": png_data_url(px)}}, with_documents, None
+    )
 
 
-def template_messages(task: Task, with_documents: bool = True) -> list[dict[str, Any]]:
-    """What a chat template takes: ``{"type": "image"}`` parts, in the order of ``task.images``."""
-    return _messages(task, lambda px: {"type": "image"}, with_documents)
+def template_messages(
+    task: Task, with_documents: bool = True, layout: TextRagConfig | None = None
+) -> list[dict[str, Any]]:
+    """What a chat template takes: ``{"type": "image"}`` parts, in the order of ``task.images``.
+
+    ``layout``: how the documents are rendered (None: text RAG's default; an xRAG projector's card may name
+    a leaner one, see :func:`mmrag.serving.xrag.projector.ProjectorCard.layout`).
+    """
+    return _messages(task, lambda px: {"type": "image"}, with_documents, layout)

@@ -21,6 +21,7 @@ __all__ = [
     "KINDS",
     "EnglishDoc",
     "EnglishQuestion",
+    "attribute_questions",
     "contains_answer",
     "distractors",
     "invented_name",
@@ -326,6 +327,22 @@ def make_question(seed: int, split: Split, index: int) -> EnglishQuestion:
     question = rng.choice(spec.questions).format(**_names(_name_of(doc), doc.title), **doc.facts)
     answer = doc.facts[attribute]
     return EnglishQuestion(question, answer, doc, attribute, spec.aliases(answer))
+
+
+def attribute_questions(doc: EnglishDoc, seed: int) -> list[EnglishQuestion]:
+    """One question per attribute of ``doc`` (a phrasing drawn per attribute): follow-ups for training."""
+    rng = random.Random(f"{seed}:english-attributes:{doc.signature}")
+    spec = KINDS[doc.kind].attributes
+    return [
+        EnglishQuestion(
+            rng.choice(spec[a].questions).format(**_names(_name_of(doc), doc.title), **doc.facts),
+            answer,
+            doc,
+            a,
+            spec[a].aliases(answer),
+        )
+        for a, answer in doc.facts.items()
+    ]
 
 
 def questions(seed: int, split: Split, count: int) -> list[EnglishQuestion]:
