@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 from fastapi.testclient import TestClient
 
 from mmrag.serving.config import MmragConfig
@@ -17,6 +18,7 @@ from mmrag.serving.retrieval.lite_server import LiteServer
 from tests.fake_engine import FakeEngine
 
 
+@pytest.mark.slow  # two Lite server starts and a collection: 5 s here unloaded, 10 s on a busy machine
 def test_health_names_retrieval_while_the_lite_server_is_down(tmp_path, encoder, monkeypatch):
     from mmrag.serving.retrieval import retriever as retriever_module
     from mmrag.serving.retrieval.stage import RetrievalStage
