@@ -18,7 +18,7 @@ from mmrag.serving.retrieval.lite_server import LiteServer
 from tests.fake_engine import FakeEngine
 
 
-@pytest.mark.slow  # two Lite server starts and a collection: 5 s here unloaded, 10 s on a busy machine
+@pytest.mark.slow  # two Lite server starts, an encoder and a collection: 10 s measured on a busy machine
 def test_health_names_retrieval_while_the_lite_server_is_down(tmp_path, encoder, monkeypatch):
     from mmrag.serving.retrieval import retriever as retriever_module
     from mmrag.serving.retrieval.stage import RetrievalStage
