@@ -193,7 +193,9 @@ class ChatPipeline:
         if structured and structured.kind in ("json", "json_object"):
             deltas = escaped_json_deltas(deltas)
         if tools is not None and tools.mode == "auto" and self.tool_parsing is not None:
-            return self.tool_parsing.deltas(deltas, tools.prompt_tools or [], stream=prepared.request.stream)
+            request = prepared.request
+            parallel = request.parallel_tool_calls is not False
+            return self.tool_parsing.deltas(deltas, tools.prompt_tools or [], stream=request.stream, parallel=parallel)
         return deltas
 
     async def complete(

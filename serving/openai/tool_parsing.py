@@ -86,9 +86,16 @@ class ToolCallParsing:
         return dataclasses.replace(sampling, skip_special_tokens=request.skip_special_tokens, return_token_ids=True)
 
     async def deltas(
-        self, deltas: AsyncIterator[GenerationDelta], tools: list[dict[str, Any]], *, stream: bool
+        self,
+        deltas: AsyncIterator[GenerationDelta],
+        tools: list[dict[str, Any]],
+        *,
+        stream: bool,
+        parallel: bool = True,
     ) -> AsyncIterator[GenerationDelta]:
-        """The engine's deltas with each choice's answer read as text or calls."""
+        """The engine's deltas with each choice's answer read as text or calls; ``parallel`` False
+        (``parallel_tool_calls: false``) keeps each choice's first call only, as the model's format cannot be held
+        to one."""
         loaded = await self._loaded()
         request = _vllm_request(tools)
         choices: dict[int, _Choice] = {}
@@ -96,8 +103,12 @@ class ToolCallParsing:
             choice = choices.get(delta.index)
             if choice is None:
                 choice = choices[delta.index] = _Choice(loaded.parser_class(loaded.tokenizer, request.tools))
-            out = choice.feed(delta, request) if stream else choice.hold(delta, request)
-            for piece in out:
+            for piece in choice.feed(delta, request) if stream else choice.hold(delta, request):
+                if not parallel and piece.tool_calls:
+                    first = tuple(call for call in piece.tool_calls if call.index == 0)
+                    if not first and piece.finish_reason is None and piece.retrieval is None:
+                        continue
+                    piece = dataclasses.replace(piece, tool_calls=first)
                 yield piece
 
 

@@ -90,6 +90,22 @@ def test_text_before_two_calls(client):
     assert len({c.id for c in message.tool_calls}) == 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_keeps_the_first_call(http, stream):
+    second = '<tool_call> {"name": "get_time", "arguments": {}} </tool_call>'
+    body = chat(f"{CALL} {second}", tools=[WEATHER, TIME], parallel_tool_calls=False, stream=stream)
+    response = http.post("/v1/chat/completions", json=body)
+    if stream:
+        pieces = [
+            tc for c in sse_chunks(response) if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or ()
+        ]
+        names = [p["function"]["name"] for p in pieces if "name" in p["function"]]
+        assert names == ["get_weather"] and {p["index"] for p in pieces} == {0}
+    else:
+        calls = response.json()["choices"][0]["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["get_weather"]
+
+
 def test_streamed_call_arrives_as_openai_sends_it(http):
     chunks = sse_chunks(http.post("/v1/chat/completions", json=chat(CALL, tools=[WEATHER], stream=True)))
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
