@@ -141,6 +141,7 @@ class _Choice:
             for i, call in enumerate(info.tool_calls)
         )
         finish = "tool_calls" if delta.finish_reason == "stop" else delta.finish_reason
+        self.logprobs = []  # which tokens were the text's is the parser's secret: none, rather than all
         content = [self._text(delta, info.content, None)] if info.content else []
         return _retrieval_once([*content, _bare(delta, tool_calls=calls, finish_reason=finish)])
 
