@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
-from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, aim_overrides
+from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, QWEN_VL_ARCHITECTURE, aim_overrides
 from mmrag.serving.vllm_plugin.kv.plan import deployment_method_config
 
 if TYPE_CHECKING:
@@ -81,10 +81,11 @@ def aim_enabled(config: MmragConfig, model_path: str) -> bool:
     architectures = hf_config.get("architectures") or []
     tower = (hf_config.get("vision_config") or {}).get("model_type", "clip_vision_model")  # HF's LLaVA default
     supported = any(a in AIM_BASE_ARCHITECTURES for a in architectures) and tower in AIM_VISION_TOWERS
+    supported |= QWEN_VL_ARCHITECTURE in architectures  # its own tower and merger (vllm_plugin.qwen_vl)
     if not supported and config.compression.aim_keep_ratio < 1.0:
         raise ValueError(
             f"compression.aim_keep_ratio: AIM supports {list(AIM_BASE_ARCHITECTURES)} with "
-            f"{list(AIM_VISION_TOWERS)}, the checkpoint is {architectures} with {tower!r}"
+            f"{list(AIM_VISION_TOWERS)} and {QWEN_VL_ARCHITECTURE}, the checkpoint is {architectures} with {tower!r}"
         )
     return supported
 

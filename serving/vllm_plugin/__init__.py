@@ -11,6 +11,9 @@ Registered (pinned to vLLM 0.32):
 - ``AimLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.model.AimLlava`: LLaVA
   (CLIP/SigLIP towers) with AIM stage (a), the bipartite visual-token merge, at a keep ratio set per
   deployment (``hf_overrides["aim_keep_ratio"]``) and per request (``mm_processor_kwargs``).
+- ``AimQwen2_5_VLForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.qwen_vl.AimQwen2_5_VL`:
+  Qwen2.5-VL with the same merge per image and per video frame, its M-RoPE positions laid out by
+  ``hf_overrides["aim_positions"]`` (``contiguous`` or ``spread``).
 - ``XragLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragLlava`: the AIM model
   plus xRAG's ``retrieval`` modality (one ``<xrag>`` token per retrieved document, embedded as
   ``projector(vector)`` inside the model), configured by ``hf_overrides["xrag_projector"]`` (a projector
@@ -22,14 +25,16 @@ KV compaction (LOOK-M and the other KV methods) is not a model class but a sched
 
 from __future__ import annotations
 
-__all__ = ["AIM_ARCHITECTURE", "MODELS", "XRAG_ARCHITECTURE", "register"]
+__all__ = ["AIM_ARCHITECTURE", "AIM_QWEN_ARCHITECTURE", "MODELS", "XRAG_ARCHITECTURE", "register"]
 
 AIM_ARCHITECTURE = "AimLlavaForConditionalGeneration"
+AIM_QWEN_ARCHITECTURE = "AimQwen2_5_VLForConditionalGeneration"
 XRAG_ARCHITECTURE = "XragLlavaForConditionalGeneration"
 # Architecture name -> "module:Class", imported lazily by vLLM's model registry.
 MODELS = {
     AIM_ARCHITECTURE: "mmrag.serving.vllm_plugin.model:AimLlava",
     XRAG_ARCHITECTURE: "mmrag.serving.vllm_plugin.xrag:XragLlava",
+    AIM_QWEN_ARCHITECTURE: "mmrag.serving.vllm_plugin.qwen_vl:AimQwen2_5_VL",
 }
 
 

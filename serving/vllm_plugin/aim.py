@@ -29,17 +29,23 @@ from mmrag.kernels.token_merge import merge_tokens, spread_positions
 __all__ = [
     "DEFAULT_KEEP_RATIO",
     "KEEP_RATIO_KEY",
+    "QWEN_VL_ARCHITECTURE",
     "aim_kept_tokens",
     "aim_merge",
     "aim_overrides",
     "check_keep_ratio",
+    "merge_in_reading_order",
     "merge_schedule",
     "merge_to_count",
+    "mrope_image_positions",
+    "mrope_prompt_positions",
     "prompt_positions",
     "rope_overrides",
 ]
 
 DEFAULT_KEEP_RATIO = 1.0
+# The checkpoint architecture served by the plugin's Qwen2.5-VL class (the others are LLaVA).
+QWEN_VL_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 # The per-request ``mm_processor_kwargs`` key and the ``hf_config`` attribute (deployment default).
 KEEP_RATIO_KEY = "aim_keep_ratio"
 # Slack for ratios such as 0.3 whose product with T lands a rounding error above an integer.
@@ -87,6 +93,28 @@ def merge_to_count(features: torch.Tensor, kept: int) -> torch.Tensor:
     return features
 
 
+def merge_in_reading_order(features: torch.Tensor, kept: int) -> torch.Tensor:
+    """:func:`merge_to_count`, its output then sorted by the first input token (reading order) each stands for.
+
+    The bipartite merge returns the kept A tokens by similarity, then B; on a model whose positions say
+    where a token sits in the image (M-RoPE), the merged tokens take grid cells in reading order
+    (:func:`mrope_image_positions`), so they are put in that order first: token ``j`` is the one whose
+    earliest source comes ``j``-th. Each input lands in exactly one output, so the first sources differ and
+    the order is total. ``kept == T``: the input itself.
+    """
+    frames, num_tokens, _ = features.shape
+    source = torch.arange(num_tokens, device=features.device).expand(frames, -1)
+    for r in merge_schedule(num_tokens, kept):
+        result = merge_tokens(features, num_passes=1, r=r)
+        features, source = result.tokens, result.source_index.gather(1, source)
+    if kept == num_tokens:
+        return features
+    first = torch.full((frames, kept), num_tokens, dtype=torch.long, device=features.device)
+    first = first.scatter_reduce(1, source, torch.arange(num_tokens, device=features.device).expand(frames, -1), "amin")
+    order = first.argsort(dim=1)
+    return features.gather(1, order[..., None].expand_as(features))
+
+
 def aim_merge(features: torch.Tensor, ratio: float) -> torch.Tensor:
     """``(F, T, C)`` -> ``(F, aim_kept_tokens(T, ratio), C)``."""
     return merge_to_count(features, aim_kept_tokens(features.shape[1], ratio))
@@ -115,6 +143,70 @@ def prompt_positions(num_tokens: int, images: Sequence[tuple[int, int, int]]) ->
     return positions, shift
 
 
+def mrope_image_positions(
+    grid: tuple[int, int, int], kept: int, layout: str = "contiguous", t_factor: float = 1.0
+) -> tuple[torch.Tensor, int]:
+    """M-RoPE ``(3, t * kept)`` (temporal, height, width) positions of one merged image or video, from its
+    start, and its extent (the offset where the text after it starts).
+
+    ``grid`` is the image's ``(t, h, w)`` after the 2x2 patch merger; each frame's ``h * w`` tokens were merged
+    to ``kept`` (frames are never merged together: frame ``f`` keeps Qwen's temporal position
+    ``int(f * t_factor)``). The merged tokens come in reading order (:func:`merge_in_reading_order`).
+
+    - ``"spread"``: the merged tokens keep the image's grid, spread evenly over its cells in reading order
+      (token ``j`` at cell :func:`~mmrag.kernels.token_merge.spread_positions` ``(h * w, kept)[j]``); the
+      extent is the unmerged image's, so the text after keeps its positions.
+    - ``"contiguous"``: the merged tokens fill a smaller grid of the image's aspect ratio row by row, as Qwen
+      lays out a smaller image (``w' = ceil(w * sqrt(kept / (h * w)))`` columns), and the text after follows
+      that grid, so the prompt's positions shrink as AIM's contiguous layout shrinks them on LLaVA.
+
+    A pure function of the grid and the count (never of the merge), because vLLM lays a request's positions
+    out when it is added, before its images are encoded. ``kept == h * w``: Qwen's own positions, either way.
+    """
+    frames, height, width = grid
+    cells = height * width
+    if not 1 <= kept <= cells:
+        raise ValueError(f"cannot place {kept} tokens on a {height}x{width} grid")
+    if layout == "spread" or kept == cells:
+        index = torch.tensor(spread_positions(cells, kept))
+        rows, cols, used_h, used_w = index // width, index % width, height, width
+    elif layout == "contiguous":
+        used_w = min(width, math.ceil(width * math.sqrt(kept / cells) - _EPS))
+        used_h = math.ceil(kept / used_w)
+        index = torch.arange(kept)
+        rows, cols = index // used_w, index % used_w
+    else:
+        raise ValueError(f"layout must be 'contiguous' or 'spread', not {layout!r}")
+    times = (torch.arange(frames, dtype=torch.float64) * t_factor).long()
+    positions = torch.stack([times.repeat_interleave(kept), rows.repeat(frames), cols.repeat(frames)])
+    extent = max(int(times[-1]), used_h - 1, used_w - 1) + 1
+    return positions, extent
+
+
+def mrope_prompt_positions(
+    num_tokens: int, items: Sequence[tuple[int, tuple[int, int, int], int, float, str]]
+) -> tuple[torch.Tensor, int]:
+    """``(3, num_tokens)`` M-RoPE positions of a prompt with merged images, and the decode shift.
+
+    ``items``: ``(offset, (t, h, w), kept per frame, t_factor, layout)`` per image or video, its ``t * kept``
+    placeholders starting at ``offset``. Text takes one position per token on all three axes, continuing
+    from the extent of what came before (Qwen2.5-VL's rule); images :func:`mrope_image_positions`.
+    Returns vLLM's ``mrope_position_delta``: token ``i`` after the prompt sits at ``i + delta``.
+    """
+    chunks: list[torch.Tensor] = []
+    cursor = start = 0
+    for offset, grid, kept, t_factor, layout in sorted(items):
+        chunks.append(torch.arange(start, offset).expand(3, -1) - start + cursor)
+        cursor += offset - start
+        image, extent = mrope_image_positions(grid, kept, layout, t_factor)
+        chunks.append(image + cursor)
+        cursor += extent
+        start = offset + grid[0] * kept
+    chunks.append(torch.arange(start, num_tokens).expand(3, -1) - start + cursor)
+    cursor += num_tokens - start
+    return torch.cat(chunks, dim=1).to(torch.int64), cursor - num_tokens
+
+
 def rope_overrides(text_config: dict[str, Any]) -> dict[str, Any]:
     """``hf_overrides`` that move a Llama text model onto vLLM's multimodal RoPE, with one section per axis.
 
@@ -135,13 +227,17 @@ def rope_overrides(text_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def aim_overrides(model_path: str | Path, keep_ratio: float, positions: str = "contiguous") -> dict[str, Any]:
-    """``hf_overrides`` serving a LLaVA checkpoint as the plugin's AIM model: the class, the deployment's
-    keep ratio, and for ``positions="spread"`` the M-RoPE section (:func:`rope_overrides`). Every vLLM
-    process sees them: the frontend's processor and the workers' model."""
-    from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE
+    """``hf_overrides`` serving a checkpoint as the plugin's AIM model: the class, the deployment's keep ratio,
+    and the positions: for LLaVA with ``positions="spread"`` the M-RoPE section (:func:`rope_overrides`), for
+    Qwen2.5-VL the layout by name. Every vLLM process sees them: the frontend's processor and the workers'
+    model."""
+    from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE, AIM_QWEN_ARCHITECTURE
 
+    hf_config = json.loads((Path(model_path) / "config.json").read_text())
+    if QWEN_VL_ARCHITECTURE in (hf_config.get("architectures") or []):
+        # M-RoPE natively: the layout is the model's own setting (AimQwen2_5_VL.get_mrope_input_positions).
+        return {"architectures": [AIM_QWEN_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio, "aim_positions": positions}
     overrides: dict[str, Any] = {"architectures": [AIM_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio}
     if positions == "spread":
-        text_config = json.loads((Path(model_path) / "config.json").read_text()).get("text_config") or {}
-        overrides.update(rope_overrides(text_config))
+        overrides.update(rope_overrides(hf_config.get("text_config") or {}))
     return overrides

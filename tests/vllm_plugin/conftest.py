@@ -1,4 +1,4 @@
-"""The tiny LLaVA and seeded 56x56 noise images, shared by the plugin tests."""
+"""The tiny LLaVA, the tiny Qwen2.5-VL and seeded noise images, shared by the plugin tests."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def tiny_llava_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mmrag.serving.models.tiny import make_tiny_llava
 
     return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+def noise_picture(seed: int, height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmrag.serving.models.tiny_qwen_vl import make_tiny_qwen_vl
+
+    return make_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))

@@ -1,0 +1,272 @@
+"""Qwen2.5-VL through the plugin (``AimQwen2_5_VL`` + the KV worker), on the tiny random Qwen2.5-VL, fp32.
+
+- stock vLLM serves the checkpoint natively and answers an image chat;
+- at keep ratio 1 the plugin's prompts, greedy tokens and log-probabilities equal stock vLLM's, bit for bit;
+- AIM (ratios 1/2 and 1/4, per request) shrinks each image to ``ceil(T x ratio)`` placeholders and decodes as
+  the reference (transformers' Qwen2.5-VL with the same merge and positions, derived with its own
+  ``get_rope_index``), for both position layouts, which decode differently from each other;
+- LOOK-M (per request) keeps the planned count, frees the tail blocks, and decodes as the reference over
+  the kept entries; text-only prompts keep their cache.
+
+One stock engine (started, used and shut down first) and one plugin engine, whose core runs in this process
+so that the tests can read its scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from mmrag.kernels.methods.lookm import LookM
+from tests.vllm_plugin.conftest import noise_picture
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+BLOCK_SIZE = 32  # the CPU attention backend takes multiples of 32
+LOOKM = LookM(image_budget=0.25, score_from="chunked")
+# (text, image sizes): 112x112 is a 4x4 grid of 16 visual tokens, 112x168 4x6 (24), 56x56 2x2 (4).
+PROMPTS = [
+    ("Describe the picture.", [(112, 112)]),
+    ("Which of the two is brighter?", [(112, 112), (112, 168)]),
+    ("and this one, small", [(56, 56), (168, 112)]),
+    ("three of them: list them", [(112, 168), (56, 112), (112, 112)]),
+]
+TEXT_ONLY = "no image here, just text"
+# fp32 on both sides; measured max |difference| of the chosen tokens' log-probabilities vs the reference:
+# see test_aim_decodes_as_the_reference and test_lookm_decodes_as_the_reference (printed).
+LOGPROB_ATOL = 1e-4
+
+
+def _messages(text: str, sizes: list[tuple[int, int]], seed: int) -> list[dict]:
+    parts = [{"type": "image"} for _ in sizes]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def _images(sizes: list[tuple[int, int]], seed: int):
+    return [noise_picture(seed + i, h, w) for i, (h, w) in enumerate(sizes)]
+
+
+def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    prompts = []
+    for i, (text, sizes) in enumerate(PROMPTS):
+        prompt = {
+            "prompt": processor.apply_chat_template(_messages(text, sizes, i), add_generation_prompt=True),
+            "multi_modal_data": {"image": _images(sizes, 10 * i)},
+        }
+        if mm_kwargs:
+            prompt["mm_processor_kwargs"] = mm_kwargs
+        prompts.append(prompt)
+    return prompts
+
+
+def _params(extra_args: dict | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0, extra_args=extra_args)
+
+
+def _chosen_logprobs(choice) -> torch.Tensor:
+    return torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+
+
+def _engine_kwargs(path, **compression) -> dict:
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.engine.args import engine_kwargs
+
+    config = MmragConfig.model_validate(
+        {
+            "engine": {
+                "max_model_len": 1024,
+                "dtype": "float32",
+                "engine_kwargs": {"block_size": BLOCK_SIZE, "limit_mm_per_prompt": {"image": 4, "video": 0}},
+            },
+            "compression": compression,
+        }
+    )
+    return engine_kwargs(config, str(path))
+
+
+def _in_process(cls, **kwargs):
+    """An engine whose core runs in this process (as the plugin's, whose scheduler the tests read): both
+    engines then run their kernels on the same threads."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        return cls(**kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
+@pytest.fixture(scope="module")
+def stock_outputs(tiny_qwen_vl_path):
+    """Stock vLLM (its own Qwen2.5-VL class) on PROMPTS and an image chat; shut down before the plugin starts."""
+    from vllm import LLM
+
+    # The plugin engine's arguments without the plugin (its class, scheduler, worker): the same batching, so
+    # that the same kernels run on the same shapes.
+    kwargs = _engine_kwargs(tiny_qwen_vl_path, lookm={"enabled": True})
+    for name in ("hf_overrides", "scheduler_cls", "worker_cls", "additional_config"):
+        kwargs.pop(name)
+    llm = _in_process(LLM, **kwargs)
+    try:
+        outputs = llm.generate(_prompts(tiny_qwen_vl_path), _params(), use_tqdm=False)
+        image = noise_picture(99, 112, 112)
+        chat = [
+            {"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "hi"}]}
+        ]
+        (answer,) = llm.chat(chat, _params(), use_tqdm=False)
+        architecture = llm.llm_engine.model_config.architectures
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return outputs, answer, architecture
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen_vl_path, stock_outputs):
+    """The plugin: AIM at deployment ratio 1, the KV worker with no default method (requests choose)."""
+    from vllm import LLM
+
+    kwargs = _engine_kwargs(tiny_qwen_vl_path, lookm={"enabled": True, "image_budget": 0.25})
+    kwargs["additional_config"] = {}  # no deployment method: each test's requests name theirs
+    llm = _in_process(LLM, **kwargs)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen_vl_path):
+    """``reference(index, **settings)``: the reference's greedy decoding of ``PROMPTS[index]``."""
+    from transformers import AutoProcessor
+
+    from mmrag.kernels.reference.qwen_vl import QwenReference
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen_vl_path)
+    model = QwenReference.from_pretrained(tiny_qwen_vl_path).model
+
+    def run(index: int, **settings):
+        text, sizes = PROMPTS[index]
+        prompt = processor.apply_chat_template(_messages(text, sizes, index), add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=_images(sizes, 10 * index), return_tensors="pt")
+        engine = QwenReference(model, **settings)
+        return engine.generate(inputs["input_ids"][0], inputs["pixel_values"], inputs["image_grid_thw"], STEPS)
+
+    return run
+
+
+def test_stock_vllm_serves_the_checkpoint_natively(stock_outputs) -> None:
+    _, answer, architecture = stock_outputs
+    assert architecture == ["Qwen2_5_VLForConditionalGeneration"]
+    assert len(answer.outputs[0].token_ids) == STEPS
+    assert answer.prompt_token_ids.count(5) == 16  # <|image_pad|> x 16: a 112x112 image after the 2x2 merger
+
+
+def test_plugin_at_ratio_one_is_stock_vllm(engine, stock_outputs, tiny_qwen_vl_path) -> None:
+    from mmrag.serving.vllm_plugin.qwen_vl import AimQwen2_5_VL
+
+    assert engine.llm_engine.model_config.architectures == ["AimQwen2_5_VLForConditionalGeneration"]
+    assert engine.apply_model(type) == [AimQwen2_5_VL]
+    stock, _, _ = stock_outputs
+    for mm_kwargs in (None, {"aim_keep_ratio": 1.0, "aim_positions": "spread"}):
+        got = engine.generate(_prompts(tiny_qwen_vl_path, mm_kwargs), _params(), use_tqdm=False)
+        for want, have in zip(stock, got, strict=True):
+            assert have.prompt_token_ids == want.prompt_token_ids
+            assert have.outputs[0].token_ids == want.outputs[0].token_ids
+            diff = (_chosen_logprobs(have.outputs[0]) - _chosen_logprobs(want.outputs[0])).abs().max()
+            assert diff == 0, f"log-probabilities differ by {diff:.3g}"
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_prompt_shrinks_to_ceil_of_each_image(engine, stock_outputs, tiny_qwen_vl_path, ratio: float) -> None:
+    stock, _, _ = stock_outputs
+    got = engine.generate(_prompts(tiny_qwen_vl_path, {"aim_keep_ratio": ratio}), _params(), use_tqdm=False)
+    for (_, sizes), want, have in zip(PROMPTS, stock, got, strict=True):
+        tokens = [(h // 28) * (w // 28) for h, w in sizes]
+        assert want.prompt_token_ids.count(5) == sum(tokens)
+        assert have.prompt_token_ids.count(5) == sum(math.ceil(t * ratio) for t in tokens)
+        assert len(have.prompt_token_ids) == len(want.prompt_token_ids) - sum(t - math.ceil(t * ratio) for t in tokens)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "spread"])
+def test_aim_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path, layout: str) -> None:
+    """Ratios 1/2 and 1/4 (one and two halving passes), every prompt: same tokens, log-probabilities within
+    fp32 noise. The other layout's reference decodes otherwise on most prompts: the positions are seen."""
+    other = "spread" if layout == "contiguous" else "contiguous"
+    same, differs, diff = 0, 0, 0.0
+    for ratio, passes in ((0.5, 1), (0.25, 2)):
+        mm_kwargs = {"aim_keep_ratio": ratio, "aim_positions": layout}
+        outs = engine.generate(_prompts(tiny_qwen_vl_path, mm_kwargs), _params(), use_tqdm=False)
+        for index, out in enumerate(outs):
+            expected = reference(index, merge_passes=passes, layout=layout)
+            assert len(out.prompt_token_ids) == expected.prompt_len
+            if list(out.outputs[0].token_ids) == expected.token_ids:
+                same += 1
+                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
+            alternative = reference(index, merge_passes=passes, layout=other)
+            differs += alternative.token_ids != expected.token_ids
+    print(f"{layout}: same tokens {same} of {2 * len(PROMPTS)}; max |dlogprob| {diff:.3g}; {other} differs {differs}")
+    assert same >= 2 * len(PROMPTS) - 1 and diff < LOGPROB_ATOL
+    assert differs >= len(PROMPTS)
+
+
+def _scheduler(engine):
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_lookm_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path) -> None:
+    """Per request (``extra_args``), at ratio 1 and after AIM 1/2: the reference runs the same method over its
+    own cache; the kept count is the plan's, and the uncompacted reference decodes otherwise."""
+    from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
+
+    same, differs, diff, total = 0, 0, 0.0, 0
+    for ratio, passes in ((1.0, 0), (0.5, 1)):
+        prompts = _prompts(tiny_qwen_vl_path, {"aim_keep_ratio": ratio})
+        outs = engine.generate(prompts, _params(request_extra_args(LOOKM)), use_tqdm=False)
+        for index, out in enumerate(outs):
+            total += 1
+            expected = reference(index, merge_passes=passes, kv=LOOKM)
+            images = out.prompt_token_ids.count(5)
+            assert expected.kept == expected.prompt_len - images + math.ceil(images * LOOKM.image_budget)
+            if list(out.outputs[0].token_ids) == expected.token_ids:
+                same += 1
+                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
+            full = reference(index, merge_passes=passes)
+            differs += full.token_ids != expected.token_ids
+    print(f"LOOK-M: same tokens {same} of {total}; max |dlogprob| {diff:.3g}; uncompacted differs {differs}")
+    assert same >= total - 1 and diff < LOGPROB_ATOL
+    assert differs > 0
+
+
+def test_lookm_frees_the_tail_blocks(engine, tiny_qwen_vl_path) -> None:
+    """One request: the prefill step keeps ``ceil(kept / block)`` blocks; a text-only prompt keeps all."""
+    from vllm import SamplingParams
+
+    from mmrag.serving.vllm_plugin.kv.plan import image_mask, image_spans, request_extra_args
+
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    prompt = _prompts(tiny_qwen_vl_path)[3]
+    text = {"prompt": f"<|im_start|>user\n{TEXT_ONLY * 4}<|im_end|>\n<|im_start|>assistant\n"}
+    for name, request, compacted in (("image", prompt, True), ("text", text, False)):
+        before = pool.get_num_free_blocks()
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, extra_args=request_extra_args(LOOKM))
+        engine.llm_engine.add_request(name, request, params)
+        engine.llm_engine.step()
+        (state,) = _scheduler(engine).requests.values()
+        length = state.num_prompt_tokens
+        kept = LOOKM.kept_count(image_mask(length, image_spans(state.mm_features))) if compacted else length
+        assert before - pool.get_num_free_blocks() == math.ceil(kept / BLOCK_SIZE)
+        if compacted:
+            assert kept < length and math.ceil(kept / BLOCK_SIZE) < math.ceil(length / BLOCK_SIZE)
+        while engine.llm_engine.has_unfinished_requests():
+            engine.llm_engine.step()
+        assert pool.get_num_free_blocks() == before
