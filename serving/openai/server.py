@@ -49,7 +49,6 @@ from mmrag.serving.retrieval.lite_server import check_lite_server
 logger = logging.getLogger(__name__)
 
 
-
 class RequestTimeoutError(OpenAIError):
     status_code = 408
     error_type = "invalid_request_error"
