@@ -10,13 +10,10 @@ jobs and tests.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmrag.serving.config import CompressionConfig, LimitsConfig, MmragConfig
@@ -36,6 +33,7 @@ from mmrag.serving.errors import (
     ServiceUnavailableError,
 )
 from mmrag.serving.media import ImagePolicy, decode_image_bytes, load_images
+from mmrag.serving.models.registry import model_reads_images
 from mmrag.serving.offload import Offload
 from mmrag.serving.openai import chat
 from mmrag.serving.openai.completions_protocol import CompletionRequest
@@ -331,22 +329,6 @@ def _caption_name(name: str) -> str:
     ``<|im_start|>``, ``[INST]``), which the engine refuses in message text, and not long."""
     cleaned = re.sub(r"[<>\[\]|{}]", "", name).strip()
     return cleaned[:100] or "image"
-
-
-@functools.lru_cache(maxsize=8)
-def model_reads_images(name: str, path: str | None) -> bool:
-    """Whether the served model takes images: the registry says for a registered model; a checkpoint
-    directory's ``config.json`` does when it has a vision tower (``vision_config``: LLaVA and the like). A
-    directory this process cannot read is taken to (the engine refuses the images if it does not)."""
-    if path is None:
-        from mmrag.serving.models.registry import MODELS
-
-        return MODELS[name].multimodal
-    try:
-        checkpoint = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return True
-    return isinstance(checkpoint, dict) and "vision_config" in checkpoint
 
 
 def parse_chat_body(body: bytes, limits: LimitsConfig | None = None) -> ChatCompletionRequest:

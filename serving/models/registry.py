@@ -16,6 +16,7 @@ never reuses a stale copy. Nothing needs the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -153,3 +154,17 @@ def model_path(model) -> str:
             raise FileNotFoundError(f"model.path {str(path)!r} is not a checkpoint directory (no config.json)")
         return str(path)
     return str(prepare(model.name, model.tiny_seed))
+
+
+@functools.lru_cache(maxsize=8)
+def model_reads_images(name: str, path: str | None) -> bool:
+    """Whether the served model takes images: the registry says for a registered model; a checkpoint
+    directory's ``config.json`` does when it has a vision tower (``vision_config``: LLaVA and the like). A
+    directory this process cannot read is taken to (the engine refuses the images if it does not)."""
+    if path is None:
+        return MODELS[name].multimodal
+    try:
+        checkpoint = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return isinstance(checkpoint, dict) and "vision_config" in checkpoint

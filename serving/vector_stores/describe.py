@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest, SamplingOptions
+from mmrag.serving.models.registry import model_reads_images
 from mmrag.serving.vector_stores.config import ImageDescriptionsConfig
 
 logger = logging.getLogger(__name__)
@@ -133,8 +134,6 @@ def describer_for(config: Any, generate: Generate | None) -> ImageDescriber | No
     if generate is None:
         logger.info("image files are indexed without the model's description: no model runs in this process")
         return None
-    from mmrag.serving.pipeline import model_reads_images
-
     if not model_reads_images(config.model.name, config.model.path):
         logger.info(
             "image files are indexed without the model's description: the served model (%s) reads text only",

@@ -256,7 +256,7 @@ def test_file_search_lists_and_cites_a_retrieved_image(serve):
 
 
 def test_which_models_read_images(tmp_path):
-    from mmrag.serving.pipeline import model_reads_images
+    from mmrag.serving.models.registry import model_reads_images
 
     assert model_reads_images("smol", None) and not model_reads_images("smol-lm", None)  # the registry says
     llava, text = tmp_path / "llava", tmp_path / "text"
