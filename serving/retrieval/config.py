@@ -190,6 +190,13 @@ class RetrievalConfig(_Strict):
         "the encoder reads only its first few hundred tokens anyway, and BM25 and the encoder stay fast.",
     )
     max_top_k: int = Field(default=50, gt=0, le=16384, description="Largest `top_k` a request may ask.")
+    full_text: bool = Field(
+        default=True,
+        description="Collections that mmrag creates get a BM25 full-text index (an analyzed `text` field, a "
+        "`sparse` field filled by a Milvus BM25 function), which `hybrid` search needs. false: a dense-only "
+        "layout for a Milvus without BM25 functions and sparse vectors (2.3, 2.4). Applies when a collection is "
+        "created; each records its layout, and a hybrid search on a dense-only one is a 400 on retrieval.hybrid.",
+    )
     hybrid: bool = Field(default=False, description="Default of `hybrid`: dense + BM25 full-text fused with RRF.")
     rrf_k: int = Field(default=60, gt=0, description="RRF constant: score = sum 1 / (rrf_k + rank).")
     index: IndexConfig = Field(default_factory=IndexConfig)
@@ -222,6 +229,12 @@ class RetrievalConfig(_Strict):
     def _top_k_within_cap(self) -> RetrievalConfig:
         if self.top_k > self.max_top_k:
             raise ValueError("top_k must be <= max_top_k")
+        return self
+
+    @model_validator(mode="after")
+    def _hybrid_needs_full_text(self) -> RetrievalConfig:
+        if self.hybrid and not self.full_text:
+            raise ValueError("hybrid: true needs full_text: true (hybrid search fuses dense and BM25 full-text hits)")
         return self
 
     def resolved_uri(self) -> str:

@@ -7,11 +7,12 @@ field           type                      what
 =============== ========================= ==========================================================
 id              VARCHAR(64), primary      content hash of (source, text, metadata): re-ingesting the
                                           same content writes nothing new
-text            VARCHAR, analyzer on      the chunk; input of the BM25 function
+text            VARCHAR, analyzer on      the chunk; input of the BM25 function (no analyzer when dense-only)
 source          VARCHAR                   the file (relative path); filters and delete-by-source use it
 metadata        JSON                      ``chunk_index`` + user metadata; ``metadata["k"] == v``
 dense           FLOAT_VECTOR(dim)         the encoder's vector, index per ``retrieval.index``
-sparse          SPARSE_FLOAT_VECTOR       BM25 of ``text``, computed by Milvus (function output)
+sparse          SPARSE_FLOAT_VECTOR       BM25 of ``text``, computed by Milvus (function output); only
+                                          with ``retrieval.full_text`` (the default)
 xrag_vector     FLOAT_VECTOR(xdim), opt.  xRAG's retrieval-space vector; only with ``xrag_encoder``
 =============== ========================= ==========================================================
 
@@ -21,6 +22,14 @@ and reads nulls back as zero vectors, so "always there, mostly null" is not an o
 
 The encoder that filled a collection is recorded in its properties (``mmrag.encoder``,
 ``mmrag.encoder_dim``, and the same for xRAG); :meth:`MilvusStore.check_encoder` refuses any other.
+
+Dense-only layout (``retrieval.full_text: false``, for Milvus 2.3 and 2.4, which have no BM25 function): no
+analyzer, no ``sparse`` field, ``mmrag.full_text: "false"`` in the properties, and a hybrid search on such a
+collection is a 400 on ``retrieval.hybrid``. Milvus 2.3 also has a single vector field per collection, so no
+``xrag_encoder`` there. Before 2.3.10, Milvus's upsert hashed the wrong field into a partition key
+(milvus-io/milvus#30607: the rows land in other partitions than a filter on the key searches, so a
+store-scoped search finds almost nothing); on such a server the vector stores' collection is created with
+``vector_store_id`` as a plain scalar field (filtered, not pruned; ``mmrag.partition_key: "false"``).
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +53,7 @@ from mmrag.serving.retrieval.errors import (
     CollectionNotFoundError,
     EncoderMismatchError,
     InvalidFilterError,
+    RetrievalRequestError,
     RetrievalTimeoutError,
     RetrievalUnavailableError,
     StoreUnreachableError,
@@ -56,6 +68,13 @@ _SPARSE_INDEX = {"index_type": "SPARSE_INVERTED_INDEX", "metric_type": "BM25"}
 # Milvus answers a bad expression with IllegalArgument (6, Lite) or ParameterInvalid (1100, server).
 _ARGUMENT_ERROR_CODES = {6, 1100}
 _NOT_FOUND_CODES = {4, 100}
+# Milvus server versions ("v2.3.5", "v2.5.4-..."); Milvus Lite says "milvus_lite-3.2.2" and never matches.
+# A Milvus server reads with bounded staleness by default (a write shows within `common.gracefulTime`, 5 s;
+# a deleted file is found for a second more): for this long after this connection wrote to a collection, its
+# reads ask for Strong consistency, so a client sees its own upload, update or delete at once. Milvus Lite
+# reads its writes anyway and is left as it was.
+_READ_YOUR_WRITES_S = 10.0
+_SERVER_VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
 
 
 @dataclass
@@ -93,10 +112,13 @@ class MilvusStore:
         self.config = config
         self.uri = config.resolved_uri()
         self._loaded: set[str] = set()
+        self._full_text: dict[str, bool] = {}  # collection -> whether it has the BM25 field (its properties)
+        self._written: dict[str, float] = {}  # collection -> monotonic time of this connection's last write
         self._lite_path = config.lite_path()
         self.lite_server = _lite_server_uri(config)  # the Lite path served by a Milvus Lite server process
         if self.lite_server is not None:
             self.uri, self._lite_path = self.lite_server, None
+        self._server = self._lite_path is None and self.lite_server is None  # a Milvus server, not Lite
         if self._lite_path is not None:
             self._lite_path.parent.mkdir(parents=True, exist_ok=True)
             _lite_acquire(self._lite_path)
@@ -154,40 +176,50 @@ class MilvusStore:
         ``vector_store_id`` (the partition key, hashed into that many partitions) and ``file_id``."""
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
+        full_text = self.config.full_text
+        partition_key = vector_store_partitions is not None and not self._upsert_misroutes_partition_key()
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
         if vector_store_partitions is not None:
-            schema.add_field("vector_store_id", DataType.VARCHAR, max_length=64, is_partition_key=True)
+            schema.add_field("vector_store_id", DataType.VARCHAR, max_length=64, is_partition_key=partition_key)
             schema.add_field("file_id", DataType.VARCHAR, max_length=64)
-        schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True)
+        schema.add_field("text", DataType.VARCHAR, max_length=65535, **({"enable_analyzer": True} if full_text else {}))
         schema.add_field("source", DataType.VARCHAR, max_length=4096)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=encoder.dim)
-        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-        schema.add_function(
-            Function(
-                name="text_bm25",
-                function_type=FunctionType.BM25,
-                input_field_names=["text"],
-                output_field_names=["sparse"],
-            )
-        )
         index = self.config.index
         params = self.client.prepare_index_params()
         params.add_index("dense", index_type=index.type, metric_type=index.metric, params=index.build_params())
-        params.add_index("sparse", **_SPARSE_INDEX)
+        if full_text:
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                Function(
+                    name="text_bm25",
+                    function_type=FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=["sparse"],
+                )
+            )
+            params.add_index("sparse", **_SPARSE_INDEX)
         properties = {
             "mmrag.schema_version": SCHEMA_VERSION,
             "mmrag.encoder": encoder.name,
             "mmrag.encoder_dim": str(encoder.dim),
         }
+        if not full_text:  # absent means full text: every collection made before this option had it
+            properties["mmrag.full_text"] = "false"
+        if vector_store_partitions is not None and not partition_key:
+            properties["mmrag.partition_key"] = "false"
         if xrag_encoder is not None:
             schema.add_field("xrag_vector", DataType.FLOAT_VECTOR, dim=xrag_encoder.dim)
             # xRAG's projector was trained on raw inner products (research/xrag_milvus.md): exact IP.
             params.add_index("xrag_vector", index_type="FLAT", metric_type="IP")
             properties |= {"mmrag.xrag_encoder": xrag_encoder.name, "mmrag.xrag_dim": str(xrag_encoder.dim)}
-        partitions = {} if vector_store_partitions is None else {"num_partitions": vector_store_partitions}
-        with self._translate("create collection", collection=name):
+        partitions = {"num_partitions": vector_store_partitions} if partition_key else {}
+        with (
+            self._translate("create collection", collection=name),
+            self._explain_layout(name, xrag_encoder is not None),
+        ):
             self.client.create_collection(
                 name,
                 schema=schema,
@@ -197,6 +229,57 @@ class MilvusStore:
                 description=f"mmrag chunks embedded by {encoder.name} ({encoder.dim}-d)",
                 timeout=self.config.write_timeout_s,
             )
+        self._full_text[name] = full_text
+
+    def server_version(self) -> str | None:
+        """What the server says it runs ("v2.3.5-lite", "milvus_lite-3.2.2"); None if it cannot say."""
+        try:
+            return str(self.client.get_server_version(timeout=self.config.connect_timeout_s))
+        except Exception:  # an old or unusual server: the version only refines messages and one workaround
+            return None
+
+    def _upsert_misroutes_partition_key(self) -> bool:
+        """Milvus before 2.3.10 (milvus-io/milvus#30607) hashes the wrong field into the partition key on upsert."""
+        version = self.server_version()
+        match = _SERVER_VERSION.match(version or "")
+        if match is None:
+            return False
+        misroutes = tuple(int(x) for x in match.groups()) < (2, 3, 10)
+        if misroutes:
+            logging.getLogger(__name__).warning(
+                "Milvus %s misroutes upserts by partition key (milvus-io/milvus#30607, fixed in 2.3.10): the vector "
+                "stores' collection keeps vector_store_id as a plain filtered field",
+                version,
+            )
+        return misroutes
+
+    @contextmanager
+    def _explain_layout(self, name: str, xrag: bool) -> Iterator[None]:
+        """A server that cannot build the layout (Milvus 2.3/2.4: no BM25 function, sparse vectors or second
+        vector field) refuses it with a message about field types; say which setting makes one it can build.
+        Milvus 2.3 creates the collection and then refuses its sparse index: the half-made one is dropped, or
+        the next start would take it for a finished one."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            yield
+        except MilvusException as exc:
+            if not (self.config.full_text or xrag) or "support" not in str(exc.message).lower():
+                raise
+            try:
+                self.client.drop_collection(name, timeout=self.config.write_timeout_s)
+            except MilvusException:
+                logging.getLogger(__name__).warning("could not drop the half-created collection %r", name)
+            hints = (
+                ["retrieval.full_text: false (a dense-only layout, no hybrid search)"] if self.config.full_text else []
+            )
+            hints += ["no retrieval.xrag_encoder (one vector field)"] if xrag else []
+            version = self.server_version() or "of unknown version"
+            raise RetrievalUnavailableError(
+                f"Milvus {version} cannot create mmrag's collection layout ({exc.message}); this Milvus needs "
+                + " and ".join(hints)
+                + "; BM25 full text needs Milvus 2.5 or Milvus Lite"
+            ) from exc
 
     def check_encoder(self, name: str, encoder: Encoder, xrag_encoder: Encoder | None = None) -> None:
         """Refuse a collection that another encoder filled (or that mmrag did not create)."""
@@ -226,11 +309,14 @@ class MilvusStore:
                 raise CollectionNotFoundError(f"collection {name!r} does not exist")
             self.client.drop_collection(name, timeout=self.config.write_timeout_s)
         self._loaded.discard(name)
+        self._full_text.pop(name, None)
 
     def count(self, name: str) -> int:
         with self._translate("count", collection=name):
             self._ensure_loaded(name)
-            rows = self.client.query(name, filter="", output_fields=["count(*)"], timeout=self.config.write_timeout_s)
+            rows = self.client.query(
+                name, filter="", output_fields=["count(*)"], timeout=self.config.write_timeout_s, **self._fresh(name)
+            )
         return int(rows[0]["count(*)"])
 
     def source_counts(self, name: str, batch_size: int = 1000) -> Counter[str]:
@@ -253,12 +339,15 @@ class MilvusStore:
             return set()
         with self._translate("get", collection=name):
             self._ensure_loaded(name)
-            rows = self.client.get(name, ids=list(ids), output_fields=["id"], timeout=self.config.write_timeout_s)
+            rows = self.client.get(
+                name, ids=list(ids), output_fields=["id"], timeout=self.config.write_timeout_s, **self._fresh(name)
+            )
         return {row["id"] for row in rows}
 
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> int:
         with self._translate("upsert", collection=name):
             result = self.client.upsert(name, rows, timeout=self.config.write_timeout_s)
+        self._wrote(name)
         return int(result["upsert_count"])
 
     def flush(self, name: str) -> None:
@@ -271,12 +360,14 @@ class MilvusStore:
             result = self.client.delete(
                 name, filter=f"source == {quote_string(source)}", timeout=self.config.write_timeout_s
             )
+        self._wrote(name)
         return int(result["delete_count"]) if isinstance(result, dict) else len(result)
 
     def delete_where(self, name: str, filter: str) -> int:
         """Delete every row matching a server-built expression (a vector store's file, or a whole store)."""
         with self._translate("delete", collection=name):
             result = self.client.delete(name, filter=filter, timeout=self.config.write_timeout_s)
+        self._wrote(name)
         return int(result["delete_count"]) if isinstance(result, dict) else len(result)
 
     def get_rows(self, name: str, ids: Sequence[str], fields: list[str]) -> list[dict[str, Any]]:
@@ -285,13 +376,19 @@ class MilvusStore:
             return []
         with self._translate("get", collection=name):
             self._ensure_loaded(name)
-            return self.client.get(name, ids=list(ids), output_fields=fields, timeout=self.config.write_timeout_s)
+            return self.client.get(
+                name, ids=list(ids), output_fields=fields, timeout=self.config.write_timeout_s, **self._fresh(name)
+            )
 
     def count_where(self, name: str, filter: str) -> int:
         with self._translate("count", collection=name):
             self._ensure_loaded(name)
             rows = self.client.query(
-                name, filter=filter, output_fields=["count(*)"], timeout=self.config.write_timeout_s
+                name,
+                filter=filter,
+                output_fields=["count(*)"],
+                timeout=self.config.write_timeout_s,
+                **self._fresh(name),
             )
         return int(rows[0]["count(*)"])
 
@@ -318,6 +415,7 @@ class MilvusStore:
         with self._translate("search", collection=name, filter=filter):
             self._ensure_loaded(name)
             if hybrid:
+                self._require_full_text(name)
                 requests = [
                     AnnSearchRequest([list(vector)], "dense", dense_params, top_k, expr=filter or None),
                     AnnSearchRequest([query_text], "sparse", {}, top_k, expr=filter or None),
@@ -329,6 +427,7 @@ class MilvusStore:
                     limit=top_k,
                     output_fields=output,
                     timeout=timeout,
+                    **self._fresh(name),
                 )
             else:
                 result = self.client.search(
@@ -340,8 +439,30 @@ class MilvusStore:
                     search_params=dense_params,
                     output_fields=output,
                     timeout=timeout,
+                    **self._fresh(name),
                 )
         return [_hit(raw) for raw in result[0]]
+
+    def _wrote(self, name: str) -> None:
+        if self._server:
+            self._written[name] = time.monotonic()
+
+    def _fresh(self, name: str) -> dict[str, str]:
+        """The consistency a read of ``name`` needs to see this connection's recent writes (see above)."""
+        written = self._written.get(name)
+        if written is None or time.monotonic() - written > _READ_YOUR_WRITES_S:
+            return {}
+        return {"consistency_level": "Strong"}
+
+    def _require_full_text(self, name: str) -> None:
+        if name not in self._full_text:
+            self._full_text[name] = self.properties(name).get("mmrag.full_text", "true") != "false"
+        if not self._full_text[name]:
+            raise RetrievalRequestError(
+                f"hybrid search needs BM25 full text, and collection {name!r} has a dense-only layout "
+                "(created with retrieval.full_text: false); search without hybrid",
+                field="retrieval.hybrid",
+            )
 
     def _ensure_loaded(self, name: str) -> None:
         """Load a collection into memory once per connection (a reopened Lite file starts released)."""
