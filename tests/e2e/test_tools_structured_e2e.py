@@ -1,9 +1,9 @@
 """Structured outputs and tool calls against the real servers of the session (no new server): the default
 `smol` (SmolLM2-135M-Instruct, text retrieval on by default, so every chat here also has documents in its
 prompt) through the `openai` SDK, LangChain and LlamaIndex; the tiny random model for a forced call that must be
-valid whatever the model says. The default server names no tool-call parser, so `tool_choice: auto` is its 400
-here; auto with vLLM's hermes parser is tests/server/test_tool_choice_auto.py (a fake engine, the real parser
-and a real tokenizer)."""
+valid whatever the model says, and for `tool_choice: auto`, which the tiny server reads with vLLM's hermes parser
+(its configuration names one; the default server names none, so auto is its 400). The parser's cases are in
+tests/server/test_tool_choice_auto.py (a fake engine, the real parser and a real tokenizer)."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_a_forced_call_is_valid_with_the_random_model(client):
             tools=[WEATHER, TIME],
             tool_choice="required",
             parallel_tool_calls=False,  # else noise may add calls until its tokens run out
-            max_tokens=200,
+            max_tokens=160,  # the prompt (two tools' schemas) takes 858 of the 1024 tokens of context
             seed=seed,
         )
         choice = response.choices[0]
@@ -227,6 +227,47 @@ def test_a_forced_call_is_valid_with_the_random_model(client):
         for call in choice.message.tool_calls:
             schema = WEATHER_PARAMETERS if call.function.name == "get_weather" else TIME["function"]["parameters"]
             jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+# What the random model writes under tool_choice auto is steered by vLLM's regex constraint: a hermes call block,
+# or plain text; the server's parser (model.tool_call_parser: hermes) must read each for what it is.
+CALL_BLOCK = (
+    r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Paris", "unit": "celsius"\}\}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_reads_a_call_or_text_with_the_models_parser(client, stream):
+    def ask(regex: str):
+        return client.chat.completions.create(
+            model="mmrag-tiny-llava",
+            messages=[{"role": "user", "content": "weather in Paris?"}],
+            tools=[WEATHER],  # tool_choice defaults to auto
+            max_tokens=160,  # the tiny tokenizer spends about a token a character
+            stream=stream,
+            extra_body={"structured_outputs": {"regex": regex}},
+        )
+
+    if stream:
+        chunks = [c for c in ask(CALL_BLOCK) if c.choices]
+        deltas = [c.choices[0].delta for c in chunks]
+        calls = [t for d in deltas for t in d.tool_calls or []]
+        assert calls and calls[0].function.name == "get_weather" and calls[0].id and calls[0].type == "function"
+        arguments = "".join(t.function.arguments or "" for t in calls)
+        assert not "".join(d.content or "" for d in deltas).strip()
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        text = "".join(c.choices[0].delta.content or "" for c in ask("Paris is sunny[.]") if c.choices)
+    else:
+        choice = ask(CALL_BLOCK).choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        arguments = call.function.arguments
+        answer = ask("Paris is sunny[.]").choices[0]
+        assert answer.finish_reason == "stop" and not answer.message.tool_calls
+        text = answer.message.content
+    assert json.loads(arguments) == {"city": "Paris", "unit": "celsius"}
+    assert text == "Paris is sunny."
 
 
 def test_langchain_structured_output_and_bound_tools(smol):
