@@ -13,7 +13,7 @@ Each part is derived independently of the vLLM plugin's code:
 - **positions**: transformers' ``get_rope_index`` on a prompt whose images keep their full grid
   (``spread``: the merged tokens take the evenly spread cells of it) or are given the smaller
   ``(h', w')`` grid (``contiguous``: the merged tokens take its first cells), the unused placeholders
-  then dropped;
+  then dropped, the text continuing past the largest position (:func:`_continue_text_past_the_largest`);
 - **KV method**: after the prefill, each layer's cache is replaced by what the method keeps of it (scores
   from the same queries and keys), and decoding continues at the logical positions.
 
@@ -51,6 +51,30 @@ def _capture_attention(module: nn.Module, query, key, value, attention_mask, sca
     if query.shape[2] > 1:
         module.mmrag_prefill = (query, key, value)
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, **kwargs)
+
+
+def _continue_text_past_the_largest(positions: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """``(3, L)`` positions with every text token one past the largest position before it.
+
+    That is Qwen2.5-VL's original rule and vLLM 0.32's; transformers 5.19's ``get_rope_index`` continues
+    after a video at ``max(t, h, w)`` of its grid instead, which differs when a video's temporal positions
+    (scaled by seconds per patch x tokens per second) pass its spatial extent. Each visual run keeps the
+    positions ``get_rope_index`` gave it, relative to its first token.
+    """
+    out = torch.empty_like(positions)
+    cursor, index, length = 0, 0, positions.shape[1]
+    while index < length:
+        if not visual[index]:
+            out[:, index] = cursor
+            cursor, index = cursor + 1, index + 1
+            continue
+        end = index
+        while end < length and visual[end]:
+            end += 1
+        run = positions[:, index:end] - positions[0, index] + cursor
+        out[:, index:end] = run
+        cursor, index = int(run.max()) + 1, end
+    return out
 
 
 @dataclass
@@ -99,9 +123,9 @@ class QwenReference:
 
     # -- the prompt -----------------------------------------------------------------------------
 
-    def _merged_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Per image: ``(kept, C)`` tokens, each frame merged, in reading order of their first source."""
-        features = self.model.model.get_image_features(pixel_values, grid_thw).pooler_output
+    def _merged(self, features: tuple[torch.Tensor, ...], grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per image or video: ``(t * kept, C)`` tokens, each frame merged, in reading order of their first
+        source."""
         if self.merge is None:
             return list(features)
         merged = []
@@ -116,40 +140,62 @@ class QwenReference:
             merged.append(tokens.reshape(-1, item.shape[-1]))
         return merged
 
-    def _layout(self, input_ids: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layout(
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None,
+        second_per_grid_ts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The merged prompt's ids ``(L,)`` and positions ``(3, L)`` from transformers' ``get_rope_index``:
-        each image laid out on the grid its merged tokens use, then the cells no merged token takes dropped."""
-        image_id, merge = self.config.image_token_id, self.merge_size
+        each image (video) laid out on the grid its merged tokens use, then the cells no merged token takes
+        dropped."""
+        merge = self.merge_size
+        tokens = {1: self.config.image_token_id, 2: self.config.video_token_id}
+        if image_grid_thw is None and video_grid_thw is None:  # text only: one position per token
+            return input_ids, torch.arange(input_ids.numel()).expand(3, -1)
+        pending = {
+            kind: list(grids.tolist()) if grids is not None else []
+            for kind, grids in ((1, image_grid_thw), (2, video_grid_thw))
+        }
+        laid_grids: dict[int, list[tuple[int, int, int]]] = {1: [], 2: []}
         ids = input_ids.tolist()
         laid: list[int] = []
         wanted: list[bool] = []
-        grids = []
         cursor = 0
-        for frames, height, width in grid_thw.tolist():
+        while cursor < len(ids):
+            kind = next((k for k, token in tokens.items() if ids[cursor] == token), 0)
+            if not kind:
+                laid.append(ids[cursor])
+                wanted.append(True)
+                cursor += 1
+                continue
+            frames, height, width = pending[kind].pop(0)
             h, w = height // merge, width // merge
             full = h * w
             kept = self.merge.tokens_per_image(full) if self.merge else full
-            start = ids.index(image_id, cursor)
-            laid += ids[cursor:start]
-            wanted += [True] * (start - cursor)
             if self.layout == "spread" or kept == full:
                 grid_h, grid_w, cells = h, w, set(spread_positions(full, kept))
             else:
                 grid_h, grid_w = contiguous_grid(h, w, kept)
                 cells = set(range(kept))
-            grids.append((frames, grid_h * merge, grid_w * merge))
+            laid_grids[kind].append((frames, grid_h * merge, grid_w * merge))
             for _ in range(frames):
-                laid += [image_id] * (grid_h * grid_w)
+                laid += [tokens[kind]] * (grid_h * grid_w)
                 wanted += [c in cells for c in range(grid_h * grid_w)]
-            cursor = start + frames * full
-        laid += ids[cursor:]
-        wanted += [True] * (len(ids) - cursor)
+            cursor += frames * full
         laid_ids = torch.tensor([laid])
+        types = (laid_ids == tokens[1]).int() + 2 * (laid_ids == tokens[2]).int()
         positions, _ = self.model.model.get_rope_index(
-            laid_ids, (laid_ids == image_id).int(), image_grid_thw=torch.tensor(grids, dtype=torch.long)
+            laid_ids,
+            types,
+            image_grid_thw=torch.tensor(laid_grids[1], dtype=torch.long) if laid_grids[1] else None,
+            video_grid_thw=torch.tensor(laid_grids[2], dtype=torch.long) if laid_grids[2] else None,
+            second_per_grid_ts=second_per_grid_ts,
         )
+        positions = _continue_text_past_the_largest(positions[:, 0], types[0] > 0)
         mask = torch.tensor(wanted)
-        return laid_ids[0][mask], positions[:, 0][:, mask]
+        return laid_ids[0][mask], positions[:, mask]
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -160,23 +206,30 @@ class QwenReference:
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         max_new_tokens: int = 8,
+        *,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
     ) -> QwenReferenceOutput:
         """Greedy decoding of the ``(L0,)`` prompt (unmerged placeholders, as the HF processor writes them)."""
         from transformers import DynamicCache
 
-        text = self.model.model.language_model
-        if pixel_values is None:
-            ids, positions = input_ids, torch.arange(input_ids.numel()).expand(3, -1)
-            embeds = text.embed_tokens(ids[None])
-        else:
-            ids, positions = self._layout(input_ids, image_grid_thw)
-            embeds = text.embed_tokens(ids[None])
-            features = torch.cat(self._merged_images(pixel_values, image_grid_thw)).to(embeds.dtype)
-            mask = (ids == self.config.image_token_id)[None, :, None].expand_as(embeds)
+        model = self.model.model
+        ids, positions = self._layout(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts)
+        embeds = model.language_model.embed_tokens(ids[None])
+        for token, pixels, grids, encode in (
+            (self.config.image_token_id, pixel_values, image_grid_thw, model.get_image_features),
+            (self.config.video_token_id, pixel_values_videos, video_grid_thw, model.get_video_features),
+        ):
+            if pixels is None:
+                continue
+            features = torch.cat(self._merged(encode(pixels, grids).pooler_output, grids)).to(embeds.dtype)
+            mask = (ids == token)[None, :, None].expand_as(embeds)
             embeds = embeds.masked_scatter(mask, features)
         cache = DynamicCache(config=self.config)
         out = self.model(inputs_embeds=embeds, position_ids=positions[:, None], past_key_values=cache, use_cache=True)
-        kept = self._compact(cache, ids) if self.kv is not None and pixel_values is not None else ids.numel()
+        visual = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        kept = self._compact(cache, visual) if self.kv is not None and visual.any() else ids.numel()
         next_position = int(positions.max()) + 1
         logits, tokens, logprobs = out.logits[0, -1], [], []
         for step in range(max_new_tokens):
@@ -192,9 +245,9 @@ class QwenReference:
             logits = out.logits[0, -1]
         return QwenReferenceOutput(tokens, torch.stack(logprobs), ids.numel(), kept)
 
-    def _compact(self, cache, ids: torch.Tensor) -> int:
-        """Replace every layer's prompt cache by what the KV method keeps of it (same count in each layer)."""
-        is_image = ids == self.config.image_token_id
+    def _compact(self, cache, is_image: torch.Tensor) -> int:
+        """Replace every layer's prompt cache by what the KV method keeps of it (same count in each layer);
+        ``is_image``: the visual entries (images and video frames)."""
         kept = None
         for index, layer in enumerate(self.model.model.language_model.layers):
             attn = layer.self_attn

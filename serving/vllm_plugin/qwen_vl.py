@@ -75,6 +75,13 @@ class AimQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
             ratio = getattr(self.get_hf_config(), KEEP_RATIO_KEY, DEFAULT_KEEP_RATIO)
         return check_keep_ratio(ratio)  # type: ignore[arg-type]
 
+    def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        """The stock count of an image (after the patch merger, before AIM): what the server reports as
+        ``visual_tokens_before``."""
+        return super().get_num_image_tokens(
+            image_width=image_width, image_height=image_height, image_processor=self.get_image_processor(), mm_kwargs={}
+        )
+
     def layout(self, mm_kwargs: Mapping[str, object]) -> str:
         layout = mm_kwargs.get(POSITIONS_KEY) or getattr(self.get_hf_config(), POSITIONS_KEY, LAYOUTS[0])
         if layout not in LAYOUTS:

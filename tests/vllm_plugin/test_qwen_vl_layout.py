@@ -168,3 +168,42 @@ def test_checkpoint_is_a_pure_function_of_the_seed(tmp_path, tiny_qwen_vl_path) 
     again = make_tiny_qwen_vl(tmp_path / "again")
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (again / name).read_bytes() == (tiny_qwen_vl_path / name).read_bytes()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "spread"])
+def test_reference_positions_are_the_plugins_with_a_video(hf, tiny_qwen_vl_path, layout: str) -> None:
+    """An image and a 4-frame video at 2 frames a second merged to 1/4: the reference's positions (from
+    transformers' ``get_rope_index``, text continued past the largest position) equal the plugin's. At
+    contiguous 1/4 the video's temporal positions (0, 2) pass its 1x2 grid: transformers 5.19 alone would
+    start the text after it one position early."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    from mmrag.kernels.reference.qwen_vl import QwenReference
+
+    processor, _ = hf
+    video = np.random.default_rng(4).integers(0, 256, (4, 56, 84, 3), dtype=np.uint8)
+    prompt = (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+        "the picture, then the clip<|im_end|>\n<|im_start|>assistant\n"
+    )
+    metadata = VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3], duration=2.0)
+    inputs = processor(
+        text=[prompt],
+        images=[noise_picture(0, 56, 112)],
+        videos=[video],
+        video_metadata=[metadata],
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
+    reference = QwenReference.from_pretrained(tiny_qwen_vl_path, merge_passes=2, layout=layout)
+    ids, positions = reference._layout(
+        inputs["input_ids"][0], inputs["image_grid_thw"], inputs["video_grid_thw"], inputs["second_per_grid_ts"]
+    )
+    t_factor = float(inputs["second_per_grid_ts"][0]) * 2  # tokens_per_second of the tiny model
+    items = [
+        (ids.tolist().index(IMAGE), (1, 2, 4), 2, 1.0, layout),  # 8 tokens -> 2
+        (ids.tolist().index(6), (2, 2, 3), 2, t_factor, layout),  # 2 frames of 6 -> 2 each
+    ]
+    expected, _ = mrope_prompt_positions(len(ids), items)
+    assert torch.equal(positions, expected)

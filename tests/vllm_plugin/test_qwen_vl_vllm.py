@@ -2,7 +2,8 @@
 
 - stock vLLM serves the checkpoint natively and answers an image chat;
 - at keep ratio 1 the plugin's prompts, greedy tokens and log-probabilities equal stock vLLM's, bit for bit;
-- AIM (ratios 1/2 and 1/4, per request) shrinks each image to ``ceil(T x ratio)`` placeholders and decodes as
+- AIM (ratios 1/2 and 1/4, per request) shrinks each image, and each frame of a video, to ``ceil(T x ratio)``
+  placeholders and decodes as
   the reference (transformers' Qwen2.5-VL with the same merge and positions, derived with its own
   ``get_rope_index``), for both position layouts, which decode differently from each other;
 - LOOK-M (per request) keeps the planned count, frees the tail blocks, and decodes as the reference over
@@ -28,12 +29,15 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 BLOCK_SIZE = 32  # the CPU attention backend takes multiples of 32
 LOOKM = LookM(image_budget=0.25, score_from="chunked")
-# (text, image sizes): 112x112 is a 4x4 grid of 16 visual tokens, 112x168 4x6 (24), 56x56 2x2 (4).
+# (text, image sizes, video): 112x112 is a 4x4 grid of 16 visual tokens, 112x168 4x6 (24), 56x56 2x2 (4); the
+# video is 4 frames of 56x84, 2 temporal patches of 2x3 = 6 tokens each (12), at 2 frames a second.
+VIDEO = (4, 56, 84)
 PROMPTS = [
-    ("Describe the picture.", [(112, 112)]),
-    ("Which of the two is brighter?", [(112, 112), (112, 168)]),
-    ("and this one, small", [(56, 56), (168, 112)]),
-    ("three of them: list them", [(112, 168), (56, 112), (112, 112)]),
+    ("Describe the picture.", [(112, 112)], False),
+    ("Which of the two is brighter?", [(112, 112), (112, 168)], False),
+    ("and this one, small", [(56, 56), (168, 112)], False),
+    ("three of them: list them", [(112, 168), (56, 112), (112, 112)], False),
+    ("the picture, then the clip", [(56, 112)], True),
 ]
 TEXT_ONLY = "no image here, just text"
 # fp32 on both sides; measured max |difference| of the chosen tokens' log-probabilities vs the reference:
@@ -41,8 +45,8 @@ TEXT_ONLY = "no image here, just text"
 LOGPROB_ATOL = 1e-4
 
 
-def _messages(text: str, sizes: list[tuple[int, int]], seed: int) -> list[dict]:
-    parts = [{"type": "image"} for _ in sizes]
+def _messages(text: str, sizes: list[tuple[int, int]], video: bool) -> list[dict]:
+    parts = [{"type": "image"} for _ in sizes] + ([{"type": "video"}] if video else [])
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
@@ -50,15 +54,23 @@ def _images(sizes: list[tuple[int, int]], seed: int):
     return [noise_picture(seed + i, h, w) for i, (h, w) in enumerate(sizes)]
 
 
+def _video(seed: int):
+    import numpy as np
+
+    frames = np.random.default_rng(seed).integers(0, 256, (*VIDEO, 3), dtype=np.uint8)
+    metadata = {"fps": 2.0, "duration": VIDEO[0] / 2.0, "total_num_frames": VIDEO[0]}
+    return frames, {**metadata, "frames_indices": list(range(VIDEO[0])), "video_backend": "opencv"}
+
+
 def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
     prompts = []
-    for i, (text, sizes) in enumerate(PROMPTS):
+    for i, (text, sizes, video) in enumerate(PROMPTS):
         prompt = {
-            "prompt": processor.apply_chat_template(_messages(text, sizes, i), add_generation_prompt=True),
-            "multi_modal_data": {"image": _images(sizes, 10 * i)},
+            "prompt": processor.apply_chat_template(_messages(text, sizes, video), add_generation_prompt=True),
+            "multi_modal_data": {"image": _images(sizes, 10 * i), **({"video": [_video(i)]} if video else {})},
         }
         if mm_kwargs:
             prompt["mm_processor_kwargs"] = mm_kwargs
@@ -85,7 +97,11 @@ def _engine_kwargs(path, **compression) -> dict:
             "engine": {
                 "max_model_len": 1024,
                 "dtype": "float32",
-                "engine_kwargs": {"block_size": BLOCK_SIZE, "limit_mm_per_prompt": {"image": 4, "video": 0}},
+                "engine_kwargs": {
+                    "block_size": BLOCK_SIZE,
+                    "limit_mm_per_prompt": {"image": 4, "video": 1},
+                    "mm_processor_kwargs": {"do_sample_frames": False},  # every frame given is a frame
+                },
             },
             "compression": compression,
         }
@@ -155,11 +171,28 @@ def reference(tiny_qwen_vl_path):
     model = QwenReference.from_pretrained(tiny_qwen_vl_path).model
 
     def run(index: int, **settings):
-        text, sizes = PROMPTS[index]
-        prompt = processor.apply_chat_template(_messages(text, sizes, index), add_generation_prompt=True)
-        inputs = processor(text=[prompt], images=_images(sizes, 10 * index), return_tensors="pt")
+        from transformers.video_utils import VideoMetadata
+
+        text, sizes, video = PROMPTS[index]
+        prompt = processor.apply_chat_template(_messages(text, sizes, video), add_generation_prompt=True)
+        videos = {}
+        if video:
+            frames, metadata = _video(index)
+            fields = ("fps", "duration", "total_num_frames", "frames_indices")
+            videos = {"videos": [frames], "video_metadata": [VideoMetadata(**{k: metadata[k] for k in fields})]}
+        inputs = processor(
+            text=[prompt], images=_images(sizes, 10 * index), return_tensors="pt", do_sample_frames=False, **videos
+        )
         engine = QwenReference(model, **settings)
-        return engine.generate(inputs["input_ids"][0], inputs["pixel_values"], inputs["image_grid_thw"], STEPS)
+        return engine.generate(
+            inputs["input_ids"][0],
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            STEPS,
+            pixel_values_videos=inputs.get("pixel_values_videos"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+        )
 
     return run
 
@@ -190,11 +223,18 @@ def test_plugin_at_ratio_one_is_stock_vllm(engine, stock_outputs, tiny_qwen_vl_p
 def test_prompt_shrinks_to_ceil_of_each_image(engine, stock_outputs, tiny_qwen_vl_path, ratio: float) -> None:
     stock, _, _ = stock_outputs
     got = engine.generate(_prompts(tiny_qwen_vl_path, {"aim_keep_ratio": ratio}), _params(), use_tqdm=False)
-    for (_, sizes), want, have in zip(PROMPTS, stock, got, strict=True):
+    info = engine.llm_engine.renderer.get_mm_processor().info  # the server's "visual_tokens_before"
+    for (_, sizes, video), want, have in zip(PROMPTS, stock, got, strict=True):
         tokens = [(h // 28) * (w // 28) for h, w in sizes]
+        assert [info.get_full_image_tokens(image_width=w, image_height=h) for h, w in sizes] == tokens
         assert want.prompt_token_ids.count(5) == sum(tokens)
         assert have.prompt_token_ids.count(5) == sum(math.ceil(t * ratio) for t in tokens)
-        assert len(have.prompt_token_ids) == len(want.prompt_token_ids) - sum(t - math.ceil(t * ratio) for t in tokens)
+        # A video: each of its frames (temporal patches) is merged on its own.
+        frames, per_frame = (VIDEO[0] // 2, (VIDEO[1] // 28) * (VIDEO[2] // 28)) if video else (0, 0)
+        assert want.prompt_token_ids.count(6) == frames * per_frame
+        assert have.prompt_token_ids.count(6) == frames * math.ceil(per_frame * ratio)
+        removed = sum(t - math.ceil(t * ratio) for t in tokens) + frames * (per_frame - math.ceil(per_frame * ratio))
+        assert len(have.prompt_token_ids) == len(want.prompt_token_ids) - removed
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "spread"])
@@ -202,7 +242,7 @@ def test_aim_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path, layo
     """Ratios 1/2 and 1/4 (one and two halving passes), every prompt: same tokens, log-probabilities within
     fp32 noise. The other layout's reference decodes otherwise on most prompts: the positions are seen."""
     other = "spread" if layout == "contiguous" else "contiguous"
-    same, differs, diff = 0, 0, 0.0
+    same, differs, diff, mismatched = 0, 0, 0.0, []
     for ratio, passes in ((0.5, 1), (0.25, 2)):
         mm_kwargs = {"aim_keep_ratio": ratio, "aim_positions": layout}
         outs = engine.generate(_prompts(tiny_qwen_vl_path, mm_kwargs), _params(), use_tqdm=False)
@@ -212,9 +252,12 @@ def test_aim_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path, layo
             if list(out.outputs[0].token_ids) == expected.token_ids:
                 same += 1
                 diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
+            else:
+                mismatched.append((ratio, index, list(out.outputs[0].token_ids), expected.token_ids))
             alternative = reference(index, merge_passes=passes, layout=other)
             differs += alternative.token_ids != expected.token_ids
     print(f"{layout}: same tokens {same} of {2 * len(PROMPTS)}; max |dlogprob| {diff:.3g}; {other} differs {differs}")
+    print(f"{layout}: (ratio, prompt, vLLM, reference) where the tokens differ: {mismatched}")
     assert same >= 2 * len(PROMPTS) - 1 and diff < LOGPROB_ATOL
     assert differs >= len(PROMPTS)
 
@@ -235,7 +278,7 @@ def test_lookm_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path) ->
         for index, out in enumerate(outs):
             total += 1
             expected = reference(index, merge_passes=passes, kv=LOOKM)
-            images = out.prompt_token_ids.count(5)
+            images = out.prompt_token_ids.count(5) + out.prompt_token_ids.count(6)
             assert expected.kept == expected.prompt_len - images + math.ceil(images * LOOKM.image_budget)
             if list(out.outputs[0].token_ids) == expected.token_ids:
                 same += 1

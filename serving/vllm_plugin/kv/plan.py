@@ -25,6 +25,7 @@ from mmrag.kernels.methods.base import KVMethod
 __all__ = [
     "ADDITIONAL_CONFIG_KEY",
     "REQUEST_KEY",
+    "VISUAL_MODALITIES",
     "KVPlan",
     "deployment_method",
     "deployment_method_config",
@@ -79,12 +80,17 @@ class KVPlan:
         return math.ceil(self.kept / block_size)
 
 
+# The modalities whose placeholders are "image" entries to the KV methods (a video's frames are images).
+VISUAL_MODALITIES = ("image", "video")
+
+
 def image_spans(mm_features: Iterable[Any] | None) -> list[tuple[int, int]]:
-    """``(offset, length)`` of every image placeholder run (vLLM's ``MultiModalFeatureSpec`` objects)."""
+    """``(offset, length)`` of every image (and video) placeholder run (vLLM's ``MultiModalFeatureSpec``
+    objects); xRAG's ``retrieval`` placeholders are not visual."""
     return [
         (feature.mm_position.offset, feature.mm_position.length)
         for feature in mm_features or ()
-        if feature.modality == "image"
+        if feature.modality in VISUAL_MODALITIES
     ]
 
 
