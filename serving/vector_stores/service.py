@@ -13,6 +13,9 @@ is ``vector_store_id``, not in a collection per store, because
   one per store; and deleting a store is one ``delete`` by expression instead of a ``drop``, which is as cheap
   at these sizes.
 
+On Milvus before 2.3.10, whose upsert misroutes partition keys, ``vector_store_id`` is a plain scalar field
+instead (``store.py``): the same filter, without the pruning.
+
 Rows are the retrieval schema (``store.py``) plus ``vector_store_id`` and ``file_id``: ``source`` holds the
 file name (what the text-RAG prompt shows) and ``metadata`` holds ``file_id``, ``filename``, ``chunk_index``,
 the section's own metadata (a PDF page) and ``attributes`` (what search filters read). An image file is one
