@@ -59,6 +59,7 @@ def _inputs(processor, sizes=SIZES, text="what are they?"):
     return processor(text=[prompt], images=images or None, return_tensors="pt")
 
 
+@pytest.mark.slow  # generates the tiny checkpoint (about 8 s once) or loads it
 @pytest.mark.parametrize("layout", ["contiguous", "spread"])
 def test_full_count_is_transformers_rope_index(hf, layout: str) -> None:
     processor, model = hf
@@ -72,6 +73,7 @@ def test_full_count_is_transformers_rope_index(hf, layout: str) -> None:
     assert shift == int(delta)
 
 
+@pytest.mark.slow  # generates the tiny checkpoint (about 8 s once) or loads it
 def test_video_frames_keep_their_temporal_positions(hf) -> None:
     """A 4-frame video (2 temporal patches): each frame merged on its own, at Qwen's temporal position."""
     import numpy as np
@@ -130,6 +132,7 @@ def test_reading_order_merge_is_aims_merge_reordered() -> None:
     assert merge_in_reading_order(x, 24) is x
 
 
+@pytest.mark.slow  # generates the tiny checkpoint (about 8 s once) or loads it
 def test_reference_without_methods_is_transformers_generate(hf, tiny_qwen_vl_path) -> None:
     """Its own model (the reference switches its model's attention to a capturing one), against ``generate``
     on the stock model."""
@@ -145,6 +148,7 @@ def test_reference_without_methods_is_transformers_generate(hf, tiny_qwen_vl_pat
         assert out.token_ids == expected[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+@pytest.mark.slow  # generates the tiny checkpoint (about 8 s once) or loads it
 def test_registered_and_served_by_the_plugin(tiny_qwen_vl_path) -> None:
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.args import aim_enabled
@@ -162,6 +166,7 @@ def test_registered_and_served_by_the_plugin(tiny_qwen_vl_path) -> None:
     }
 
 
+@pytest.mark.slow  # generates the tiny checkpoint (about 8 s once) or loads it
 def test_checkpoint_is_a_pure_function_of_the_seed(tmp_path, tiny_qwen_vl_path) -> None:
     from mmrag.serving.models.tiny_qwen_vl import make_tiny_qwen_vl
 
@@ -170,6 +175,7 @@ def test_checkpoint_is_a_pure_function_of_the_seed(tmp_path, tiny_qwen_vl_path) 
         assert (again / name).read_bytes() == (tiny_qwen_vl_path / name).read_bytes()
 
 
+@pytest.mark.slow  # generates the tiny checkpoint (about 8 s once) or loads it
 @pytest.mark.parametrize("layout", ["contiguous", "spread"])
 def test_reference_positions_are_the_plugins_with_a_video(hf, tiny_qwen_vl_path, layout: str) -> None:
     """An image and a 4-frame video at 2 frames a second merged to 1/4: the reference's positions (from
