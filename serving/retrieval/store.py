@@ -68,12 +68,12 @@ _SPARSE_INDEX = {"index_type": "SPARSE_INVERTED_INDEX", "metric_type": "BM25"}
 # Milvus answers a bad expression with IllegalArgument (6, Lite) or ParameterInvalid (1100, server).
 _ARGUMENT_ERROR_CODES = {6, 1100}
 _NOT_FOUND_CODES = {4, 100}
-# Milvus server versions ("v2.3.5", "v2.5.4-..."); Milvus Lite says "milvus_lite-3.2.2" and never matches.
 # A Milvus server reads with bounded staleness by default (a write shows within `common.gracefulTime`, 5 s;
 # a deleted file is found for a second more): for this long after this connection wrote to a collection, its
 # reads ask for Strong consistency, so a client sees its own upload, update or delete at once. Milvus Lite
 # reads its writes anyway and is left as it was.
 _READ_YOUR_WRITES_S = 10.0
+# Milvus server versions ("v2.3.5", "v2.5.4-..."); Milvus Lite says "milvus_lite-3.2.2" and never matches.
 _SERVER_VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
 
 
