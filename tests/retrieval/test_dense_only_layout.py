@@ -35,6 +35,7 @@ def test_dense_only_collection_searches_and_refuses_hybrid(dense_store, encoder,
     described = dense_store.client.describe_collection(config.collection)
     assert {f["name"] for f in described["fields"]} == {"id", "text", "source", "metadata", "dense"}
     assert dense_store.properties(config.collection)["mmrag.full_text"] == "false"
+    assert dense_store._fresh(config.collection) == {}  # Lite reads its own writes: no consistency level asked
     query = "Where does the grey heron nest?"
     vector = encoder.encode([query], is_query=True)[0]
     assert dense_store.search(config.collection, vector, query, 2)[0].source == "herons.md"
@@ -48,14 +49,6 @@ def test_dense_only_collection_searches_and_refuses_hybrid(dense_store, encoder,
             full.search(config.collection, vector, query, 2, hybrid=True)
     finally:
         full.close()
-
-
-def test_default_layout_keeps_bm25(store, rconfig, encoder):
-    store.create_collection(rconfig.collection, encoder)
-    described = store.client.describe_collection(rconfig.collection)
-    assert "sparse" in {f["name"] for f in described["fields"]}
-    assert "mmrag.full_text" not in store.properties(rconfig.collection)
-    assert store._fresh(rconfig.collection) == {}  # Lite reads its own writes: no consistency asked
 
 
 @pytest.mark.parametrize(
@@ -73,7 +66,3 @@ def test_vector_store_collection_without_partition_key_on_old_milvus(store, rcon
     fields = {f["name"]: f for f in store.client.describe_collection(rconfig.collection)["fields"]}
     assert "vector_store_id" in fields and not fields["vector_store_id"].get("is_partition_key")
     assert store.properties(rconfig.collection)["mmrag.partition_key"] == "false"
-    monkeypatch.undo()  # Lite itself says "milvus_lite-3.2.2": the key stays
-    store.create_collection("keyed", encoder, vector_store_partitions=4)
-    fields = {f["name"]: f for f in store.client.describe_collection("keyed")["fields"]}
-    assert fields["vector_store_id"].get("is_partition_key") and "mmrag.partition_key" not in store.properties("keyed")
