@@ -13,11 +13,9 @@ from ray.serve.context import _get_internal_replica_context
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
-from mmrag.serving.config import MmragConfig
+from mmrag.deployments.replica import start_replica
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest
 from mmrag.serving.errors import EngineUnavailableError, OpenAIError, OverloadedError
-from mmrag.serving.logs import configure_logging
 from mmrag.serving.openai.server import create_app
 from mmrag.serving.retrieval.errors import RetrievalError
 from mmrag.serving.retrieval.protocol import RetrievalOptions, RetrievalResult
@@ -130,9 +128,7 @@ def client_error(exc: Exception, stage: str) -> Exception:
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, config: dict[str, Any], llm: DeploymentHandle, retriever: DeploymentHandle):
-        keep_replica_grpc_on_loopback()
-        self.config = MmragConfig.model_validate(config)
-        configure_logging(self.config.server)
+        self.config = start_replica(config)
         self.backend = ServeBackend(llm, retriever)
 
     def __serve_build_asgi_app__(self):

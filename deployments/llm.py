@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
-from mmrag.serving.config import MmragConfig
+from mmrag.deployments.replica import start_replica
 from mmrag.serving.engine.protocol import DEFAULT_ENGINE, GenerationDelta, GenerationRequest, load_engine_class
-from mmrag.serving.logs import configure_logging
 from mmrag.serving.models.registry import model_path
 
 logger = logging.getLogger(__name__)
@@ -23,12 +22,17 @@ class LLMServer:
     replaces it, while requests in flight fail with a 503 rather than hang."""
 
     async def __init__(self, config: dict[str, Any], engine_cls: str = DEFAULT_ENGINE):
-        keep_replica_grpc_on_loopback()
-        self.config = MmragConfig.model_validate(config)
-        configure_logging(self.config.server)
-        checkpoint = model_path(self.config.model)
+        self.config = start_replica(config)
+        started = time.perf_counter()
+        checkpoint = model_path(self.config.model)  # prepared into the cache on first use
+        prepared = time.perf_counter()
         self.engine = load_engine_class(engine_cls)(self.config, checkpoint)
         await self.engine.start()
+        logger.info(
+            "LLM replica started: model found or prepared in %.1f s, engine started in %.1f s",
+            prepared - started,
+            time.perf_counter() - prepared,
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         async for delta in self.engine.generate(request):

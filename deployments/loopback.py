@@ -5,10 +5,10 @@ Ray 2.60 binds that server to ``[::]:0`` unconditionally (``ray/serve/_private/r
 interface, reachable from the network with no authentication. ``mmrag serve`` sets
 :data:`REPLICA_GRPC_HOST_ENV` only when it starts a local Ray whose node IP is 127.0.0.1 (see
 :func:`mmrag.serving.cli.serve.local_ray_environment`); replicas inherit the environment, and each
-deployment's constructor calls :func:`keep_replica_grpc_on_loopback` first, since Serve starts that server
-right after the constructor returns. (Not at this package's import: Serve unpickles a deployment class by
-value, so a replica need not import ``mmrag.deployments`` at all; the LLM replica did not.) Nothing changes
-when the variable is unset (a cluster, a public host).
+deployment's constructor calls it first (:func:`mmrag.deployments.replica.start_replica`), since Serve
+starts that server right after the constructor returns. (Not at this package's import: Serve unpickles a
+deployment class by value, so a replica need not import ``mmrag.deployments`` at all; the LLM replica did
+not.) Nothing changes when the variable is unset (a cluster, a public host).
 """
 
 from __future__ import annotations

@@ -8,27 +8,40 @@ exception as a subclass of its type), each with the HTTP ``status_code`` to answ
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
+from mmrag.deployments.replica import start_replica
 from mmrag.deployments.vector_stores import ForwardsVectorStores
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.retrieval.stage import RetrievalStage
 from mmrag.serving.vector_stores.config import vector_stores_enabled
 
 if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
     from mmrag.serving.retrieval.retriever import Embeddings
+
+logger = logging.getLogger(__name__)
 
 
 class RetrieverReplica(ForwardsVectorStores, RetrievalStage):
     """The stage as a replica serves it, plus ``/v1/embeddings``: the texts are encoded by the encoder that
     fills and searches the collections (in a worker thread of this replica)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        keep_replica_grpc_on_loopback()
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: dict[str, Any],
+        vector_stores: DeploymentHandle | None = None,
+        llm: DeploymentHandle | None = None,
+    ) -> None:
+        config = start_replica(config)
+        started = time.perf_counter()
+        super().__init__(config, vector_stores, llm)  # the encoder, Milvus, and the demo corpus on a first start
+        logger.info("retriever replica started in %.1f s", time.perf_counter() - started)
 
     async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
         return await self.core.embed(texts, model=model, dimensions=dimensions)

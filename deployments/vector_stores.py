@@ -20,7 +20,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from mmrag.deployments.loopback import keep_replica_grpc_on_loopback
+from mmrag.deployments.replica import start_replica
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.protocol import GenerationDelta, GenerationRequest
 from mmrag.serving.errors import OpenAIError
@@ -32,8 +32,7 @@ from mmrag.serving.vector_stores.config import separate_vector_stores
 
 class VectorStoresReplica(RetrievalStage):
     def __init__(self, config: dict[str, Any], llm: DeploymentHandle | None = None) -> None:
-        keep_replica_grpc_on_loopback()
-        super().__init__(config, handle_generate(llm) if llm is not None else None)
+        super().__init__(start_replica(config), handle_generate(llm) if llm is not None else None)
 
 
 def handle_generate(llm: DeploymentHandle):

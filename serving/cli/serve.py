@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mmrag.serving.cli.common import add_config_arguments, load_config
@@ -43,13 +45,16 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    started = time.perf_counter()
-    lite = start_lite_server(config)  # before Serve: its replicas connect to it
+    phases = StartupPhases()
+    with phases.timed("lite_server"):
+        lite = start_lite_server(config)  # before Serve: its replicas connect to it
     code = 0
     try:
-        start_serving(config)
+        start_serving(config, phases)
         url = f"http://{config.server.host}:{config.server.port}"
-        logger.info("ready url=%s model=%s seconds=%.1f", url, config.model.served_name, time.perf_counter() - started)
+        logger.info(
+            "ready url=%s model=%s seconds=%.1f phases=%s", url, config.model.served_name, phases.total(), phases
+        )
         while not stop.wait(SUPERVISE_EVERY_S):
             if lite is not None and not lite.ensure_running():
                 logger.error(
@@ -70,6 +75,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 SUPERVISE_EVERY_S = 1.0
+
+
+class StartupPhases:
+    """Where a start's time goes, logged with ``ready``: ``lite_server`` (start or join the Milvus Lite server),
+    ``ray`` (import and start or join Ray), ``proxy`` (Serve's controller and HTTP proxy), ``deploy`` (every
+    replica constructed: the LLM replica logs its model preparation and engine start, the retriever replica
+    its own start)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - began
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}:{seconds:.1f}" for name, seconds in self.seconds.items())
 
 
 def start_lite_server(config) -> LiteServer | None:
@@ -104,32 +134,35 @@ def start_lite_server(config) -> LiteServer | None:
     return server
 
 
-def start_serving(config) -> None:
+def start_serving(config, phases: StartupPhases) -> None:
     """Start (or join) Ray, then deploy the app and wait until every replica is up."""
     environment = local_ray_environment(config.server) | serve_transport_environment(config.server)
     if environment and "ray" in sys.modules:  # Ray reads it once, on import
         logger.warning("Ray was imported before its listeners could be kept on loopback")
     os.environ.update(environment)
-    import ray
-    from ray import serve
+    with phases.timed("ray"):
+        import ray
+        from ray import serve
 
-    from mmrag.deployments.app import build_application
+        from mmrag.deployments.app import build_application
 
-    ray.init(
-        address=config.server.ray_address,
-        num_cpus=config.server.ray_num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        ignore_reinit_error=True,
-    )
-    serve.start(http_options=http_options(config.server), logging_config=SERVE_LOGGING)
-    serve.run(
-        build_application(config),
-        name="mmrag",
-        route_prefix="/",
-        logging_config={"log_level": config.server.log_level},
-    )
+        ray.init(
+            address=config.server.ray_address,
+            num_cpus=config.server.ray_num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            ignore_reinit_error=True,
+        )
+    with phases.timed("proxy"):
+        serve.start(http_options=http_options(config.server), logging_config=SERVE_LOGGING)
+    with phases.timed("deploy"):
+        serve.run(
+            build_application(config),
+            name="mmrag",
+            route_prefix="/",
+            logging_config={"log_level": config.server.log_level},
+        )
 
 
 def http_options(server) -> dict:
