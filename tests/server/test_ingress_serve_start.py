@@ -72,3 +72,17 @@ def test_a_replica_binds_its_grpc_server_on_the_host_it_is_given(monkeypatch):
     assert replica.add_port_to_grpc_server(server, "[::]:0") == 4321
     replica.add_port_to_grpc_server(server, "0.0.0.0:9000")  # an explicit address is left alone
     assert server.addresses == ["[::]:0", "127.0.0.1:0", "0.0.0.0:9000"]
+
+
+def test_startup_phases_are_timed_in_order_even_when_one_fails():
+    from mmrag.serving.cli.serve import StartupPhases
+
+    phases = StartupPhases()
+    with phases.timed("ray"):
+        pass
+    with pytest.raises(RuntimeError), phases.timed("deploy"):
+        raise RuntimeError("a replica failed")
+    assert list(phases.seconds) == ["ray", "deploy"]
+    assert all(seconds >= 0 for seconds in phases.seconds.values())
+    assert str(phases).startswith("ray:") and ",deploy:" in str(phases)
+    assert phases.total() >= sum(phases.seconds.values())
