@@ -82,6 +82,26 @@ class AimQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
             image_width=image_width, image_height=image_height, image_processor=self.get_image_processor(), mm_kwargs={}
         )
 
+    def get_num_image_tokens(
+        self,
+        *,
+        image_width: int,
+        image_height: int,
+        image_processor: Any = None,
+        mm_kwargs: Mapping[str, object] | None = None,
+        keep_ratio: float | None = None,
+    ) -> int:
+        """vLLM's own callers (profiling: the most tokens an image can take) get the stock count; the server's
+        prompt budget (:mod:`mmrag.serving.engine.prompt`, LLaVA's signature) passes the request's
+        ``keep_ratio`` and gets the merged count."""
+        full = super().get_num_image_tokens(
+            image_width=image_width,
+            image_height=image_height,
+            image_processor=image_processor if image_processor is not None else self.get_image_processor(),
+            mm_kwargs=mm_kwargs or {},
+        )
+        return full if keep_ratio is None else aim_kept_tokens(full, keep_ratio)
+
     def layout(self, mm_kwargs: Mapping[str, object]) -> str:
         layout = mm_kwargs.get(POSITIONS_KEY) or getattr(self.get_hf_config(), POSITIONS_KEY, LAYOUTS[0])
         if layout not in LAYOUTS:

@@ -227,6 +227,9 @@ def test_prompt_shrinks_to_ceil_of_each_image(engine, stock_outputs, tiny_qwen_v
     for (_, sizes, video), want, have in zip(PROMPTS, stock, got, strict=True):
         tokens = [(h // 28) * (w // 28) for h, w in sizes]
         assert [info.get_full_image_tokens(image_width=w, image_height=h) for h, w in sizes] == tokens
+        # The server's prompt budget asks with LLaVA's signature (serving/engine/prompt.py).
+        kept = [info.get_num_image_tokens(image_width=w, image_height=h, keep_ratio=ratio) for h, w in sizes]
+        assert kept == [math.ceil(t * ratio) for t in tokens]
         assert want.prompt_token_ids.count(5) == sum(tokens)
         assert have.prompt_token_ids.count(5) == sum(math.ceil(t * ratio) for t in tokens)
         # A video: each of its frames (temporal patches) is merged on its own.
