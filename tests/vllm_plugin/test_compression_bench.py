@@ -1,8 +1,10 @@
-"""``mmrag bench compression --quick``: the three engines (stock vLLM, AIM, AIM + KV methods) and every figure."""
+"""``mmrag bench compression --quick``: the three engines (stock vLLM, AIM, AIM + KV methods), every figure,
+and the interleaved rounds' spread."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,11 @@ from mmrag.serving.cli.bench import parse_benchmark_args
 @pytest.mark.slow  # three vLLM engines on the tiny LLaVA
 def test_quick_bench_compares_aim_and_lookm_with_stock(tmp_path: Path) -> None:
     out = tmp_path / "compression.json"
-    args = parse_benchmark_args("compression", ["--quick", "--rounds", "2", "--out", str(out)])
+    args = parse_benchmark_args("compression", ["--quick", "--rounds", "2", "--warmup", "1", "--out", str(out)])
     assert compression.run(args) == 0
     assert out.with_suffix(".png").stat().st_size > 0
-    rows = json.loads(out.read_text())["figures"]["rows"]
+    figures = json.loads(out.read_text())["figures"]
+    rows = figures["rows"]
     assert set(rows) == {"stock", *compression.AIM_RATIOS, *compression.kv_rows()}
     # The plugin at ratio 1 reads the stock prompt; 1/2 and 1/4 keep 8 and 4 of each image's 16 tokens.
     text_tokens = rows["stock"]["prompt_tokens"] - 4 * 16
@@ -35,5 +38,15 @@ def test_quick_bench_compares_aim_and_lookm_with_stock(tmp_path: Path) -> None:
     # 1024-token pools: fewer, larger requests at once without compression.
     assert rows["aim@1/4"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]
     assert rows["lookm"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]
+    # Every round visits every row once, in a shuffled order; each timed figure is the median of its samples.
+    assert len(figures["orders"]) == 2
+    assert all(sorted(order) == sorted(rows) for order in figures["orders"])
     for row in rows.values():
         assert row["ttft_ms"] > 0 and row["throughput_tokens_per_s"] > 0
+        for key in compression.TIMED:
+            spread = row["spread"][key]
+            assert len(spread["samples"]) == 2
+            values = [v for v in spread["samples"] if v is not None]
+            assert row[key] == spread["median"] == statistics.median(values)
+            assert spread["min"] == min(values) <= row[key] <= spread["max"] == max(values)
+    assert rows["aim@1"]["vs_stock"]["ttft_ms"] == rows["aim@1"]["ttft_ms"] / rows["stock"]["ttft_ms"]
