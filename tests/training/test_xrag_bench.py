@@ -27,3 +27,10 @@ def test_quick_bench_writes_every_mode_and_question_set(tmp_path: Path) -> None:
         # One token per document instead of its text: xRAG's prompt is shorter from the first document on.
         assert row["xrag"]["prompt_tokens"] < row["text"]["prompt_tokens"], row
         assert row["none"]["prompt_tokens"] < row["xrag"]["prompt_tokens"], row
+        assert row["xrag_over_text"]["ttft"] > 0, row
+    four, eight = figures["cost"]["4"], figures["cost"]["8"]
+    # Four more documents: framing plus one placeholder each in xRAG, whole documents as text.
+    assert (
+        eight["xrag"]["prompt_tokens"] - four["xrag"]["prompt_tokens"]
+        < (eight["text"]["prompt_tokens"] - four["text"]["prompt_tokens"]) / 2
+    )
