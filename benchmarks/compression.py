@@ -233,16 +233,19 @@ def _engine(path: Path, max_model_len: int, images: int, kind: str, kv_budget_to
 def measure(rows: dict[str, _Row], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Warm every row, then ``--rounds`` rounds over every row in a shuffled order; counts last."""
     rng = random.Random(args.seed)
+    started = time.perf_counter()
     for row in rows.values():
         _warm(row, args)
+    print(f"warm-up done in {time.perf_counter() - started:.0f} s", flush=True)
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     orders = []
-    for _ in range(args.rounds):
+    for index in range(args.rounds):
         order = list(rows)
         rng.shuffle(order)
         orders.append(order)
         for name in order:
             samples[name].append(_sample(rows[name], args))
+        print(f"round {index + 1}/{args.rounds} done at {time.perf_counter() - started:.0f} s: {order}", flush=True)
     figures = {name: _summary(samples[name]) for name in rows}
     order = list(rows)
     rng.shuffle(order)
