@@ -349,7 +349,10 @@ class _PortTaken(Exception):
     """The port was bound by another process first (we try another one)."""
 
 
-# The child's entry point, then `milvus-lite` itself. On Linux, a SIGINT (milvus-lite's clean stop) when its
+# The child's entry point, then `milvus-lite` itself. SIGINT is its stop signal whatever the starting process
+# did with it: a blocked SIGINT is inherited through exec (Ray starts its workers with it blocked) and an
+# ignored one makes Python install no handler; in CI, stops from the test process ran into the 30 s grace and
+# SIGKILL, not reproduced alone. On Linux, a SIGINT (milvus-lite's clean stop) when its
 # parent dies, so a killed `mmrag serve` leaves no server holding the data directory (PR_SET_PDEATHSIG follows
 # the parent *thread*: start servers from a thread that lives as long as they should). And gRPC without
 # SO_REUSEPORT, which it sets by default on Linux: with it a second server binds a port already served and
@@ -364,6 +367,8 @@ _SERIALIZED = (
 )
 _SHIM = """
 import os, signal, sys
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.platform.startswith("linux"):
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGINT)

@@ -182,3 +182,16 @@ def test_mmrag_serve_starts_one_joins_a_running_one_or_leaves_the_path_alone(lit
     assert start_lite_server(joining) is None and joining.retrieval.lite_server_uri == lite.uri
     for alone in (config(uri="http://127.0.0.1:19530"), config(uri=str(tmp_path / "x.db"), milvus_lite_server=False)):
         assert start_lite_server(alone) is None and alone.retrieval.lite_server_uri is None
+
+
+def test_a_server_started_with_sigint_blocked_still_stops_cleanly_on_sigint(tmp_path):
+    """A blocked SIGINT is inherited through exec (Ray starts its workers with it blocked); in CI something before
+    these tests left it blocked in the test process, and every Lite server it started ignored its stop signal
+    until the grace ran out and SIGKILL ended it. The server's entry point unblocks it (before the fix: -9)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        lite = LiteServer(tmp_path / "milvus.db")
+        lite.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert lite.stop(grace_s=20) == 0
