@@ -157,6 +157,23 @@ class LimitsConfig(_Strict):
         gt=0,
         description="Declared width x height summed over a request's images, checked before any is decoded.",
     )
+    max_videos_per_request: int = Field(
+        default=1,
+        ge=0,
+        description="video_url parts across all messages (models that take video only; 0 refuses them all).",
+    )
+    max_video_bytes: int = Field(
+        default=32 * 2**20,
+        gt=0,
+        description="Encoded size cap per video (a data: URL must also fit in max_request_bytes).",
+    )
+    max_video_frames: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Frames kept per video, sampled uniformly over it; each counts against "
+        "max_request_image_pixels and is downscaled as images are (image_downscale_pixels).",
+    )
     image_downscale_pixels: int = Field(
         default=2048 * 2048,
         gt=0,
@@ -173,7 +190,8 @@ class LimitsConfig(_Strict):
     max_content_parts: int = Field(
         default=1024,
         gt=0,
-        description="Content parts (text and image_url) over a request's messages, counted before validation.",
+        description="Content parts (text, image_url and video_url) over a request's messages, counted before "
+        "validation.",
     )
     max_tools: int = Field(default=128, gt=0, description="Function tools per chat request (OpenAI's own cap).")
     max_schema_bytes: int = Field(

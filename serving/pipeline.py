@@ -45,6 +45,7 @@ from mmrag.serving.openai.protocol import (
     CompressionOptions,
     ImagePart,
     TextPart,
+    VideoPart,
     format_error_location,
     json_object,
     new_completion_id,
@@ -63,6 +64,7 @@ from mmrag.serving.retrieval.protocol import (
     resolve_options,
 )
 from mmrag.serving.vector_stores.access import with_owner
+from mmrag.serving.video import VideoPolicy, load_videos, model_reads_video
 
 if TYPE_CHECKING:
     from mmrag.serving.retrieval.retriever import Embeddings
@@ -166,10 +168,12 @@ class ChatPipeline:
         completion_id = new_completion_id()
         check_limits(request, self.config)
         tools = plan_tools(request, self.config.model.tool_call_parser)
+        images = await self._load_images(request)
         generation = GenerationRequest(
             request_id=completion_id,
             messages=[template_message(m) for m in request.messages],
-            images=await self._load_images(request),
+            images=images,
+            videos=await self._load_videos(request, pixels_used=sum(i.width * i.height for i in images)),
             sampling=sampling_options(request, tools),
             compression=compression_settings(request.compression, self.config.compression),
             tools=tools.prompt_tools if tools else None,
@@ -217,6 +221,20 @@ class ChatPipeline:
             if isinstance(part, ImagePart)
         ]
         return await load_images(image_urls, ImagePolicy.from_limits(self.config.limits), self.offload)
+
+    async def _load_videos(self, request: ChatCompletionRequest, pixels_used: int) -> list[Any]:
+        """The request's videos as vLLM's video items, within what its images left of the pixel budget."""
+        video_urls = [
+            (f"messages[{i}].content[{j}].video_url.url", part.video_url.url)
+            for i, message in enumerate(request.messages)
+            if isinstance(message.content, list)
+            for j, part in enumerate(message.content)
+            if isinstance(part, VideoPart)
+        ]
+        if not video_urls:
+            return []
+        policy = VideoPolicy.from_limits(self.config.limits)
+        return await load_videos(video_urls, policy, self.offload, pixels_used=pixels_used)
 
     async def _retrieve(
         self, request: ChatCompletionRequest, generation: GenerationRequest, owner: str | None = None
@@ -398,7 +416,32 @@ def check_limits(request: ChatCompletionRequest, config: MmragConfig) -> None:
             f"{num_images} images in the request; at most {limits.max_images_per_request} are accepted",
             param="messages",
         )
+    check_videos(request, config)
     check_prompt_chars(request, config)
+
+
+def check_videos(request: ChatCompletionRequest, config: MmragConfig) -> None:
+    """Before anything is fetched: the served model takes video, and the request sends no more than allowed."""
+    videos = [
+        f"messages[{i}].content[{j}].video_url"
+        for i, message in enumerate(request.messages)
+        if isinstance(message.content, list)
+        for j, part in enumerate(message.content)
+        if isinstance(part, VideoPart)
+    ]
+    if not videos:
+        return
+    if not model_reads_video(config.model.name, config.model.path):
+        raise InvalidRequestError(
+            f"the served model ({config.model.served_name}) does not take video input; send no video_url parts",
+            param=videos[0],
+        )
+    limit = config.limits.max_videos_per_request
+    if len(videos) > limit:
+        raise InvalidRequestError(
+            f"{len(videos)} videos in the request; at most {limit} are accepted (limits.max_videos_per_request)",
+            param=videos[limit],
+        )
 
 
 # No tokenizer averages more characters per token over a whole prompt (English text: about 4).
@@ -443,12 +486,18 @@ def compression_settings(options: CompressionOptions | None, config: Compression
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
-    """OpenAI message -> chat-template message (``image_url`` parts become bare ``{"type": "image"}``)."""
+    """OpenAI message -> chat-template message (``image_url`` parts become bare ``{"type": "image"}``,
+    ``video_url`` parts ``{"type": "video"}``)."""
     role = "system" if message.role == "developer" else message.role
     if not isinstance(message.content, list):
         return {"role": role, "content": message.content or "", **template_tool_fields(message)}
     parts = [
-        {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in message.content
+        {"type": "image"}
+        if isinstance(p, ImagePart)
+        else {"type": "video"}
+        if isinstance(p, VideoPart)
+        else {"type": "text", "text": p.text}
+        for p in message.content
     ]
     return {"role": role, "content": parts, **template_tool_fields(message)}
 

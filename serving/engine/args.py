@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
+from mmrag.serving.video import model_reads_video
 from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, QWEN_VL_ARCHITECTURE, aim_overrides
 from mmrag.serving.vllm_plugin.kv.plan import deployment_method_config
 
@@ -43,6 +44,8 @@ def engine_kwargs(config: MmragConfig, model_path: str) -> dict[str, Any]:
         "disable_log_stats": False,  # keeps vLLM's Prometheus metrics on
         **config.engine.engine_kwargs,
     }
+    if model_reads_video(config.model.name, model_path) and "video" not in kwargs["limit_mm_per_prompt"]:
+        kwargs["limit_mm_per_prompt"] = {**kwargs["limit_mm_per_prompt"], "video": config.limits.max_videos_per_request}
     if aim_enabled(config, model_path):
         kwargs["hf_overrides"] = {
             **(kwargs.get("hf_overrides") or {}),

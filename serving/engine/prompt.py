@@ -19,7 +19,7 @@ from mmrag.serving.engine.tool_prompt import reject_special_tool_text, render_to
 from mmrag.serving.errors import InvalidRequestError
 from mmrag.serving.retrieval.config import TextRagConfig
 from mmrag.serving.retrieval.protocol import RetrievalResult, build_text_rag_messages
-from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY
+from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, aim_kept_tokens
 from mmrag.serving.xrag.projector import XRAG_TOKEN, read_card
 
 __all__ = [
@@ -49,6 +49,7 @@ class PromptBuilder:
         self.specials = special_tokens(self._tokenizer)
         self.modality_tokens = modality_tokens(self._tokenizer, getattr(llm.model_config, "hf_config", None))
         self.accepts_images = bool(llm.model_config.is_multimodal_model)
+        self.accepts_videos = self.accepts_images and "video" in supported_modalities(llm)
         self.xrag_layout = xrag_layout(config)
 
     async def engine_input(self, request: GenerationRequest) -> dict[str, Any]:
@@ -60,6 +61,12 @@ class PromptBuilder:
         if request.images and not self.accepts_images:
             raise InvalidRequestError(
                 f"the served model ({self._config.model.served_name}) reads text only; send no image_url parts",
+                param="messages",
+            )
+        if request.videos and not self.accepts_videos:
+            raise InvalidRequestError(
+                f"the served model ({self._config.model.served_name}) does not take video input; send no "
+                "video_url parts",
                 param="messages",
             )
         retrieval = request.retrieval
@@ -125,8 +132,9 @@ class PromptBuilder:
         return text, np.asarray([chunk.vector for chunk in retrieval.chunks[:used]], dtype=np.float32)
 
     def _image_token_surplus(self, request: GenerationRequest) -> int:
-        """Tokens vLLM adds to the text's by expanding each one-token image placeholder (after AIM's merge)."""
-        if not request.images:
+        """Tokens vLLM adds to the text's by expanding each one-token image (and video) placeholder (after
+        AIM's merge)."""
+        if not request.images and not request.videos:
             return 0
         info = self._llm.renderer.get_mm_processor().info
         ratio = {"keep_ratio": request.compression.aim_keep_ratio} if self._aim else {}
@@ -134,7 +142,9 @@ class PromptBuilder:
             info.get_num_image_tokens(image_width=image.width, image_height=image.height, **ratio)
             for image in request.images
         )
-        return expanded - len(request.images)
+        keep = request.compression.aim_keep_ratio if self._aim else None
+        expanded += sum(video_tokens(info, frames, keep) for frames, _ in request.videos)
+        return expanded - len(request.images) - len(request.videos)
 
     def chat_text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         messages, tools = render_tools(messages, tools, self._chat_template)
@@ -154,10 +164,15 @@ class PromptBuilder:
             prompt["multi_modal_data"] = {"retrieval": vectors}
         if request.images:
             prompt["multi_modal_data"] = {**prompt.get("multi_modal_data", {}), "image": request.images}
-            if self._aim:
-                # Always explicit: the ratio is then part of every image's hash (processor, encoder and
-                # prefix caches), whatever the deployment default.
-                prompt["mm_processor_kwargs"] = {KEEP_RATIO_KEY: request.compression.aim_keep_ratio}
+        if request.videos:
+            prompt["multi_modal_data"] = {**prompt.get("multi_modal_data", {}), "video": request.videos}
+        if (request.images or request.videos) and self._aim:
+            # Always explicit: the ratio is then part of every image's hash (processor, encoder and
+            # prefix caches), whatever the deployment default.
+            prompt["mm_processor_kwargs"] = {KEEP_RATIO_KEY: request.compression.aim_keep_ratio}
+        if request.videos:
+            # The frames were sampled at the ingress: the processor takes each one as given.
+            prompt["mm_processor_kwargs"] = {**prompt.get("mm_processor_kwargs", {}), "do_sample_frames": False}
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
         except AssertionError as exc:  # vLLM asserts placeholder/item agreement while processing input
@@ -179,6 +194,28 @@ class PromptBuilder:
                         f"messages[{i}] contains the tokenizer's reserved {kind} {token!r}",
                         param=f"messages[{i}].content",
                     )
+
+
+def supported_modalities(llm: Any) -> set[str]:
+    """The input modalities the engine's model takes (``image``, ``video``, ...)."""
+    try:
+        return set(llm.renderer.get_mm_processor().info.get_supported_mm_limits())
+    except Exception:  # a model with no multimodal processor
+        return set()
+
+
+def video_tokens(info: Any, frames: Any, keep_ratio: float | None) -> int:
+    """Placeholder tokens a video's ``(T, H, W, 3)`` frames expand to: the processor's stock count, or with
+    AIM (``keep_ratio``) each temporal patch's tokens merged to ``ceil(tokens x ratio)``, as the plugin does."""
+    num_frames, height, width = frames.shape[:3]
+    processor = info.get_image_processor()
+    full = info.get_num_video_tokens(
+        image_width=width, image_height=height, num_frames=num_frames, image_processor=processor, mm_kwargs={}
+    )
+    if keep_ratio is None:
+        return full
+    steps = -(-num_frames // info.get_hf_config().vision_config.temporal_patch_size)
+    return steps * aim_kept_tokens(full // steps, keep_ratio)
 
 
 def placeholder_tokens(tokenizer: Any) -> list[str]:

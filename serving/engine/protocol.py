@@ -81,13 +81,16 @@ class GenerationRequest:
 
     ``messages`` are in the form chat templates take: ``content`` is a string or a list of
     ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` parts; ``images`` holds the decoded images
-    in the order their parts appear. ``prompt`` (legacy completions) is a raw text prompt instead: sent to
+    in the order their parts appear, ``videos`` the decoded videos as vLLM's video items (``(frames, metadata)``:
+    a ``(T, H, W, 3)`` uint8 RGB array and the metadata of :func:`mmrag.serving.video.decode_video`), behind
+    ``{"type": "video"}`` parts. ``prompt`` (legacy completions) is a raw text prompt instead: sent to
     the model as it is, with no chat template, images or retrieval (``messages`` is then empty).
     """
 
     request_id: str
     messages: list[dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
+    videos: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Text RAG: the engine inserts these chunks into the prompt, within what its context leaves free.
     retrieval: RetrievalResult | None = None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.engine.args import aim_enabled, build_engine_args
-from mmrag.serving.engine.prompt import PromptBuilder, load_chat_template
+from mmrag.serving.engine.prompt import PromptBuilder, load_chat_template, video_tokens
 from mmrag.serving.engine.protocol import (
     CompressionCounts,
     CompressionSettings,
@@ -30,7 +30,7 @@ from mmrag.serving.engine.protocol import (
 )
 from mmrag.serving.errors import EngineUnavailableError, InvalidRequestError
 from mmrag.serving.metrics import engine_stat_loggers
-from mmrag.serving.vllm_plugin.kv.plan import plan_compaction, request_extra_args
+from mmrag.serving.vllm_plugin.kv.plan import VISUAL_MODALITIES, plan_compaction, request_extra_args
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -117,15 +117,17 @@ class VllmEngine(Engine):
             )
 
     def _compression_counts(self, engine_input: dict[str, Any], request: GenerationRequest) -> CompressionCounts | None:
-        """Image placeholders in the prompt and unmerged; prompt KV entries and how many the KV method keeps.
+        """Image (and video) placeholders in the prompt and unmerged; prompt KV entries and how many the KV
+        method keeps.
 
         The kept count comes from the rule the scheduler and the worker apply to the same prompt
         (:func:`~mmrag.serving.vllm_plugin.kv.plan.plan_compaction`): one fresh prefill per prompt, which
         the deployment guarantees by turning chunked prefill off.
         """
-        if not request.images:
+        if not request.images and not request.videos:
             return None
-        spans = [(p.offset, p.length) for p in engine_input.get("mm_placeholders", {}).get("image", [])]
+        placeholders = engine_input.get("mm_placeholders", {})
+        spans = [(p.offset, p.length) for modality in VISUAL_MODALITIES for p in placeholders.get(modality, [])]
         after = sum(length for _, length in spans)
         info = self._llm.renderer.get_mm_processor().info
         before = after  # stock vLLM class: no merge
@@ -134,6 +136,7 @@ class VllmEngine(Engine):
                 info.get_full_image_tokens(image_width=image.width, image_height=image.height)
                 for image in request.images
             )
+            before += sum(video_tokens(info, frames, None) for frames, _ in request.videos)
         prompt_len = len(engine_input["prompt_token_ids"])
         method = request.compression.kv if self._kv_compaction else None
         plan = plan_compaction(method, prompt_len=prompt_len, spans=spans)

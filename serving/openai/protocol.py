@@ -77,7 +77,18 @@ class ImagePart(_Part):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Part):
+    url: str = Field(min_length=1, description="A data: URL (data:video/mp4;base64,...) or an http(s) URL.")
+
+
+class VideoPart(_Part):
+    """A video (vLLM's OpenAI server's ``video_url`` part): frames sampled up to ``limits.max_video_frames``."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -114,9 +125,13 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _images_only_from_users(self) -> ChatMessage:
-        images = isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
-        if images and self.role != "user":
-            raise ValueError(f"image_url parts are only accepted in user messages, not {self.role}")
+        media = (
+            [p.type for p in self.content if isinstance(p, ImagePart | VideoPart)]
+            if isinstance(self.content, list)
+            else []
+        )
+        if media and self.role != "user":
+            raise ValueError(f"{media[0]} parts are only accepted in user messages, not {self.role}")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls and self.role != "assistant":

@@ -35,6 +35,7 @@ LAYERS = {
     "mmrag.serving.xrag": 2,
     "mmrag.serving.vllm_plugin": 2,
     "mmrag.serving.media": 2,
+    "mmrag.serving.video": 2,
     "mmrag.serving.metrics": 2,
     "mmrag.serving.models": 2,
     "mmrag.serving.models.registry": 1,  # names and import paths: the config validates model.name
