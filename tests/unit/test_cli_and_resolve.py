@@ -67,7 +67,8 @@ def test_a_registered_model_is_prepared_once_into_the_cache_with_a_manifest(tmp_
 
 
 def test_an_unknown_model_name_is_a_config_error_naming_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown model 'smoll'; registered: smol, smol-lm, tiny-mllm, ") as caught:
+    registered = r"registered: smol, smol-lm, tiny-llava-onevision, tiny-mllm, "
+    with pytest.raises(ValueError, match=r"unknown model 'smoll'; " + registered) as caught:
         ModelConfig(name="smoll")
     assert "tiny-qwen2.5-vl, tiny-random" in str(caught.value)
     assert ModelConfig(name="tiny-random").served_name == "mmrag-tiny-llava"
