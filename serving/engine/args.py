@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmrag.serving.config import MmragConfig
 from mmrag.serving.video import model_reads_video
-from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, QWEN_VL_ARCHITECTURE, aim_overrides
+from mmrag.serving.vllm_plugin.aim import KEEP_RATIO_KEY, ONEVISION_ARCHITECTURE, QWEN_VL_ARCHITECTURE, aim_overrides
 from mmrag.serving.vllm_plugin.kv.plan import deployment_method_config
 
 if TYPE_CHECKING:
@@ -85,10 +85,12 @@ def aim_enabled(config: MmragConfig, model_path: str) -> bool:
     tower = (hf_config.get("vision_config") or {}).get("model_type", "clip_vision_model")  # HF's LLaVA default
     supported = any(a in AIM_BASE_ARCHITECTURES for a in architectures) and tower in AIM_VISION_TOWERS
     supported |= QWEN_VL_ARCHITECTURE in architectures  # its own tower and merger (vllm_plugin.qwen_vl)
+    supported |= ONEVISION_ARCHITECTURE in architectures  # SigLIP and anyres tiles (vllm_plugin.onevision)
     if not supported and config.compression.aim_keep_ratio < 1.0:
         raise ValueError(
             f"compression.aim_keep_ratio: AIM supports {list(AIM_BASE_ARCHITECTURES)} with "
-            f"{list(AIM_VISION_TOWERS)} and {QWEN_VL_ARCHITECTURE}, the checkpoint is {architectures} with {tower!r}"
+            f"{list(AIM_VISION_TOWERS)}, {QWEN_VL_ARCHITECTURE} and {ONEVISION_ARCHITECTURE}, "
+            f"the checkpoint is {architectures} with {tower!r}"
         )
     return supported
 

@@ -14,6 +14,9 @@ Registered (pinned to vLLM 0.32):
 - ``AimQwen2_5_VLForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.qwen_vl.AimQwen2_5_VL`:
   Qwen2.5-VL with the same merge per image and per video frame, its M-RoPE positions laid out by
   ``hf_overrides["aim_positions"]`` (``contiguous`` or ``spread``).
+- ``AimLlavaOnevisionForConditionalGeneration`` ->
+  :class:`mmrag.serving.vllm_plugin.onevision.AimLlavaOnevision`: LLaVA-OneVision with the same merge per
+  image (base view, anyres tiles and their newlines as one sequence), positions consecutive.
 - ``XragLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragLlava`: the AIM model
   plus xRAG's ``retrieval`` modality (one ``<xrag>`` token per retrieved document, embedded as
   ``projector(vector)`` inside the model), configured by ``hf_overrides["xrag_projector"]`` (a projector
@@ -25,16 +28,25 @@ KV compaction (LOOK-M and the other KV methods) is not a model class but a sched
 
 from __future__ import annotations
 
-__all__ = ["AIM_ARCHITECTURE", "AIM_QWEN_ARCHITECTURE", "MODELS", "XRAG_ARCHITECTURE", "register"]
+__all__ = [
+    "AIM_ARCHITECTURE",
+    "AIM_ONEVISION_ARCHITECTURE",
+    "AIM_QWEN_ARCHITECTURE",
+    "MODELS",
+    "XRAG_ARCHITECTURE",
+    "register",
+]
 
 AIM_ARCHITECTURE = "AimLlavaForConditionalGeneration"
 AIM_QWEN_ARCHITECTURE = "AimQwen2_5_VLForConditionalGeneration"
+AIM_ONEVISION_ARCHITECTURE = "AimLlavaOnevisionForConditionalGeneration"
 XRAG_ARCHITECTURE = "XragLlavaForConditionalGeneration"
 # Architecture name -> "module:Class", imported lazily by vLLM's model registry.
 MODELS = {
     AIM_ARCHITECTURE: "mmrag.serving.vllm_plugin.model:AimLlava",
     XRAG_ARCHITECTURE: "mmrag.serving.vllm_plugin.xrag:XragLlava",
     AIM_QWEN_ARCHITECTURE: "mmrag.serving.vllm_plugin.qwen_vl:AimQwen2_5_VL",
+    AIM_ONEVISION_ARCHITECTURE: "mmrag.serving.vllm_plugin.onevision:AimLlavaOnevision",
 }
 
 

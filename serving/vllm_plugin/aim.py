@@ -29,6 +29,7 @@ from mmrag.kernels.token_merge import merge_tokens, spread_positions
 __all__ = [
     "DEFAULT_KEEP_RATIO",
     "KEEP_RATIO_KEY",
+    "ONEVISION_ARCHITECTURE",
     "QWEN_VL_ARCHITECTURE",
     "aim_kept_tokens",
     "aim_merge",
@@ -46,6 +47,8 @@ __all__ = [
 DEFAULT_KEEP_RATIO = 1.0
 # The checkpoint architecture served by the plugin's Qwen2.5-VL class (the others are LLaVA).
 QWEN_VL_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+# The checkpoint architecture served by the plugin's LLaVA-OneVision class.
+ONEVISION_ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 # The per-request ``mm_processor_kwargs`` key and the ``hf_config`` attribute (deployment default).
 KEEP_RATIO_KEY = "aim_keep_ratio"
 # Slack for ratios such as 0.3 whose product with T lands a rounding error above an integer.
@@ -231,9 +234,13 @@ def aim_overrides(model_path: str | Path, keep_ratio: float, positions: str = "c
     and the positions: for LLaVA with ``positions="spread"`` the M-RoPE section (:func:`rope_overrides`), for
     Qwen2.5-VL the layout by name. Every vLLM process sees them: the frontend's processor and the workers'
     model."""
-    from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE, AIM_QWEN_ARCHITECTURE
+    from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE, AIM_ONEVISION_ARCHITECTURE, AIM_QWEN_ARCHITECTURE
 
     hf_config = json.loads((Path(model_path) / "config.json").read_text())
+    if ONEVISION_ARCHITECTURE in (hf_config.get("architectures") or []):
+        if positions != "contiguous":
+            raise ValueError("compression.aim_positions: LLaVA-OneVision takes 'contiguous' only")
+        return {"architectures": [AIM_ONEVISION_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio}
     if QWEN_VL_ARCHITECTURE in (hf_config.get("architectures") or []):
         # M-RoPE natively: the layout is the model's own setting (AimQwen2_5_VL.get_mrope_input_positions).
         return {"architectures": [AIM_QWEN_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio, "aim_positions": positions}
