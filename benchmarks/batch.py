@@ -8,8 +8,10 @@ each in its own process so engines never compete for the CPU:
 - ``vllm_llm_chat``: vLLM's offline ``LLM.chat`` on the same messages and chat template, the ceiling;
 - ``server_one_by_one``: ``mmrag serve`` on loopback, the same requests sent one after another.
 
-Each timing starts once its engine is up and warmed (a few requests) and covers only the answering;
-each phase answers its requests ``repeats`` times and reports the median (the machine may be shared).
+Each timing starts once its engine is up and warmed (a few requests) and covers only the answering.
+The phases run in ``--rounds`` rounds, each round visiting the three in an order shuffled with ``--seed``
+(a fixed order would hand its drift in machine load and caches to one phase); a phase's figure is the
+median over its rounds, with the range (``seconds_spread``).
 Figures: requests/s and completion tokens/s of each, and the ratios ``batch_over_llm_chat`` (target
 >= 0.85) and ``batch_over_server`` (target >= 3). Greedy decoding makes the batch and ``LLM.chat``
 produce the same tokens, checked as ``outputs_match``.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,8 @@ class Settings:
     max_tokens: int = 16
     concurrency: int | None = None  # None: mmrag batch's default
     warmup: int = 4
-    repeats: int = 3
+    rounds: int = 3
+    seed: int = 0
     server_start_timeout_s: float = 600.0
 
 
@@ -62,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="mmrag batch in-flight requests (default: mmrag batch's)."
     )
+    parser.add_argument("--rounds", type=int, default=None, help="Rounds over the three phases (3).")
+    parser.add_argument("--seed", type=int, default=None, help="Shuffles the phase order of each round (0).")
 
 
 def make_bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
@@ -78,10 +82,16 @@ def make_bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmrag.benchmarks.common import plot_path, write_result
+    from mmrag.benchmarks.common import plot_path, shuffled_rounds, write_result
 
     settings = QUICK if args.quick else FULL
-    overrides = {"requests": args.requests, "server_requests": args.server_requests, "concurrency": args.concurrency}
+    overrides = {
+        "requests": args.requests,
+        "server_requests": args.server_requests,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "seed": args.seed,
+    }
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if settings.concurrency is None:
         from mmrag.serving.batch.job import BatchOptions
@@ -92,12 +102,15 @@ def run(args: argparse.Namespace) -> int:
     (workdir / "bodies.json").write_text(json.dumps(bodies))
     (workdir / "config.json").write_text(json.dumps(CONFIG))
 
-    phases = {}
-    for phase in ("mmrag_batch", "vllm_llm_chat", "server_one_by_one"):
-        print(f"phase {phase} ...", flush=True)
-        phases[phase] = run_phase(phase, workdir, settings)
-        print(f"phase {phase}: {phases[phase]['requests']} requests in {phases[phase]['seconds']:.2f} s", flush=True)
-    figures = summarise(phases)
+    orders = shuffled_rounds(list(PHASES), settings.rounds, settings.seed)
+    samples: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASES}
+    for index, order in enumerate(orders):
+        for phase in order:
+            print(f"round {index + 1}/{settings.rounds}: phase {phase} ...", flush=True)
+            samples[phase].append(run_phase(phase, workdir, settings))
+            print(f"phase {phase}: {samples[phase][-1]['seconds']:.2f} s", flush=True)
+    figures = summarise({phase: merge_rounds(runs) for phase, runs in samples.items()})
+    figures["orders"] = orders
     path = write_result("batch", figures, {**asdict(settings), "engine": CONFIG["engine"]}, args.out)
     _plot(plot_path(path), figures)
     print(json.dumps({k: v for k, v in figures.items() if k != "phases"}, indent=2))
@@ -105,8 +118,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One phase's rounds as one: the median time with its range; the first round's answers and counts."""
+    from mmrag.benchmarks.common import spread
+
+    seconds = [run["seconds"] for run in runs]
+    summary = spread(seconds)
+    return {**runs[0], "seconds": summary["median"], "seconds_spread": summary, "seconds_samples": seconds}
+
+
 def summarise(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    rates = {name: p["requests"] / p["seconds"] for name, p in phases.items()}  # seconds: the median repeat
+    rates = {name: p["requests"] / p["seconds"] for name, p in phases.items()}  # seconds: the median round
     batch_texts, chat_texts = phases["mmrag_batch"].pop("texts"), phases["vllm_llm_chat"].pop("texts")
     return {
         "requests_per_s": rates,
@@ -160,23 +182,20 @@ def phase_mmrag_batch(workdir: Path, settings: Settings) -> dict[str, Any]:
                 summary.add(answer)
                 records[answer["custom_id"]] = answer
 
-            samples = []
-            for _ in range(settings.repeats):
-                started = time.perf_counter()
-                await answer_all(lines, chain.answer, record, concurrency)
-                samples.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await answer_all(lines, chain.answer, record, concurrency)
+            elapsed = time.perf_counter() - started
         await engine.shutdown()
-        return samples
+        return elapsed
 
-    samples = asyncio.run(measure())
+    seconds = asyncio.run(measure())
     if summary.failed:
         raise RuntimeError(f"{summary.failed} batch requests failed; see {workdir / 'batch-output.jsonl'}")
     texts = [records[f"r{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(len(lines))]
     return {
         "requests": len(lines),
-        "seconds": statistics.median(samples),
-        "seconds_samples": samples,
-        "completion_tokens": summary.completion_tokens // settings.repeats,
+        "seconds": seconds,
+        "completion_tokens": summary.completion_tokens,
         "texts": texts,
     }
 
@@ -203,15 +222,12 @@ def phase_vllm_llm_chat(workdir: Path, settings: Settings) -> dict[str, Any]:
     conversations = [body["messages"] for body in json.loads((workdir / "bodies.json").read_text())]
     params = SamplingParams(temperature=0, max_tokens=settings.max_tokens)
     llm.chat(conversations[: settings.warmup], params, chat_template=template, use_tqdm=False)
-    samples = []
-    for _ in range(settings.repeats):
-        started = time.perf_counter()
-        outputs = llm.chat(conversations, params, chat_template=template, use_tqdm=False)
-        samples.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    outputs = llm.chat(conversations, params, chat_template=template, use_tqdm=False)
+    seconds = time.perf_counter() - started
     return {
         "requests": len(outputs),
-        "seconds": statistics.median(samples),
-        "seconds_samples": samples,
+        "seconds": seconds,
         "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
         "texts": [o.outputs[0].text for o in outputs],
     }
@@ -236,19 +252,17 @@ def phase_server_one_by_one(workdir: Path, settings: Settings) -> dict[str, Any]
     ):
         for body in bodies[: settings.warmup]:
             client.post("/v1/chat/completions", json=body).raise_for_status()
-        samples, completion_tokens = [], 0
-        for _ in range(settings.repeats):
-            started = time.perf_counter()
-            for body in bodies:
-                response = client.post("/v1/chat/completions", json=body)
-                response.raise_for_status()
-                completion_tokens += response.json()["usage"]["completion_tokens"]
-            samples.append(time.perf_counter() - started)
+        completion_tokens = 0
+        started = time.perf_counter()
+        for body in bodies:
+            response = client.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            completion_tokens += response.json()["usage"]["completion_tokens"]
+        seconds = time.perf_counter() - started
     return {
         "requests": len(bodies),
-        "seconds": statistics.median(samples),
-        "seconds_samples": samples,
-        "completion_tokens": completion_tokens // settings.repeats,
+        "seconds": seconds,
+        "completion_tokens": completion_tokens,
     }
 
 
@@ -257,10 +271,15 @@ def _plot(path: Path, figures: dict[str, Any]) -> None:
 
     plt = pyplot()
     rates = figures["requests_per_s"]
+    phases = figures["phases"]
+    # The range over rounds: the slowest and fastest round's rate around the median's.
+    below = [rates[n] - phases[n]["requests"] / phases[n]["seconds_spread"]["max"] for n in rates]
+    above = [phases[n]["requests"] / phases[n]["seconds_spread"]["min"] - rates[n] for n in rates]
     fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(list(rates), list(rates.values()), color=["tab:blue", "tab:gray", "tab:orange"])
+    colours = ["tab:blue", "tab:gray", "tab:orange"]
+    bars = ax.bar(list(rates), list(rates.values()), yerr=[below, above], capsize=4, color=colours)
     ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel("requests / s")
+    ax.set_ylabel(f"requests / s (median of {len(figures['orders'])} rounds, range)")
     ax.set_title(
         f"batch / LLM.chat = {figures['batch_over_llm_chat']:.2f}x (target 0.85), "
         f"batch / server = {figures['batch_over_server']:.1f}x (target 3)",

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +106,29 @@ def write_result(name: str, figures: dict[str, Any], config: dict[str, Any], out
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def shuffled_rounds(names: Sequence[str], rounds: int, seed: int) -> list[list[str]]:
+    """Per round, every name once in an order shuffled with ``seed``.
+
+    Systems compared in a fixed order carry the order's bias into every ratio (the first one warms caches,
+    the machine's load drifts): interleaved rounds spread it over all of them, and the seed makes a run
+    repeatable.
+    """
+    rng = random.Random(seed)
+    order = []
+    for _ in range(rounds):
+        names_now = list(names)
+        rng.shuffle(names_now)
+        order.append(names_now)
+    return order
+
+
+def spread(values: Sequence[float]) -> dict[str, float] | None:
+    """A figure's median across rounds with its range (``None`` without samples)."""
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def plot_path(json_path: Path) -> Path:

@@ -43,7 +43,6 @@ import itertools
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -247,6 +246,8 @@ def summarize_point(
 
 def aggregate(points: list[dict[str, Any]], systems: tuple[str, ...], concurrencies: tuple[int, ...]) -> dict:
     """Per system and concurrency: every metric's median over rounds with min and max, and the validity."""
+    from mmrag.benchmarks.common import spread
+
     summary: dict[str, Any] = {}
     for system in systems:
         per_c: dict[str, Any] = {}
@@ -257,9 +258,7 @@ def aggregate(points: list[dict[str, Any]], systems: tuple[str, ...], concurrenc
             entry: dict[str, Any] = {"rounds": len(rows), "all_valid": all(r["valid"] for r in rows)}
             for metric in METRICS:
                 values = [r[metric] for r in rows if r.get(metric) is not None]
-                entry[metric] = (
-                    {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
-                )
+                entry[metric] = spread(values)
             entry["concurrency_reached_min"] = min(r["concurrency_reached"] for r in rows)
             entry["errors"] = sum(r["errors"] for r in rows)
             per_c[str(c)] = entry
@@ -736,13 +735,9 @@ def stage_breakdown(before: dict[str, float], after: dict[str, float], result: d
 
 def plan(settings: Settings) -> list[list[str]]:
     """Per round, the systems in an order shuffled with the seed."""
-    rng = random.Random(settings.seed)
-    rounds = []
-    for _ in range(settings.rounds):
-        order = list(settings.systems)
-        rng.shuffle(order)
-        rounds.append(order)
-    return rounds
+    from mmrag.benchmarks.common import shuffled_rounds
+
+    return shuffled_rounds(settings.systems, settings.rounds, settings.seed)
 
 
 async def benchmark(settings: Settings, logs: Path) -> dict[str, Any]:
