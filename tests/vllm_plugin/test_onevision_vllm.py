@@ -1,0 +1,275 @@
+"""LLaVA-OneVision through the plugin (``AimLlavaOnevision`` + the KV worker), on the tiny random
+LLaVA-OneVision, fp32.
+
+- stock vLLM serves the checkpoint natively (anyres: base view, unpadded tile grid, one newline per row);
+- at keep ratio 1 the plugin's prompts, greedy tokens and log-probabilities equal stock vLLM's, bit for bit;
+- AIM (ratios 1/2 and 1/4, per request) shrinks each image's packed tokens, newlines included, to
+  ``ceil(T x ratio)`` placeholders and decodes as the reference (transformers' LLaVA-OneVision with AIM's
+  merge of the same packed tokens);
+- LOOK-M (per request) keeps the planned count of the image spans vLLM's multimodal features give, frees
+  the tail blocks, and decodes as the reference over the kept entries.
+
+One stock engine (started, used and shut down first) and one plugin engine, whose core runs in this process
+so that the tests can read its scheduler; few prompts and few tokens (CI time).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from mmrag.kernels.methods.lookm import LookM
+from tests.vllm_plugin.conftest import noise_picture
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+BLOCK_SIZE = 32  # the CPU attention backend takes multiples of 32
+IMAGE = 3  # <image> in the tiny LLaVA-OneVision's vocabulary
+LOOKM = LookM(image_budget=0.25, score_from="chunked")
+# (text, image sizes (height, width)): 112x112 is the base view's 16 tokens + an 8x8 tile grid + 8 newlines (88);
+# 84x112 is unpadded to 6x8 rows (16 + 48 + 6 = 70); 56x56 one tile (16 + 16 + 4 = 36); 56x112 1x2 tiles (52).
+PROMPTS = [
+    ("Describe the picture.", [(112, 112)]),
+    ("Which of the two is brighter?", [(84, 112), (56, 56)]),
+    ("and this one, wide", [(56, 112)]),
+]
+STOCK_TOKENS = [[88], [70, 36], [52]]
+# fp32 on both sides; the measured max |difference| is printed by the parity tests.
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_onevision_path(tmp_path_factory: pytest.TempPathFactory):
+    from mmrag.serving.models.tiny_onevision import make_tiny_onevision
+
+    return make_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"))
+
+
+def _messages(text: str, sizes: list[tuple[int, int]]) -> list[dict]:
+    return [{"role": "user", "content": [*({"type": "image"} for _ in sizes), {"type": "text", "text": text}]}]
+
+
+def _images(sizes: list[tuple[int, int]], seed: int):
+    return [noise_picture(seed + i, h, w) for i, (h, w) in enumerate(sizes)]
+
+
+def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    prompts = []
+    for i, (text, sizes) in enumerate(PROMPTS):
+        prompt = {
+            "prompt": processor.apply_chat_template(_messages(text, sizes), add_generation_prompt=True),
+            "multi_modal_data": {"image": _images(sizes, 10 * i)},
+        }
+        if mm_kwargs:
+            prompt["mm_processor_kwargs"] = mm_kwargs
+        prompts.append(prompt)
+    return prompts
+
+
+def _params(extra_args: dict | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0, extra_args=extra_args)
+
+
+def _chosen_logprobs(choice) -> torch.Tensor:
+    return torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+
+
+def _engine_kwargs(path, **compression) -> dict:
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.engine.args import engine_kwargs
+
+    config = MmragConfig.model_validate(
+        {
+            "engine": {
+                "max_model_len": 1024,
+                "dtype": "float32",
+                "engine_kwargs": {"block_size": BLOCK_SIZE, "limit_mm_per_prompt": {"image": 2, "video": 0}},
+            },
+            "compression": compression,
+        }
+    )
+    return engine_kwargs(config, str(path))
+
+
+def _in_process(cls, **kwargs):
+    """An engine whose core runs in this process (as the plugin's, whose scheduler the tests read)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        return cls(**kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
+@pytest.fixture(scope="module")
+def stock_outputs(tiny_onevision_path):
+    """Stock vLLM (its own LLaVA-OneVision class) on PROMPTS; shut down before the plugin starts."""
+    from vllm import LLM
+
+    # The plugin engine's arguments without the plugin (its class, scheduler, worker): the same batching.
+    kwargs = _engine_kwargs(tiny_onevision_path, lookm={"enabled": True})
+    for name in ("hf_overrides", "scheduler_cls", "worker_cls", "additional_config"):
+        kwargs.pop(name)
+    llm = _in_process(LLM, **kwargs)
+    try:
+        outputs = llm.generate(_prompts(tiny_onevision_path), _params(), use_tqdm=False)
+        architecture = llm.llm_engine.model_config.architectures
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return outputs, architecture
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onevision_path, stock_outputs):
+    """The plugin: AIM at deployment ratio 1, the KV worker with no default method (requests choose)."""
+    from vllm import LLM
+
+    kwargs = _engine_kwargs(tiny_onevision_path, lookm={"enabled": True, "image_budget": 0.25})
+    kwargs["additional_config"] = {}  # no deployment method: each test's requests name theirs
+    llm = _in_process(LLM, **kwargs)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_onevision_path):
+    """``reference(index, **settings)``: the reference's greedy decoding of ``PROMPTS[index]``."""
+    from transformers import AutoProcessor
+
+    from mmrag.kernels.reference.onevision import OnevisionReference
+
+    processor = AutoProcessor.from_pretrained(tiny_onevision_path)
+    model = OnevisionReference.from_pretrained(tiny_onevision_path).model
+
+    def run(index: int, **settings):
+        text, sizes = PROMPTS[index]
+        prompt = processor.apply_chat_template(_messages(text, sizes), add_generation_prompt=True)
+        pixels = processor.image_processor(_images(sizes, 10 * index), return_tensors="pt")
+        ids = torch.tensor(processor.tokenizer(prompt)["input_ids"])  # one <image> per image, unexpanded
+        engine = OnevisionReference(model, **settings)
+        return engine.generate(ids, pixels["pixel_values"], pixels["image_sizes"], STEPS)
+
+    return run
+
+
+def test_stock_vllm_serves_the_checkpoint_natively(stock_outputs, reference) -> None:
+    outputs, architecture = stock_outputs
+    assert architecture == ["LlavaOnevisionForConditionalGeneration"]
+    for index, (out, tokens) in enumerate(zip(outputs, STOCK_TOKENS, strict=True)):
+        assert out.prompt_token_ids.count(IMAGE) == sum(tokens)
+        assert len(out.outputs[0].token_ids) == STEPS
+        # The reference packs the same tokens per image (its own transformers code) and decodes alike.
+        expected = reference(index)
+        assert expected.image_tokens == tokens and expected.prompt_len == len(out.prompt_token_ids)
+        assert list(out.outputs[0].token_ids) == expected.token_ids
+        assert float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()) < LOGPROB_ATOL
+
+
+def test_plugin_at_ratio_one_is_stock_vllm(engine, stock_outputs, tiny_onevision_path) -> None:
+    from mmrag.serving.vllm_plugin.onevision import AimLlavaOnevision
+
+    assert engine.llm_engine.model_config.architectures == ["AimLlavaOnevisionForConditionalGeneration"]
+    assert engine.apply_model(type) == [AimLlavaOnevision]
+    stock, _ = stock_outputs
+    got = engine.generate(_prompts(tiny_onevision_path, {"aim_keep_ratio": 1.0}), _params(), use_tqdm=False)
+    for want, have in zip(stock, got, strict=True):
+        assert have.prompt_token_ids == want.prompt_token_ids
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+        diff = (_chosen_logprobs(have.outputs[0]) - _chosen_logprobs(want.outputs[0])).abs().max()
+        assert diff == 0, f"log-probabilities differ by {diff:.3g}"
+
+
+def test_aim_shrinks_each_image_and_decodes_as_the_reference(engine, stock_outputs, reference, tiny_onevision_path):
+    """Ratios 1/2 and 1/4 (one and two halving passes), every prompt: ``ceil(T x ratio)`` placeholders per
+    image, the same tokens as the reference, log-probabilities within fp32 noise; the merge is seen (the
+    merged prompts decode otherwise than the unmerged ones)."""
+    stock, _ = stock_outputs
+    info = engine.llm_engine.renderer.get_mm_processor().info  # the server's "visual_tokens_before"
+    same, changed, diff, mismatched = 0, 0, 0.0, []
+    for ratio, passes in ((0.5, 1), (0.25, 2)):
+        outs = engine.generate(_prompts(tiny_onevision_path, {"aim_keep_ratio": ratio}), _params(), use_tqdm=False)
+        for index, ((_, sizes), tokens, want, out) in enumerate(zip(PROMPTS, STOCK_TOKENS, stock, outs, strict=True)):
+            assert [info.get_full_image_tokens(image_width=w, image_height=h) for h, w in sizes] == tokens
+            kept = [math.ceil(t * ratio) for t in tokens]
+            budget = [info.get_num_image_tokens(image_width=w, image_height=h, keep_ratio=ratio) for h, w in sizes]
+            assert budget == kept  # the server's prompt budget asks with LLaVA's signature
+            assert out.prompt_token_ids.count(IMAGE) == sum(kept)
+            assert len(out.prompt_token_ids) == len(want.prompt_token_ids) - sum(tokens) + sum(kept)
+            expected = reference(index, merge_passes=passes)
+            assert expected.image_tokens == kept and expected.prompt_len == len(out.prompt_token_ids)
+            if list(out.outputs[0].token_ids) == expected.token_ids:
+                same += 1
+                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
+            else:
+                mismatched.append((ratio, index, list(out.outputs[0].token_ids), expected.token_ids))
+            changed += list(out.outputs[0].token_ids) != list(want.outputs[0].token_ids)
+    print(f"AIM: same tokens {same} of {2 * len(PROMPTS)}; max |dlogprob| {diff:.3g}; differs from stock {changed}")
+    print(f"AIM: (ratio, prompt, vLLM, reference) where the tokens differ: {mismatched}")
+    assert same == 2 * len(PROMPTS) and diff < LOGPROB_ATOL
+    assert changed >= len(PROMPTS)
+
+
+def _scheduler(engine):
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_lookm_decodes_as_the_reference(engine, reference, tiny_onevision_path) -> None:
+    """Per request (``extra_args``), at ratio 1 and after AIM 1/2: the reference runs the same method over its
+    own cache; the kept count is the plan's, and the uncompacted reference decodes otherwise."""
+    from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
+
+    same, differs, diff, total = 0, 0, 0.0, 0
+    for ratio, passes in ((1.0, 0), (0.5, 1)):
+        prompts = _prompts(tiny_onevision_path, {"aim_keep_ratio": ratio})
+        outs = engine.generate(prompts, _params(request_extra_args(LOOKM)), use_tqdm=False)
+        for index, out in enumerate(outs):
+            total += 1
+            expected = reference(index, merge_passes=passes, kv=LOOKM)
+            images = out.prompt_token_ids.count(IMAGE)
+            assert expected.kept == expected.prompt_len - images + math.ceil(images * LOOKM.image_budget)
+            if list(out.outputs[0].token_ids) == expected.token_ids:
+                same += 1
+                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
+            full = reference(index, merge_passes=passes)
+            differs += full.token_ids != expected.token_ids
+    print(f"LOOK-M: same tokens {same} of {total}; max |dlogprob| {diff:.3g}; uncompacted differs {differs}")
+    assert same == total and diff < LOGPROB_ATOL
+    assert differs > 0
+
+
+def test_lookm_keeps_the_planned_blocks(engine, tiny_onevision_path) -> None:
+    """One request of two images (tiles and newlines in vLLM's image spans): the prefill step keeps
+    ``ceil(kept / block)`` blocks, fewer than the prompt's, and all come back when it ends."""
+    from vllm import SamplingParams
+
+    from mmrag.serving.vllm_plugin.kv.plan import image_mask, image_spans, request_extra_args
+
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    before = pool.get_num_free_blocks()
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, extra_args=request_extra_args(LOOKM))
+    engine.llm_engine.add_request("two-images", _prompts(tiny_onevision_path)[1], params)
+    engine.llm_engine.step()
+    (state,) = _scheduler(engine).requests.values()
+    spans = image_spans(state.mm_features)
+    assert [length for _, length in spans] == STOCK_TOKENS[1]
+    assert all(state.prompt_token_ids[o : o + n] == [IMAGE] * n for o, n in spans)
+    length = state.num_prompt_tokens
+    kept = LOOKM.kept_count(image_mask(length, spans))
+    assert kept == length - sum(STOCK_TOKENS[1]) + math.ceil(sum(STOCK_TOKENS[1]) * LOOKM.image_budget)
+    assert before - pool.get_num_free_blocks() == math.ceil(kept / BLOCK_SIZE) < math.ceil(length / BLOCK_SIZE)
+    while engine.llm_engine.has_unfinished_requests():
+        engine.llm_engine.step()
+    assert pool.get_num_free_blocks() == before
