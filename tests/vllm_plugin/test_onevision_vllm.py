@@ -7,7 +7,9 @@ LLaVA-OneVision, fp32.
   ``ceil(T x ratio)`` placeholders and decodes as the reference (transformers' LLaVA-OneVision with AIM's
   merge of the same packed tokens);
 - LOOK-M (per request) keeps the planned count of the image spans vLLM's multimodal features give, frees
-  the tail blocks, and decodes as the reference over the kept entries.
+  the tail blocks, and decodes as the reference over the kept entries;
+- ``mmrag models`` names the checkpoint, every file a pure function of the seed, and the engine arguments put
+  it on the plugin's class (contiguous positions only).
 
 One stock engine (started, used and shut down first) and one plugin engine, whose core runs in this process
 so that the tests can read its scheduler; few prompts and few tokens (CI time).
@@ -273,3 +275,35 @@ def test_lookm_keeps_the_planned_blocks(engine, tiny_onevision_path) -> None:
     while engine.llm_engine.has_unfinished_requests():
         engine.llm_engine.step()
     assert pool.get_num_free_blocks() == before
+
+
+def test_registered_and_served_by_the_plugin(tiny_onevision_path) -> None:
+    import json
+
+    from mmrag.serving.config import MmragConfig
+    from mmrag.serving.engine.args import aim_enabled
+    from mmrag.serving.models.registry import MODELS
+    from mmrag.serving.vllm_plugin.aim import aim_overrides
+
+    assert MODELS["tiny-llava-onevision"].multimodal
+    config = json.loads((tiny_onevision_path / "config.json").read_text())
+    assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    assert (
+        config["vision_config"]["model_type"] == "siglip_vision_model"
+        and config["text_config"]["model_type"] == "qwen2"
+    )
+    assert aim_enabled(MmragConfig.model_validate({"compression": {"aim_keep_ratio": 0.5}}), str(tiny_onevision_path))
+    assert aim_overrides(tiny_onevision_path, 0.5) == {
+        "architectures": ["AimLlavaOnevisionForConditionalGeneration"],
+        "aim_keep_ratio": 0.5,
+    }
+    with pytest.raises(ValueError, match="contiguous"):
+        aim_overrides(tiny_onevision_path, 0.5, "spread")
+
+
+def test_checkpoint_is_a_pure_function_of_the_seed(tmp_path, tiny_onevision_path) -> None:
+    from mmrag.serving.models.tiny_onevision import make_tiny_onevision
+
+    again = make_tiny_onevision(tmp_path / "again")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "processor_config.json"):
+        assert (again / name).read_bytes() == (tiny_onevision_path / name).read_bytes()
