@@ -1,0 +1,86 @@
+"""A video through the chat endpoint on the real engine: the app in this process (no Ray Serve) over vLLM on the
+tiny random Qwen2.5-VL with AIM, asked through the ``openai`` SDK. The answer arrives and ``usage.mmrag``
+counts the video's visual tokens, before AIM (the processor's stock count) and after (each temporal patch
+merged to ``ceil(T x ratio)``).
+
+The frames are 112x112: 8x8 patches of 14 pixels, 4x4 = 16 tokens after the 2x2 patch merger; 6 sampled
+frames are 3 temporal patches of 2 frames, 48 tokens in all, 3 x ceil(16 x 0.5) = 24 kept at ratio 0.5.
+Decoding, limits and errors are tests/server/test_video.py's, over a fake engine."""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from mmrag.serving.config import MmragConfig
+from mmrag.serving.openai.server import create_app
+from mmrag.serving.pipeline import LocalBackend
+
+pytestmark = pytest.mark.slow
+
+cv2 = pytest.importorskip("cv2")
+
+RATIO = 0.5
+FRAMES = 6
+
+
+def noise_clip(frames: int, size: int = 112) -> bytes:
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (size, size))
+        for _ in range(frames):
+            writer.write(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        writer.release()
+        return Path(path).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from mmrag.serving.engine.vllm_engine import VllmEngine
+    from mmrag.serving.models.tiny_qwen_vl import make_tiny_qwen_vl
+
+    path = make_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))
+    config = MmragConfig.model_validate(
+        {
+            "model": {"name": "tiny-qwen2.5-vl", "path": str(path)},
+            "retrieval": {"default_mode": "none"},
+            "engine": {"max_model_len": 512, "kv_cache_space_gib": 1},
+            "compression": {"aim_keep_ratio": RATIO},
+            "limits": {"max_video_frames": FRAMES},
+        }
+    )
+    engine = VllmEngine(config, str(path))
+    with TestClient(create_app(config, LocalBackend(engine))) as http:
+        http.portal.call(engine.start)  # on the app's event loop: vLLM's client lives on the loop it started on
+        try:
+            sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+            yield sdk, config.model.served_name
+        finally:
+            http.portal.call(engine.shutdown)
+
+
+def test_a_video_is_answered_and_its_visual_tokens_merged_by_aim(client) -> None:
+    client, model = client
+    url = "data:video/mp4;base64," + base64.b64encode(noise_clip(2 * FRAMES)).decode()
+    video = {"type": "video_url", "video_url": {"url": url}}
+    text = {"type": "text", "text": "What happens?"}
+    completion = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": [video, text]}], max_tokens=4, temperature=0
+    )
+    assert completion.choices[0].message.content and completion.choices[0].finish_reason == "length"
+    usage = completion.usage.model_extra["mmrag"]
+    assert (usage["visual_tokens_before"], usage["visual_tokens_after"]) == (48, 24)
+    assert usage["visual_tokens_after"] / usage["visual_tokens_before"] == RATIO < 1
+    # the prompt holds the merged video: <|vision_start|>, its 24 placeholders, <|vision_end|>
+    plain = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": [text]}], max_tokens=1, temperature=0
+    )
+    assert completion.usage.prompt_tokens - plain.usage.prompt_tokens == 1 + 24 + 1
+    assert plain.usage.model_extra.get("mmrag") is None
