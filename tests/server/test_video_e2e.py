@@ -61,13 +61,13 @@ def client(tmp_path_factory):
         http.portal.call(engine.start)  # on the app's event loop: vLLM's client lives on the loop it started on
         try:
             sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
-            yield sdk, config.model.served_name
+            yield sdk, config.model.served_name, engine
         finally:
             http.portal.call(engine.shutdown)
 
 
 def test_a_video_is_answered_and_its_visual_tokens_merged_by_aim(client) -> None:
-    client, model = client
+    client, model, _ = client
     url = "data:video/mp4;base64," + base64.b64encode(noise_clip(2 * FRAMES)).decode()
     video = {"type": "video_url", "video_url": {"url": url}}
     text = {"type": "text", "text": "What happens?"}
@@ -84,3 +84,32 @@ def test_a_video_is_answered_and_its_visual_tokens_merged_by_aim(client) -> None
     )
     assert completion.usage.prompt_tokens - plain.usage.prompt_tokens == 1 + 24 + 1
     assert plain.usage.model_extra.get("mmrag") is None
+
+
+def test_images_and_a_video_count_together(client) -> None:
+    """A 112x112 image (16 tokens, 8 kept) beside the video: the usage figures sum both."""
+    client, model, _ = client
+    picture = cv2.imencode(".png", np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8))[1]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(picture).decode()}}
+    url = "data:video/mp4;base64," + base64.b64encode(noise_clip(FRAMES)).decode()
+    video = {"type": "video_url", "video_url": {"url": url}}
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": [image, video, {"type": "text", "text": "and?"}]}],
+        max_tokens=2,
+        temperature=0,
+    )
+    usage = completion.usage.model_extra["mmrag"]
+    assert (usage["visual_tokens_before"], usage["visual_tokens_after"]) == (16 + 48, 8 + 24)
+
+
+def test_the_prompt_budget_counts_a_video_as_vllm_expands_it(client) -> None:
+    """Text RAG's budget (PromptBuilder) predicts the video's placeholders from the frames' shape: the same
+    counts as vLLM's processor and the plugin gave above."""
+    from mmrag.serving.engine.prompt import video_tokens
+
+    _, _, engine = client
+    info = engine._llm.renderer.get_mm_processor().info
+    frames = np.zeros((FRAMES, 112, 112, 3), np.uint8)
+    assert (video_tokens(info, frames, None), video_tokens(info, frames, RATIO)) == (48, 24)
+    assert video_tokens(info, frames[:5], 0.25) == 3 * 4  # an odd count: the last frame repeats to fill a patch
