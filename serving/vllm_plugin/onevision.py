@@ -8,12 +8,13 @@ Pinned to vLLM 0.32 (``model_executor/models/llava_onevision.py``, ``llava_next.
   ``image_newline`` vector. AIM merges that whole sequence, newlines included, as ``T`` tokens to
   ``ceil(T x ratio)`` (:func:`~mmrag.serving.vllm_plugin.aim.aim_kept_tokens`). Why: ``T`` is the count vLLM
   reserves in the frontend (``get_num_image_tokens``, before any pixel is encoded), so the kept count stays
-  a pure function of it, as for LLaVA and Qwen2.5-VL; and a newline is one vector repeated, so under the
-  merge's cosine metric two newlines in opposite halves of a pass are the most similar pair there is and
-  fold into each other exactly (the mean of equal vectors is the vector). Holding them out instead would
-  leave row markers with no rows left to close. The merged tokens come back in reading order (each at the
-  place of the first input token it stands for: :func:`~mmrag.serving.vllm_plugin.aim.merge_in_reading_order`),
-  so base view, grid rows and newlines keep their order on the 1-D positions the Qwen2 LM reads.
+  a pure function of it, as for LLaVA and Qwen2.5-VL; and a newline is one vector repeated, so its closest
+  token in the other half of a pass is another newline (cosine 1) wherever there is one, and merged
+  newlines are the newline again (the mean of equal vectors; on the tiny model's images they merged only
+  with each other: docs/compression.md). Holding them out instead would leave row markers with no rows
+  left to close. The merged tokens come back in reading order (each at the place of the first input token
+  it stands for: :func:`~mmrag.serving.vllm_plugin.aim.merge_in_reading_order`), so base view, grid rows
+  and newlines keep their order on the 1-D positions the Qwen2 LM reads.
 - **Count.** :meth:`AimLlavaOnevisionMultiModalProcessor._apply_hf_processor_main` hands the model each
   image's kept count (``aim_kept_tokens``); the prompt update expands each ``<image>`` to it, and the model
   merges to exactly what was reserved. Images given as ``image_embeds`` carry no count and pass unmerged.
