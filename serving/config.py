@@ -174,6 +174,12 @@ class LimitsConfig(_Strict):
         description="Frames kept per video, sampled uniformly over it; each counts against "
         "max_request_image_pixels and is downscaled as images are (image_downscale_pixels).",
     )
+    video_decode_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time one video may take to decode (a 400 after it): the stream is read in order up to the "
+        "last sampled frame, so a long video of small frames costs CPU that its byte size does not bound.",
+    )
     image_downscale_pixels: int = Field(
         default=2048 * 2048,
         gt=0,

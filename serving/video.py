@@ -28,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,12 @@ class VideoPolicy:
 
     fetch: ImagePolicy
     max_frames: int
+    decode_timeout_s: float = 10.0
 
     @classmethod
     def from_limits(cls, limits: LimitsConfig) -> VideoPolicy:
         fetch = dataclasses.replace(ImagePolicy.from_limits(limits), max_bytes=limits.max_video_bytes)
-        return cls(fetch=fetch, max_frames=limits.max_video_frames)
+        return cls(fetch=fetch, max_frames=limits.max_video_frames, decode_timeout_s=limits.video_decode_timeout_s)
 
 
 async def load_videos(
@@ -190,14 +192,20 @@ def _read_frames(
 ) -> tuple[list[np.ndarray], list[int]]:
     """The frames at ``indices`` (RGB, downscaled), reading the stream in order: ``grab`` skips a frame
     without converting it, ``retrieve`` converts the wanted ones. A stream shorter than its header says
-    gives the frames it has."""
+    gives the frames it has. Reading stops with a 400 after ``policy.decode_timeout_s``."""
     import cv2
 
+    deadline = time.monotonic() + policy.decode_timeout_s
     target = downscaled_size(size, policy.fetch.downscale_pixels)
     wanted = set(indices)
     frames: list[np.ndarray] = []
     kept: list[int] = []
     for index in range(indices[-1] + 1):
+        if time.monotonic() > deadline:
+            raise InvalidRequestError(
+                f"the video took more than {policy.decode_timeout_s:g} s to decode (limits.video_decode_timeout_s)",
+                param=param,
+            )
         if not capture.grab():
             break
         if index not in wanted:

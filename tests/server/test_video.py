@@ -208,3 +208,9 @@ def test_a_model_without_video_input_refuses_video_parts_by_name() -> None:
             check_limits(request, config)
         assert caught.value.param == "messages[0].content[1].video_url"
         assert "does not take video input" in caught.value.message
+
+
+def test_decoding_stops_at_its_time_limit() -> None:
+    slow = VideoPolicy.from_limits(LimitsConfig(video_decode_timeout_s=1e-9))
+    error = error_of(decode_video, make_video(4), slow, param="p")
+    assert (error.status_code, error.param) == (400, "p") and "to decode" in error.message
