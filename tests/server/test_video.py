@@ -214,3 +214,19 @@ def test_decoding_stops_at_its_time_limit() -> None:
     slow = VideoPolicy.from_limits(LimitsConfig(video_decode_timeout_s=1e-9))
     error = error_of(decode_video, make_video(4), slow, param="p")
     assert (error.status_code, error.param) == (400, "p") and "to decode" in error.message
+
+
+def test_the_engine_reads_which_modalities_its_model_takes() -> None:
+    """The engine's own refusal (behind the ingress's) asks vLLM's processor; no processor: no video."""
+    from types import SimpleNamespace
+
+    from mmrag.serving.engine.prompt import supported_modalities
+
+    def llm(info):
+        return SimpleNamespace(renderer=SimpleNamespace(get_mm_processor=lambda: SimpleNamespace(info=info)))
+
+    qwen = SimpleNamespace(get_supported_mm_limits=lambda: {"image": None, "video": None})
+    llava = SimpleNamespace(get_supported_mm_limits=lambda: {"image": None})
+    assert supported_modalities(llm(qwen)) == {"image", "video"}
+    assert supported_modalities(llm(llava)) == {"image"}
+    assert supported_modalities(llm(None)) == set()  # a text model: no multimodal processor
