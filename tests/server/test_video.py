@@ -230,3 +230,22 @@ def test_the_engine_reads_which_modalities_its_model_takes() -> None:
     assert supported_modalities(llm(qwen)) == {"image", "video"}
     assert supported_modalities(llm(llava)) == {"image"}
     assert supported_modalities(llm(None)) == set()  # a text model: no multimodal processor
+
+
+def test_a_remote_video_is_fetched_with_its_own_byte_cap() -> None:
+    from tests.server.test_media_fetch import Server
+
+    clip = make_video(6)
+    server = Server("127.0.0.1", 0, {"/clip.mp4": (200, {}, clip), "/gone.mp4": (404, {}, b"")})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        allowed = {"image_url_allowlist": ["127.0.0.1"], "max_video_frames": 4}
+        ((frames, metadata),) = asyncio.run(load_videos([("v", f"{base}/clip.mp4")], policy(**allowed)))
+        assert frames.shape == (4, 48, 64, 3) and metadata["total_num_frames"] == 6
+        tight = policy(**allowed, max_video_bytes=len(clip) - 1, max_image_bytes=10 * len(clip))
+        with pytest.raises(PayloadTooLargeError, match=f"video larger than {len(clip) - 1} bytes"):
+            asyncio.run(load_videos([("v", f"{base}/clip.mp4")], tight))
+        with pytest.raises(InvalidRequestError, match="fetching the video returned HTTP 404"):
+            asyncio.run(load_videos([("v", f"{base}/gone.mp4")], policy(**allowed)))
+    finally:
+        server.close()
