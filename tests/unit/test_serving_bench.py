@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -250,3 +251,36 @@ mmrag_requests_in_flight 0.0
     assert stage["ingress_requests"] == 10 and stage["client_requests"] == 10
     assert stage["ingress_latency_s_mean"] == pytest.approx(0.2) and stage["ingress_ttft_s_mean"] == pytest.approx(0.02)
     assert stage["client_ttft_s_mean"] == pytest.approx(0.028) and stage["client_e2e_s_mean"] == pytest.approx(0.22)
+
+
+def test_mmrag_server_starts_mmrag_serve_with_the_models_overrides_on_the_benchs_cache(monkeypatch, tmp_path):
+    """What the e2e smoke test leaves out (its "mmrag" is the package's running server): the command line."""
+    from mmrag.serving.cli import serve
+    from mmrag.serving.paths import cache_dir
+
+    calls = []
+    monkeypatch.setattr(serving, "server_process", lambda *args: calls.append(args) or "started")
+    overrides = ("model.name=tiny-random", *serving.MMRAG_OVERRIDES)
+    model = serving.Model(
+        name="tiny-random",
+        checkpoint=tmp_path,
+        served_name="m",
+        engine_kwargs={},
+        chat_template="",
+        kv_cache_space_gib=1,
+        overrides=overrides,
+    )
+    log = tmp_path / "mmrag.log"
+    extra = serving.MMRAG_VARIANTS["mmrag-proxy-actor"]
+    assert serving.mmrag_server(model, log, 7.0, extra) == "started"
+    ((name, command, env, log_path, timeout_s),) = calls
+    assert (name, log_path, timeout_s) == ("mmrag serve", log, 7.0)
+    assert command[1:4] == ["-m", "mmrag.serving.cli", "serve"]
+    assert env["MMRAG_CACHE_DIR"] == str(cache_dir()) and env["RAY_SERVE_PROXY_USE_GRPC"] == "0"
+    # `mmrag serve` parses the same command (with server_process's host and port) into the bench's settings.
+    assert command[3] == "serve"
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    config = serve.config_from_args(parser.parse_args([*command[4:], "--host", "127.0.0.1", "--port", "8000"]))
+    assert config.model.name == "tiny-random" and config.retrieval.default_mode == "none"
+    assert config.retrieval.ingest_demo_corpus is False and config.server.port == 8000
