@@ -1,7 +1,7 @@
 """A video through the chat endpoint on the real engine: the app in this process (no Ray Serve) over vLLM on the
 tiny random Qwen2.5-VL with AIM, asked through the ``openai`` SDK. The answer arrives and ``usage.mmrag``
 counts the video's visual tokens, before AIM (the processor's stock count) and after (each temporal patch
-merged to ``ceil(T x ratio)``).
+merged to ``ceil(T x ratio)``), and LOOK-M's kept KV entries count the video's placeholders as image entries.
 
 The frames are 112x112: 8x8 patches of 14 pixels, 4x4 = 16 tokens after the 2x2 patch merger; 6 sampled
 frames are 3 temporal patches of 2 frames, 48 tokens in all, 3 x ceil(16 x 0.5) = 24 kept at ratio 0.5.
@@ -52,7 +52,7 @@ def client(tmp_path_factory):
             "model": {"name": "tiny-qwen2.5-vl", "path": str(path)},
             "retrieval": {"default_mode": "none"},
             "engine": {"max_model_len": 512, "kv_cache_space_gib": 1},
-            "compression": {"aim_keep_ratio": RATIO},
+            "compression": {"aim_keep_ratio": RATIO, "lookm": {"enabled": True, "image_budget": 0.25}},
             "limits": {"max_video_frames": FRAMES},
         }
     )
@@ -78,6 +78,9 @@ def test_a_video_is_answered_and_its_visual_tokens_merged_by_aim(client) -> None
     usage = completion.usage.model_extra["mmrag"]
     assert (usage["visual_tokens_before"], usage["visual_tokens_after"]) == (48, 24)
     assert usage["visual_tokens_after"] / usage["visual_tokens_before"] == RATIO < 1
+    # LOOK-M keeps every text entry and a quarter of the video's: its frames are image entries to it
+    text_entries = completion.usage.prompt_tokens - 24
+    assert (usage["kv_tokens_prompt"], usage["kv_tokens_kept"]) == (completion.usage.prompt_tokens, text_entries + 6)
     # the prompt holds the merged video: <|vision_start|>, its 24 placeholders, <|vision_end|>
     plain = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": [text]}], max_tokens=1, temperature=0
