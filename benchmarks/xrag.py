@@ -14,8 +14,9 @@ plugin's xRAG class when a projector is given), greedy, bf16. Without a projecto
   server's text RAG layout (its default instruction and document template). What a real instruct model
   reads from retrieved text, and what no retrieval gets by guessing (the facts are invented: near 0).
 - **Cost** at 1, 4 and 8 documents (knowledge tasks): prompt tokens, and time to first token (one request
-  at a time, ``max_tokens=1``, prefix caching off, median over ``--repeats`` prompts with different
-  documents) for each mode; ratios are xrag/text, measured in the same run.
+  at a time, ``max_tokens=1``, prefix caching off, median and range over ``--repeats`` prompts with
+  different documents, after a warm-up per mode) for each mode, the modes in a shuffled order per prompt;
+  ratios are xrag/text, measured in the same run.
 """
 
 from __future__ import annotations
@@ -271,20 +272,36 @@ def _accuracy(
 
 
 def _cost(llm, params, pool, repeats: int, tokenizer, vectors, modes, layout) -> dict[str, Any]:
-    """Per document count and mode: prompt tokens and median time to first token (one request at a time)."""
+    """Per document count and mode: prompt tokens and time to first token (one request at a time).
+
+    Each mode answers one prompt first (warm-up: a new prompt shape pays one-time costs), then prompt by
+    prompt the modes come in an order shuffled with a fixed seed, so that none is always first; the figure
+    is the median over prompts with its range.
+    """
+    from mmrag.benchmarks.common import shuffled_rounds, spread
+
     rows: dict[str, Any] = {}
     for count in DOCUMENT_COUNTS:
-        row: dict[str, Any] = {}
         tasks = [with_documents(t, count, pool) for t in pool[:repeats]]
         for mode in modes:
-            tokens, seconds = [], []
-            for task in tasks:
+            llm.generate([prompt_for(tasks[0], mode, tokenizer, vectors, layout)], params, use_tqdm=False)
+        tokens: dict[str, list[int]] = {mode: [] for mode in modes}
+        seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        for task, order in zip(tasks, shuffled_rounds(modes, len(tasks), seed=count), strict=True):
+            for mode in order:
                 prompt = prompt_for(task, mode, tokenizer, vectors, layout)
                 start = time.perf_counter()
                 (out,) = llm.generate([prompt], params, use_tqdm=False)
-                seconds.append(time.perf_counter() - start)
-                tokens.append(len(out.prompt_token_ids))
-            row[mode] = {"prompt_tokens": statistics.mean(tokens), "ttft_s_median": statistics.median(seconds)}
+                seconds[mode].append(time.perf_counter() - start)
+                tokens[mode].append(len(out.prompt_token_ids))
+        row: dict[str, Any] = {
+            mode: {
+                "prompt_tokens": statistics.mean(tokens[mode]),
+                "ttft_s_median": statistics.median(seconds[mode]),
+                "ttft_s_spread": spread(seconds[mode]),
+            }
+            for mode in modes
+        }
         if "xrag" in row:
             row["xrag_over_text"] = {
                 "prompt_tokens": row["xrag"]["prompt_tokens"] / row["text"]["prompt_tokens"],
