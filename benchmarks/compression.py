@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import gc
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -177,16 +176,14 @@ def _sample(row: _Row, args: argparse.Namespace) -> dict[str, Any]:
 
 def _summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Per timed figure the median across rounds (the row's figure) and its spread."""
+    from mmrag.benchmarks.common import spread
+
     row: dict[str, Any] = {"prompt_tokens": samples[-1]["prompt_tokens"], "spread": {}}
     for key in TIMED:
         values = [s[key] for s in samples if s[key] is not None]
-        row[key] = statistics.median(values) if values else None
-        row["spread"][key] = {
-            "median": row[key],
-            "min": min(values, default=None),
-            "max": max(values, default=None),
-            "samples": [s[key] for s in samples],
-        }
+        summary = spread(values) or {"median": None, "min": None, "max": None}
+        row[key] = summary["median"]
+        row["spread"][key] = {**summary, "samples": [s[key] for s in samples]}
     return row
 
 
@@ -232,24 +229,20 @@ def _engine(path: Path, max_model_len: int, images: int, kind: str, kv_budget_to
 
 def measure(rows: dict[str, _Row], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Warm every row, then ``--rounds`` rounds over every row in a shuffled order; counts last."""
-    rng = random.Random(args.seed)
+    from mmrag.benchmarks.common import shuffled_rounds
+
     started = time.perf_counter()
     for row in rows.values():
         _warm(row, args)
     print(f"warm-up done in {time.perf_counter() - started:.0f} s", flush=True)
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
-    orders = []
-    for index in range(args.rounds):
-        order = list(rows)
-        rng.shuffle(order)
-        orders.append(order)
+    *orders, counting_order = shuffled_rounds(list(rows), args.rounds + 1, args.seed)
+    for index, order in enumerate(orders):
         for name in order:
             samples[name].append(_sample(rows[name], args))
         print(f"round {index + 1}/{args.rounds} done at {time.perf_counter() - started:.0f} s: {order}", flush=True)
     figures = {name: _summary(samples[name]) for name in rows}
-    order = list(rows)
-    rng.shuffle(order)
-    for name in order:
+    for name in counting_order:
         figures[name].update(_observe_capacity(rows[name], args.capacity_requests, args.capacity_decode_tokens))
     stock = figures["stock"]
     for row in figures.values():
