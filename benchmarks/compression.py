@@ -1,30 +1,50 @@
-"""``mmrag bench compression``: the plugin's compression in vLLM against stock vLLM, measured in one run.
+"""``mmrag bench compression``: the plugin's compression in vLLM against stock vLLM, measured in one run,
+per model family.
+
+Families (``--families``, default all three): ``llava`` (LLaVA-1.5 layout, CLIP tower, fixed tokens per
+image), ``qwen2.5-vl`` (dynamic resolution, 2x2 patch merger, M-RoPE) and ``llava-onevision`` (SigLIP,
+anyres tiles with a newline per row, a Qwen2 LM), each a random-weight checkpoint generated for the run.
 
 Workload: several fresh noise images per request (new seeds every time: no processor, encoder or prefix
-cache hit) and a short question. The full run generates a random-weight LLaVA with 224-pixel images (256
-visual tokens each) and an 8-layer, 512-wide text model, so that prefill and attention cost show on a CPU;
-``--quick`` uses the default tiny LLaVA (16 visual tokens per image, 2 layers of 128), where everything is
-fixed overhead.
+cache hit) and a short question. The full run's LLaVA has 224-pixel images (256 visual tokens each) and an
+8-layer, 512-wide text model, so that prefill and attention cost show on a CPU; its Qwen2.5-VL has
+448-pixel images (256 tokens each) and its LLaVA-OneVision 112-pixel images (a base view and an 8x8 tile
+grid with newlines: 88 tokens each), both with the same 8x512 text model (these two full configurations
+have not been run here yet). ``--quick`` uses each family's default tiny checkpoint (2 text layers of
+128): LLaVA 56-pixel images (16 tokens), Qwen2.5-VL 112 pixels (4x4 merged patches: 16 tokens),
+LLaVA-OneVision 56 pixels (base view 16 + one tile 16 + 4 newlines: 36 tokens), where everything is fixed
+overhead. ``visual_tokens_per_image`` in each family's figures is measured: stock's prompt minus the text.
 
 Rows:
 
 - ``stock``: vLLM's own ``LlavaForConditionalGeneration`` (no plugin), its own engine;
 - ``aim@1``, ``aim@1/2``, ``aim@1/4``: the plugin's ``AimLlava`` on a second engine, the keep ratio set per
   request (``aim@1`` is the plugin's overhead: the prompt is stock's, so it should come out near 1.0x);
-- ``lookm``, ``random``, ..., ``aim@1/4+lookm``: a third engine compacting KV caches, every registered KV
-  method at its default settings chosen per request (:mod:`mmrag.serving.vllm_plugin.kv`), and LOOK-M
-  behind AIM 1/4.
+- ``lookm``, ``random``, ..., ``aim@1/4+lookm``: a third engine compacting KV caches, KV methods at their
+  default settings chosen per request (:mod:`mmrag.serving.vllm_plugin.kv`), and LOOK-M behind AIM 1/4.
+  LLaVA has a row for every registered KV method; Qwen2.5-VL and LLaVA-OneVision have ``lookm`` and
+  ``aim@1/4+lookm`` (LOOK-M is the method the issue and the parity tests cover on them).
+
+Ratios ``aim@1/2`` and ``aim@1/4`` keep ``ceil(T x ratio)`` of each image's ``T`` visual tokens on every
+family (OneVision: of its packed tokens, newlines included). Stock is vLLM's own class of the family
+(``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration``).
 
 Every engine has the same KV pool, ``--kv-budget-tokens`` in blocks of 32, and runs its engine core in
-this process, so the scheduler can be read; the three engines are alive at once (they share the process,
-its threads and its memory, which the tiny models leave room for).
+this process, so the scheduler can be read. Families are measured one after the other: a family's three
+engines are alive at once and are shut down before the next family's start (one family's engines are about
+1.5 GB RSS on the quick configuration; ``memory`` in each family's figures has the process RSS with its
+engines alive and after their shutdown). Rows are compared only within their family (each against its own
+stock), so the families need not share rounds; keeping nine engines alive in one 2-core process would buy
+nothing but memory and contention.
 
-Method, so that no row gains from its place in the run: each row is first warmed with ``--warmup``
-time-to-first-token and decode requests and one throughput batch; then ``--rounds`` rounds each visit
-every row once, in an order shuffled with ``--seed`` (stock is not always first), and take that row's
-timed samples of the round. The timed figures are medians across rounds, with min, max and every sample
-under ``spread``; ratios against ``stock`` are of the medians. The scheduler counts (capacity, KV entries)
-are not timings: they are observed once per row after the rounds, rows again in a shuffled order.
+Method, so that no row gains from its place in the run: within a family, each row is first warmed with
+``--warmup`` time-to-first-token and decode requests and one throughput batch; then ``--rounds`` rounds
+each visit every row of the family once, in an order shuffled with ``--seed`` (stock is not always first),
+and take that row's timed samples of the round. The timed figures are medians across rounds, with min,
+max and every sample under ``spread``; ratios against the family's ``stock`` are of the medians. The
+scheduler counts (capacity, KV entries) are not timings: they are observed once per row after the rounds,
+rows again in a shuffled order.
 
 - ``ttft_ms``: one request at a time with ``max_tokens=1`` (preprocessing, vision tower, merge, prefill,
   and LOOK-M's scoring and compaction);
@@ -45,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import statistics
@@ -60,13 +81,83 @@ HELP = "AIM and LOOK-M in vLLM vs stock vLLM: TTFT, decode tokens/s, KV tokens p
 AIM_RATIOS = {"aim@1": 1.0, "aim@1/2": 0.5, "aim@1/4": 0.25}
 
 
-def kv_rows() -> dict[str, tuple[float, Any]]:
-    """Row name -> (AIM ratio, KV method): every registered KV method at its default settings, served per
-    request by one KV-compaction engine, and LOOK-M behind AIM 1/4."""
+def kv_rows(methods: tuple[str, ...] | None = None) -> dict[str, tuple[float, Any]]:
+    """Row name -> (AIM ratio, KV method): ``methods`` (default every registered KV method) at their default
+    settings, served per request by one KV-compaction engine, and LOOK-M behind AIM 1/4."""
     from mmrag.kernels.methods import KV_METHODS, make_kv_method
 
-    rows = {name: (1.0, make_kv_method(name)) for name in KV_METHODS}
+    rows = {name: (1.0, make_kv_method(name)) for name in (methods or tuple(KV_METHODS))}
     return {**rows, "aim@1/4+lookm": (0.25, make_kv_method("lookm"))}
+
+
+FAMILIES = ("llava", "qwen2.5-vl", "llava-onevision")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's checkpoint and workload: ``visual_tokens_bound`` sizes ``max_model_len`` (the
+    figures' ``visual_tokens_per_image`` is measured)."""
+
+    name: str
+    spec: Any
+    image_hw: tuple[int, int]
+    visual_tokens_bound: int
+    kv_methods: tuple[str, ...] | None  # None: every registered KV method
+
+    def make(self, out: Path) -> Path:
+        if self.name == "llava":
+            from mmrag.serving.models.tiny import make_tiny_llava
+
+            return make_tiny_llava(out, self.spec)
+        if self.name == "qwen2.5-vl":
+            from mmrag.serving.models.tiny_qwen_vl import make_tiny_qwen_vl
+
+            return make_tiny_qwen_vl(out, self.spec)
+        from mmrag.serving.models.tiny_onevision import make_tiny_onevision
+
+        return make_tiny_onevision(out, self.spec)
+
+    def text(self, path: Path, images: int) -> str:
+        """The prompt: the LLaVA bench's own text, or the checkpoint's chat template with ``images`` images."""
+        question = "Compare these pictures in detail."
+        if self.name == "llava":
+            return "USER: " + "<image>\n" * images + question + "\nASSISTANT:"
+        from transformers import AutoProcessor
+
+        content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]
+        processor = AutoProcessor.from_pretrained(path)
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def family(name: str, quick: bool) -> Family:
+    """The family's checkpoint spec and image size, quick (default tiny checkpoints) or full."""
+    if name == "llava":
+        from mmrag.serving.models.tiny import TinyLlavaSpec
+
+        spec = TinyLlavaSpec() if quick else TinyLlavaSpec(image_size=224, text_hidden=512, text_layers=8)
+        size = spec.image_size
+        return Family(name, spec, (size, size), spec.visual_tokens_per_image, None)
+    if name == "qwen2.5-vl":
+        from mmrag.serving.models.tiny_qwen_vl import TinyQwenVLSpec
+
+        spec = TinyQwenVLSpec() if quick else TinyQwenVLSpec(text_hidden=512, text_layers=8, max_pixels=448 * 448)
+        size = 112 if quick else 448
+        return Family(name, spec, (size, size), (size // 28) ** 2, ("lookm",))
+    if name == "llava-onevision":
+        from mmrag.serving.models.tiny_onevision import TinyOnevisionSpec
+
+        spec = TinyOnevisionSpec() if quick else TinyOnevisionSpec(text_hidden=512, text_layers=8)
+        size = 56 if quick else 112
+        return Family(name, spec, (size, size), 36 if quick else 88, ("lookm",))
+    raise ValueError(f"--families: unknown family {name!r}, known: {', '.join(FAMILIES)}")
+
+
+def _families(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown}, known: {', '.join(FAMILIES)}")
+    return list(dict.fromkeys(names))
 
 
 BLOCK_SIZE = 32  # the CPU attention kernel's block sizes are multiples of 32
@@ -76,6 +167,12 @@ TIMED = ("ttft_ms", "decode_tokens_per_s", "throughput_tokens_per_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--families",
+        type=_families,
+        default=list(FAMILIES),
+        help=f"Comma-separated model families, measured one after the other (default {','.join(FAMILIES)}).",
+    )
     parser.add_argument("--images", type=int, default=None, help="Images per request (default 8; quick 4).")
     parser.add_argument(
         "--rounds", type=int, default=None, help="Rounds; each visits every row once (default 8; quick 3)."
@@ -104,16 +201,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Images:
     """Prompts with fresh noise images (one seed counter for every engine) and the same text."""
 
-    def __init__(self, images: int, size: int):
-        self.images, self.size, self.seed = images, size, 0
-        self.text = "USER: " + "<image>\n" * images + "Compare these pictures in detail.\nASSISTANT:"
+    def __init__(self, images: int, image_hw: tuple[int, int], text: str):
+        self.images, self.image_hw, self.text, self.seed = images, image_hw, text, 0
 
     def prompt(self, ratio: float | None) -> dict[str, Any]:
         import numpy as np
         from PIL import Image
 
         batch = [
-            Image.fromarray(np.random.default_rng(self.seed + i).integers(0, 256, (self.size, self.size, 3), np.uint8))
+            Image.fromarray(np.random.default_rng(self.seed + i).integers(0, 256, (*self.image_hw, 3), np.uint8))
             for i in range(self.images)
         ]
         self.seed += self.images
@@ -207,19 +303,19 @@ def _observe_capacity(row: _Row, requests: int, decode: int) -> dict[str, Any]:
     return {"requests_in_kv_budget": peak, "kv_tokens_per_request": statistics.median(physical)}
 
 
-def _engine(path: Path, max_model_len: int, images: int, kind: str, kv_budget_tokens: int):
+def _engine(path: Path, fam: Family, max_model_len: int, images: int, kind: str, kv_budget_tokens: int):
     """Stock vLLM, the AIM plugin, or the plugin with KV compaction: the server's engine arguments for each."""
     from vllm import LLM
 
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.args import engine_kwargs
 
+    extra: dict[str, Any] = {"block_size": BLOCK_SIZE, "num_gpu_blocks_override": kv_budget_tokens // BLOCK_SIZE}
+    if fam.name != "llava":  # images only: no video budget in the encoder cache and the profile
+        extra["limit_mm_per_prompt"] = {"image": images, "video": 0}
     config = MmragConfig.model_validate(
         {
-            "engine": {
-                "max_model_len": max_model_len,
-                "engine_kwargs": {"block_size": BLOCK_SIZE, "num_gpu_blocks_override": kv_budget_tokens // BLOCK_SIZE},
-            },
+            "engine": {"max_model_len": max_model_len, "engine_kwargs": extra},
             "limits": {"max_images_per_request": images},
             "compression": {"aim_plugin": kind != "stock", "lookm": {"enabled": kind == "kv"}},
         }
@@ -227,7 +323,18 @@ def _engine(path: Path, max_model_len: int, images: int, kind: str, kv_budget_to
     return LLM(**engine_kwargs(config, str(path)))
 
 
-def measure(rows: dict[str, _Row], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def _rss_gib() -> float | None:
+    """This process's resident memory now (Linux), GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
+def measure(rows: dict[str, _Row], args: argparse.Namespace) -> dict[str, Any]:
     """Warm every row, then ``--rounds`` rounds over every row in a shuffled order; counts last."""
     from mmrag.benchmarks.common import shuffled_rounds
 
@@ -250,46 +357,81 @@ def measure(rows: dict[str, _Row], args: argparse.Namespace) -> dict[str, dict[s
     return {"rows": {name: figures[name] for name in rows}, "orders": orders}
 
 
+def measure_family(fam: Family, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One family's three engines (started one after the other, alive together), its rows measured, the
+    engines shut down; its figures with the measured visual tokens per image and the process RSS."""
+    from transformers import AutoTokenizer
+
+    decode = max(args.decode_tokens, args.capacity_decode_tokens)
+    max_model_len = 256 + decode + args.images * fam.visual_tokens_bound
+    groups: dict[str, dict[str, tuple[float | None, Any]]] = {
+        "stock": {"stock": (None, None)},
+        "plugin": {name: (ratio, None) for name, ratio in AIM_RATIOS.items()},
+        "kv": kv_rows(fam.kv_methods),
+    }
+    path = fam.make(tmp / fam.name)
+    text = fam.text(path, args.images)
+    images = _Images(args.images, fam.image_hw, text)
+    rss_before = _rss_gib()
+    engines: list[Any] = []
+    started = time.perf_counter()
+    try:
+        rows: dict[str, _Row] = {}
+        for kind, group in groups.items():
+            engines.append(_engine(path, fam, max_model_len, args.images, kind, args.kv_budget_tokens))
+            rows.update({name: _Row(engines[-1], ratio, kv, images) for name, (ratio, kv) in group.items()})
+        rss_alive = _rss_gib()
+        print(f"{fam.name}: engines started in {time.perf_counter() - started:.0f} s, RSS {rss_alive} GiB", flush=True)
+        figures = measure(rows, args)
+        rss_end = _rss_gib()
+    finally:
+        for llm in engines:
+            llm.llm_engine.engine_core.shutdown()
+        engines.clear()
+        gc.collect()
+    # The text's tokens with one placeholder per image; the engine expands each to the image's tokens.
+    placeholders = len(AutoTokenizer.from_pretrained(path)(text)["input_ids"])  # as vLLM encodes it
+    visual = (figures["rows"]["stock"]["prompt_tokens"] - placeholders + args.images) / args.images
+    figures["visual_tokens_per_image"] = visual
+    figures["image_hw"] = list(fam.image_hw)
+    figures["spec"] = dataclasses.asdict(fam.spec)
+    figures["wall_s"] = round(time.perf_counter() - started, 1)
+    figures["memory"] = {
+        "rss_gib_before_engines": rss_before,
+        "rss_gib_engines_started": rss_alive,
+        "rss_gib_after_rounds": rss_end,
+        "rss_gib_after_shutdown": _rss_gib(),
+    }
+    return figures
+
+
+def _peak_rss_gib() -> float | None:
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from mmrag.benchmarks.common import plot_path, write_result
     from mmrag.kernels.methods import kv_method_as_dict
-    from mmrag.serving.models.tiny import TinyLlavaSpec, make_tiny_llava
 
     _fill_defaults(args)
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     started = time.perf_counter()
-    spec = TinyLlavaSpec() if args.quick else TinyLlavaSpec(image_size=224, text_hidden=512, text_layers=8)
-    decode = max(args.decode_tokens, args.capacity_decode_tokens)
-    max_model_len = 256 + decode + args.images * spec.visual_tokens_per_image
-    groups: dict[str, dict[str, tuple[float | None, Any]]] = {
-        "stock": {"stock": (None, None)},
-        "plugin": {name: (ratio, None) for name, ratio in AIM_RATIOS.items()},
-        "kv": kv_rows(),
-    }
-    images = _Images(args.images, spec.image_size)
-    engines: list[Any] = []
-    # In-process engine cores: the capacity run reads the scheduler. All three engines live at once, so
-    # that every round can visit every row.
+    families = [family(name, bool(args.quick)) for name in args.families]
+    results: dict[str, Any] = {}
+    # In-process engine cores: the capacity run reads the scheduler. One family at a time: its three
+    # engines live at once, so that every round can visit every row of the family.
     with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_llava(Path(tmp) / "llava", spec)
-        try:
-            rows: dict[str, _Row] = {}
-            for kind, group in groups.items():
-                engines.append(_engine(path, max_model_len, args.images, kind, args.kv_budget_tokens))
-                rows.update({name: _Row(engines[-1], ratio, kv, images) for name, (ratio, kv) in group.items()})
-            figures = measure(rows, args)
-        finally:
-            for llm in engines:
-                llm.llm_engine.engine_core.shutdown()
-            engines.clear()
-            gc.collect()
+        for fam in families:
+            print(f"family {fam.name}", flush=True)
+            results[fam.name] = measure_family(fam, args, Path(tmp))
     config = {
+        "families": [fam.name for fam in families],
         "images_per_request": args.images,
-        "image_size": spec.image_size,
-        "visual_tokens_per_image": spec.visual_tokens_per_image,
-        "text_hidden": spec.text_hidden,
-        "text_layers": spec.text_layers,
         "rounds": args.rounds,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -299,19 +441,28 @@ def run(args: argparse.Namespace) -> int:
         "capacity_requests": args.capacity_requests,
         "capacity_decode_tokens": args.capacity_decode_tokens,
         "block_size": BLOCK_SIZE,
-        "kv_methods": {name: kv_method_as_dict(kv) for name, (_, kv) in kv_rows().items()},
-        "engine": "vllm offline LLM, enforce_eager, CPU, engine core in process; stock, plugin and plugin+KV "
-        "compaction (each KV method chosen per request) on separate engines with the same KV pool, alive at once",
-        "method": "per row --warmup requests of each kind and one throughput batch; then --rounds rounds, each "
-        "visiting every row in an order shuffled with --seed; timed figures are medians across rounds "
-        "(spread: min, max, samples), ratios of medians; scheduler counts observed once per row after the rounds",
+        "kv_methods": {
+            fam.name: {name: kv_method_as_dict(kv) for name, (_, kv) in kv_rows(fam.kv_methods).items()}
+            for fam in families
+        },
+        "engine": "vllm offline LLM, enforce_eager, CPU, engine core in process; per family stock, plugin and "
+        "plugin+KV compaction (each KV method chosen per request) on separate engines with the same KV pool, "
+        "alive at once; families one after the other, each family's engines shut down before the next starts",
+        "method": "per family: per row --warmup requests of each kind and one throughput batch; then --rounds "
+        "rounds, each visiting every row of the family in an order shuffled with --seed; timed figures are "
+        "medians across rounds (spread: min, max, samples), ratios of medians against the family's stock; "
+        "scheduler counts observed once per row after the rounds",
         "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "peak_rss_gib": _peak_rss_gib(),
         "wall_s": round(time.perf_counter() - started, 1),
         "quick": bool(args.quick),
     }
-    out = write_result("compression", figures, config, args.out)
-    _plot(figures["rows"], plot_path(out), args.rounds)
-    print(_table(figures["rows"]))
+    out = write_result("compression", {"families": results}, config, args.out)
+    _plot(results, plot_path(out), args.rounds)
+    for name, figures in results.items():
+        print(f"{name} ({figures['visual_tokens_per_image']:g} visual tokens per image)")
+        print(_table(figures["rows"]))
     print(f"wrote {out} and {plot_path(out)}")
     return 0
 
@@ -372,34 +523,40 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: dict[str, dict[str, Any]], path: Path, rounds: int) -> None:
+def _plot(families: dict[str, dict[str, Any]], path: Path, rounds: int) -> None:
+    """One line of panels per family, one panel per figure; bars annotated with the ratio to the family's stock."""
     from mmrag.benchmarks.common import pyplot
 
     plt = pyplot()
     keys = _FIGURES
-    fig, axes = plt.subplots(1, len(keys), figsize=(18, 3.8))
-    names = list(rows)
+    fig, grid = plt.subplots(len(families), len(keys), figsize=(18, 3.8 * len(families)), squeeze=False)
     colours = ["black", "tab:gray", "tab:purple", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:brown"]
-    for ax, key in zip(axes, keys, strict=True):
-        heights = [rows[n][key] or 0 for n in names]
-        errors = None
-        if key in TIMED:  # bars from min to max across rounds
-            spreads = [rows[n]["spread"][key] for n in names]
-            errors = [
-                [h - (s["min"] if s["min"] is not None else h) for h, s in zip(heights, spreads, strict=True)],
-                [(s["max"] if s["max"] is not None else h) - h for h, s in zip(heights, spreads, strict=True)],
-            ]
-        ax.bar(names, heights, yerr=errors, capsize=2, color=[colours[i % len(colours)] for i in range(len(names))])
-        ax.set_title(key.replace("_", " "), fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, rotation=45)
-        for i, name in enumerate(names):
-            ratio = rows[name]["vs_stock"].get(key)
-            if ratio is not None:
-                ax.annotate(f"x{ratio:.2f}", (i, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
+    for axes, (family_name, figures) in zip(grid, families.items(), strict=True):
+        rows = figures["rows"]
+        names = list(rows)
+        for ax, key in zip(axes, keys, strict=True):
+            heights = [rows[n][key] or 0 for n in names]
+            errors = None
+            if key in TIMED:  # bars from min to max across rounds
+                spreads = [rows[n]["spread"][key] for n in names]
+                errors = [
+                    [h - (s["min"] if s["min"] is not None else h) for h, s in zip(heights, spreads, strict=True)],
+                    [(s["max"] if s["max"] is not None else h) - h for h, s in zip(heights, spreads, strict=True)],
+                ]
+            colour = [colours[i % len(colours)] for i in range(len(names))]
+            ax.bar(names, heights, yerr=errors, capsize=2, color=colour)
+            ax.set_title(f"{family_name}: {key.replace('_', ' ')}", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7, rotation=45)
+            for i, name in enumerate(names):
+                ratio = rows[name]["vs_stock"].get(key)
+                if ratio is not None:
+                    ax.annotate(
+                        f"x{ratio:.2f}", (i, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7
+                    )
     fig.suptitle(
-        f"AIM and LOOK-M in vLLM vs stock vLLM: ratios of medians over {rounds} interleaved rounds "
-        "(bars: min-max), counts observed once"
+        f"AIM and LOOK-M in vLLM vs stock vLLM, per family: ratios of medians over {rounds} interleaved rounds "
+        "against the family's stock (bars: min-max), counts observed once"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,16 @@
-"""``mmrag bench compression --quick``: the three engines (stock vLLM, AIM, AIM + KV methods), every figure,
-and the interleaved rounds' spread."""
+"""``mmrag bench compression --quick``: per family, the three engines (stock vLLM, AIM, AIM + KV methods),
+every figure, and the interleaved rounds' spread.
+
+The smoke runs LLaVA and one more family, LLaVA-OneVision (its quick checkpoint, the cheaper of the two new
+families: 6 rows against Qwen2.5-VL's same 6 and a faster start here); Qwen2.5-VL's rows are the same code
+path (``--families`` picks the checkpoint, the prompt and the engine arguments) and are measured in the
+committed full quick run.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -12,41 +19,68 @@ import pytest
 from mmrag.benchmarks import compression
 from mmrag.serving.cli.bench import parse_benchmark_args
 
+IMAGES = 4
+# Quick checkpoints' visual tokens per image: LLaVA 56 px, 16; LLaVA-OneVision 56 px, base view 16 + one
+# 4x4 tile 16 + 4 newlines.
+VISUAL = {"llava": 16, "llava-onevision": 36}
 
-@pytest.mark.slow  # three vLLM engines on the tiny LLaVA
-def test_quick_bench_compares_aim_and_lookm_with_stock(tmp_path: Path) -> None:
+
+@pytest.mark.slow  # per family three vLLM engines on a tiny checkpoint
+def test_quick_bench_compares_aim_and_lookm_with_stock_per_family(tmp_path: Path) -> None:
     out = tmp_path / "compression.json"
-    args = parse_benchmark_args("compression", ["--quick", "--rounds", "2", "--warmup", "1", "--out", str(out)])
+    argv = ["--quick", "--families", "llava,llava-onevision", "--rounds", "2", "--warmup", "1", "--out", str(out)]
+    args = parse_benchmark_args("compression", argv)
     assert compression.run(args) == 0
     assert out.with_suffix(".png").stat().st_size > 0
-    figures = json.loads(out.read_text())["figures"]
-    rows = figures["rows"]
-    assert set(rows) == {"stock", *compression.AIM_RATIOS, *compression.kv_rows()}
-    # The plugin at ratio 1 reads the stock prompt; 1/2 and 1/4 keep 8 and 4 of each image's 16 tokens.
-    text_tokens = rows["stock"]["prompt_tokens"] - 4 * 16
-    assert rows["aim@1"]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
-    assert rows["aim@1/2"]["prompt_tokens"] == text_tokens + 4 * 8
-    assert rows["aim@1/4"]["prompt_tokens"] == text_tokens + 4 * 4
-    # Observed in the scheduler at the last step: the prompt and 15 of the 16 generated tokens (the last
-    # sampled token never enters the cache), fewer entries with LOOK-M.
-    for name in ("stock", *compression.AIM_RATIOS):
-        assert rows[name]["kv_tokens_per_request"] == rows[name]["prompt_tokens"] + 15
-    for name in ("lookm", "random", "recent", "scores"):  # every registered KV method, chosen per request
-        assert rows[name]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
-        assert rows[name]["kv_tokens_per_request"] < rows["stock"]["kv_tokens_per_request"]
-    assert rows["aim@1/4+lookm"]["kv_tokens_per_request"] < rows["aim@1/4"]["kv_tokens_per_request"]
-    # 1024-token pools: fewer, larger requests at once without compression.
-    assert rows["aim@1/4"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]
-    assert rows["lookm"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]
-    # Every round visits every row once, in a shuffled order; each timed figure is the median of its samples.
-    assert len(figures["orders"]) == 2
-    assert all(sorted(order) == sorted(rows) for order in figures["orders"])
-    for row in rows.values():
-        assert row["ttft_ms"] > 0 and row["throughput_tokens_per_s"] > 0
-        for key in compression.TIMED:
-            spread = row["spread"][key]
-            assert len(spread["samples"]) == 2
-            values = [v for v in spread["samples"] if v is not None]
-            assert row[key] == spread["median"] == statistics.median(values)
-            assert spread["min"] == min(values) <= row[key] <= spread["max"] == max(values)
-    assert rows["aim@1"]["vs_stock"]["ttft_ms"] == rows["aim@1"]["ttft_ms"] / rows["stock"]["ttft_ms"]
+    result = json.loads(out.read_text())
+    assert result["config"]["families"] == ["llava", "llava-onevision"]
+    families = result["figures"]["families"]
+    assert list(families) == ["llava", "llava-onevision"]
+    for name, figures in families.items():
+        rows = figures["rows"]
+        kv_methods = None if name == "llava" else ("lookm",)
+        assert list(rows) == ["stock", *compression.AIM_RATIOS, *compression.kv_rows(kv_methods)]
+        visual = VISUAL[name]
+        assert figures["visual_tokens_per_image"] == visual  # measured: stock's prompt minus the text
+        # The plugin at ratio 1 reads the stock prompt; 1/2 and 1/4 keep ceil(T x ratio) of each image's T.
+        text_tokens = rows["stock"]["prompt_tokens"] - IMAGES * visual
+        assert rows["aim@1"]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
+        for row, ratio in (("aim@1/2", 0.5), ("aim@1/4", 0.25)):
+            assert rows[row]["prompt_tokens"] == text_tokens + IMAGES * math.ceil(visual * ratio)
+        # Observed in the scheduler at the last step: the prompt and 15 of the 16 generated tokens (the last
+        # sampled token never enters the cache), fewer entries with a KV method.
+        for row in ("stock", *compression.AIM_RATIOS):
+            assert rows[row]["kv_tokens_per_request"] == rows[row]["prompt_tokens"] + 15
+        for row in compression.kv_rows(kv_methods):  # every KV method of the family, chosen per request
+            if row != "aim@1/4+lookm":
+                assert rows[row]["prompt_tokens"] == rows["stock"]["prompt_tokens"]
+                assert rows[row]["kv_tokens_per_request"] < rows["stock"]["kv_tokens_per_request"]
+        assert rows["aim@1/4+lookm"]["kv_tokens_per_request"] < rows["aim@1/4"]["kv_tokens_per_request"]
+        # 1024-token pools: fewer, larger requests at once without compression.
+        assert rows["aim@1/4"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]
+        assert rows["lookm"]["requests_in_kv_budget"] > rows["stock"]["requests_in_kv_budget"]
+        # Every round visits every row of the family once, in a shuffled order; each timed figure is the
+        # median of its samples, its ratio against the family's own stock.
+        assert len(figures["orders"]) == 2
+        assert all(sorted(order) == sorted(rows) for order in figures["orders"])
+        for row in rows.values():
+            assert row["ttft_ms"] > 0 and row["throughput_tokens_per_s"] > 0
+            for key in compression.TIMED:
+                spread = row["spread"][key]
+                assert len(spread["samples"]) == 2
+                values = [v for v in spread["samples"] if v is not None]
+                assert row[key] == spread["median"] == statistics.median(values)
+                assert spread["min"] == min(values) <= row[key] <= spread["max"] == max(values)
+        assert rows["aim@1"]["vs_stock"]["ttft_ms"] == rows["aim@1"]["ttft_ms"] / rows["stock"]["ttft_ms"]
+        memory = figures["memory"]
+        assert 0 < memory["rss_gib_before_engines"] <= result["config"]["peak_rss_gib"]
+        assert 0 < memory["rss_gib_engines_started"] <= result["config"]["peak_rss_gib"]
+
+
+def test_families_option_validates_names() -> None:
+    args = parse_benchmark_args("compression", ["--quick"])
+    assert args.families == list(compression.FAMILIES)
+    args = parse_benchmark_args("compression", ["--families", "qwen2.5-vl, llava,qwen2.5-vl"])
+    assert args.families == ["qwen2.5-vl", "llava"]
+    with pytest.raises(SystemExit):
+        parse_benchmark_args("compression", ["--families", "llava,gemma"])
