@@ -10,9 +10,10 @@ A 56x56 image gives 16 visual tokens (4x4 patches of 14 pixels, CLS dropped).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from mmrag.serving.models.checkpoint import byte_level_tokenizer, save_checkpoint, save_weights
 
 # Literal text is emitted through {{ '...' }} so that the whitespace-trimming tags keep it intact.
 # GENERATION_PROMPT is substituted last: the trained model ends it with a space (see chat_template).
@@ -75,33 +76,17 @@ def locate_tiny_random(seed: int = 0) -> Path:
 def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> Path:
     """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
     spec = spec or TinyLlavaSpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(spec)
-    write_checkpoint(out, build_model(spec, tokenizer), tokenizer, spec)
-    return out
+    return write_checkpoint(out_dir, build_model(spec, tokenizer), tokenizer, spec)
 
 
-def write_checkpoint(out: Path, model, tokenizer, spec: TinyLlavaSpec) -> None:
-    """Processor, config and bf16 weights in the hub layout, plus the spec that built them."""
-    out.mkdir(parents=True, exist_ok=True)
-    build_processor(tokenizer, spec).save_pretrained(out)
-    save_hub_weights(model, out)
-    (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+def write_checkpoint(out_dir: str | Path, model, tokenizer, spec: TinyLlavaSpec) -> Path:
+    """Processor, config and bf16 weights in the hub layout, plus the spec that built them; returns the directory."""
+    return save_checkpoint(out_dir, build_processor(tokenizer, spec), model, spec, to_hub_name)
 
 
 def _build_tokenizer(spec: TinyLlavaSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    # Byte-level BPE without merges: every byte is a token, so any text round-trips with no training.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(SPECIAL_TOKENS))
-    return wrap_tokenizer(core, CHAT_TEMPLATE, spec.max_position_embeddings)
+    return wrap_tokenizer(byte_level_tokenizer(SPECIAL_TOKENS), CHAT_TEMPLATE, spec.max_position_embeddings)
 
 
 def wrap_tokenizer(core, template: str, max_length: int):
@@ -207,17 +192,4 @@ def from_hub_name(name: str) -> str:
 
 def save_hub_weights(model, out: Path) -> None:
     """Config, generation config and bf16 weights under the hub names; a tied LM head is not written."""
-    import torch
-    from safetensors.torch import save_file
-
-    model.config.architectures = [type(model).__name__]
-    model.config.dtype = "bfloat16"  # what vLLM's CPU backend runs; saves a cast (and a warning) per weight
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    tied = model.config.get_text_config().tie_word_embeddings
-    state = {
-        to_hub_name(k): v.detach().to(torch.bfloat16).contiguous()
-        for k, v in model.state_dict().items()
-        if not (tied and k.startswith("lm_head."))
-    }
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(model, out, to_hub_name)

@@ -20,9 +20,10 @@ feature is resampled. Text attention head size 64 (vLLM's CPU attention rejects 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from mmrag.serving.models.checkpoint import chatml_tokenizer, qwen2_text_config, redraw_weights, save_checkpoint
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TinyOnevisionSpec", "locate_tiny_onevision", "make_tiny_onevision"]
 
@@ -86,36 +87,13 @@ def locate_tiny_onevision(seed: int = 0) -> Path:
 def make_tiny_onevision(out_dir: str | Path, spec: TinyOnevisionSpec | None = None) -> Path:
     """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
     spec = spec or TinyOnevisionSpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(spec)
-    model = build_model(spec, tokenizer)
-    build_processor(tokenizer, spec).save_pretrained(out)
-    _save_weights(model, out)
-    (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
-    return out
+    return save_checkpoint(out_dir, build_processor(tokenizer, spec), build_model(spec, tokenizer), spec, _hub_name)
 
 
 def _build_tokenizer(spec: TinyOnevisionSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # Byte-level BPE without merges (as the other tiny models'): any text round-trips with no training.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=spec.max_position_embeddings,
-    )
+    media = {"image_token": "<image>", "video_token": "<video>"}
+    return chatml_tokenizer(SPECIAL_TOKENS, media, CHAT_TEMPLATE, spec.max_position_embeddings)
 
 
 def build_processor(tokenizer, spec: TinyOnevisionSpec):
@@ -147,24 +125,9 @@ def build_model(spec: TinyOnevisionSpec, tokenizer):
         "patch_size": spec.patch_size,
         "vision_use_head": False,
     }
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": 2 * spec.text_hidden,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.text_hidden // spec.head_dim,
-        "num_key_value_heads": spec.text_kv_heads,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "tie_word_embeddings": False,
-    }
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=text,
+        text_config=qwen2_text_config(spec, tokenizer, model_type="qwen2", tie_word_embeddings=False),
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
         projector_hidden_act="gelu",
@@ -176,13 +139,8 @@ def build_model(spec: TinyOnevisionSpec, tokenizer):
     )
     torch.manual_seed(spec.seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # transformers' init (std 0.02) leaves a model this small with near-uniform next-token distributions
-        # that no image changes: parity tests could not tell a wrong merge from a right one. image_newline
-        # (1-D) is drawn too, so that a newline differs from the content tokens around it.
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2 or name.endswith("image_newline"):
-                parameter.normal_(0.0, spec.init_std)
+    # image_newline (1-D) is drawn too, so that a newline differs from the content tokens around it.
+    redraw_weights(model, spec.init_std, vectors=("image_newline",))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -193,16 +151,3 @@ def _hub_name(name: str) -> str:
     level (vLLM's SiglipVisionModel has it; transformers strips it again on load)."""
     tower = "model.vision_tower."
     return name.replace(tower, tower + "vision_model.", 1) if name.startswith(tower) else name
-
-
-def _save_weights(model, out: Path) -> None:
-    """Config, generation config and bf16 weights under the hub's names (vLLM's weight mapper reads them)."""
-    import torch
-    from safetensors.torch import save_file
-
-    model.config.architectures = [type(model).__name__]
-    model.config.dtype = "bfloat16"
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    state = {_hub_name(k): v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

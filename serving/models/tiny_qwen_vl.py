@@ -15,9 +15,10 @@ multiples of 28 pixels (patch 14 x merge 2) between :attr:`TinyQwenVLSpec.min_pi
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from mmrag.serving.models.checkpoint import chatml_tokenizer, qwen2_text_config, redraw_weights, save_checkpoint
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TinyQwenVLSpec", "locate_tiny_qwen_vl", "make_tiny_qwen_vl"]
 
@@ -85,41 +86,18 @@ def locate_tiny_qwen_vl(seed: int = 0) -> Path:
 def make_tiny_qwen_vl(out_dir: str | Path, spec: TinyQwenVLSpec | None = None) -> Path:
     """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
     spec = spec or TinyQwenVLSpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(spec)
-    model = build_model(spec, tokenizer)
-    build_processor(tokenizer, spec).save_pretrained(out)
-    _save_weights(model, out)
-    (out / "mmrag_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
-    return out
+    return save_checkpoint(out_dir, build_processor(tokenizer, spec), build_model(spec, tokenizer), spec)
 
 
 def _build_tokenizer(spec: TinyQwenVLSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # Byte-level BPE without merges (as the tiny LLaVA's): any text round-trips with no training.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=spec.max_position_embeddings,
-    )
+    media = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+    }
+    return chatml_tokenizer(SPECIAL_TOKENS, media, CHAT_TEMPLATE, spec.max_position_embeddings)
 
 
 def build_processor(tokenizer, spec: TinyQwenVLSpec):
@@ -160,19 +138,8 @@ def build_model(spec: TinyQwenVLSpec, tokenizer):
         "fullatt_block_indexes": [spec.vision_layers - 1],
         "tokens_per_second": 2,
     }
-    text = {
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": 2 * spec.text_hidden,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.text_hidden // spec.head_dim,
-        "num_key_value_heads": spec.text_kv_heads,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)}
+    text = qwen2_text_config(spec, tokenizer, rope_parameters=rope)
     config = Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,
@@ -184,25 +151,7 @@ def build_model(spec: TinyQwenVLSpec, tokenizer):
     )
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # transformers' init (std 0.02) leaves a model this small with near-uniform next-token distributions
-        # that no image or position changes: parity tests could not tell a wrong merge from a right one.
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, spec.init_std)
+    redraw_weights(model, spec.init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def _save_weights(model, out: Path) -> None:
-    """Config, generation config and bf16 weights under transformers 5's names (vLLM maps them itself)."""
-    import torch
-    from safetensors.torch import save_file
-
-    model.config.architectures = [type(model).__name__]
-    model.config.dtype = "bfloat16"
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
