@@ -30,32 +30,19 @@ from torch import nn
 
 from mmrag.kernels.methods.aim import AIMMerge
 from mmrag.kernels.methods.base import KVMethod
+from mmrag.kernels.reference import hf_forward
 
 __all__ = ["OnevisionReference", "OnevisionReferenceOutput"]
 
 _ATTENTION = "mmrag_onevision_capture"
 
 
-def _capture_attention(module: nn.Module, query, key, value, attention_mask, scaling: float, **kwargs):
-    """transformers' eager attention (Qwen2's); a prefill's post-RoPE queries, keys and values are kept."""
-    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
-
-    if query.shape[2] > 1:
-        module.mmrag_prefill = (query, key, value)
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, **kwargs)
-
-
 @dataclass
-class OnevisionReferenceOutput:
-    """Attributes: token_ids: the greedy tokens. logprobs: ``(len(token_ids),)`` each chosen token's
-    log-probability. prompt_len: tokens the LLM read. image_tokens: placeholders per image. kept: prompt KV
-    entries per layer and head after the KV method (``prompt_len`` without one)."""
+class OnevisionReferenceOutput(hf_forward.ReferenceOutput):
+    """:class:`~mmrag.kernels.reference.hf_forward.ReferenceOutput` and image_tokens: placeholders per image
+    (packed, or merged)."""
 
-    token_ids: list[int]
-    logprobs: torch.Tensor
-    prompt_len: int
     image_tokens: list[int]
-    kept: int
 
 
 class OnevisionReference:
@@ -63,14 +50,10 @@ class OnevisionReference:
     compacting the cache after the prefill."""
 
     def __init__(self, model: nn.Module, merge_passes: int = 0, kv: KVMethod | None = None) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+        from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward  # its LM is Qwen2
 
-        AttentionInterface.register(_ATTENTION, _capture_attention)
-        # Its mask is eager attention's (an unregistered name gets none: attention would not be causal).
-        ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, eager_mask)
         self.model = model.eval()
-        self.model.model.language_model.config._attn_implementation = _ATTENTION
+        hf_forward.capture_prefill_attention(self.model.model.language_model, _ATTENTION, eager_attention_forward)
         self.merge = AIMMerge(num_passes=merge_passes) if merge_passes else None
         self.kv = kv
         self.config = model.config
@@ -96,16 +79,7 @@ class OnevisionReference:
         ).pooler_output
         if self.merge is None:
             return list(packed)
-        merged = []
-        for item in packed:
-            result = self.merge.apply(item[None])
-            kept = result.tokens.shape[1]
-            first = torch.full((1, kept), item.shape[0], dtype=torch.long)
-            sources = torch.arange(item.shape[0])[None]
-            first = first.scatter_reduce(1, result.source_index, sources, "amin")
-            order = first[0].argsort()
-            merged.append(result.tokens[0, order])
-        return merged
+        return [hf_forward.merge_in_reading_order(self.merge, item[None])[0] for item in packed]
 
     @torch.no_grad()
     def generate(
@@ -140,32 +114,10 @@ class OnevisionReference:
             inputs_embeds=embeds, position_ids=torch.arange(length)[None], past_key_values=cache, use_cache=True
         )
         is_image = ids == token
-        kept = self._compact(cache, is_image) if self.kv is not None and is_image.any() else length
-        logits, tokens, logprobs = out.logits[0, -1], [], []
-        for step in range(max_new_tokens):
-            chosen = int(logits.argmax())
-            tokens.append(chosen)
-            logprobs.append(torch.log_softmax(logits.float(), dim=-1)[chosen])
-            if step + 1 == max_new_tokens:
-                break
-            out = self.model(
-                input_ids=torch.tensor([[chosen]]),
-                position_ids=torch.tensor([[length + step]]),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[0, -1]
-        return OnevisionReferenceOutput(tokens, torch.stack(logprobs), length, [i.shape[0] for i in images], kept)
-
-    def _compact(self, cache, is_image: torch.Tensor) -> int:
-        """Replace every layer's prompt cache by what the KV method keeps of it (same count in each layer)."""
-        kept = None
-        for index, layer in enumerate(self.model.model.language_model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.mmrag_prefill
-            del attn.mmrag_prefill
-            scores = self.kv.scores(None, q[0], k[0], attn.scaling)
-            keys, values, _ = self.kv.compress(k[0], v[0], scores, is_image)
-            cache.layers[index].keys, cache.layers[index].values = keys[None], values[None]
-            kept = keys.shape[1]
-        return int(kept)
+        kept = length
+        if self.kv is not None and is_image.any():
+            kept = hf_forward.compact_prefill_cache(self.model.model.language_model.layers, cache, self.kv, is_image)
+        tokens, logprobs = hf_forward.greedy_decode(
+            self.model, cache, out.logits[0, -1], max_new_tokens, length, (1, 1)
+        )
+        return OnevisionReferenceOutput(tokens, logprobs, length, kept, [i.shape[0] for i in images])

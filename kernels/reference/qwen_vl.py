@@ -14,8 +14,8 @@ Each part is derived independently of the vLLM plugin's code:
   (``spread``: the merged tokens take the evenly spread cells of it) or are given the smaller
   ``(h', w')`` grid (``contiguous``: the merged tokens take its first cells), the unused placeholders
   then dropped, the text continuing past the largest position (:func:`_continue_text_past_the_largest`);
-- **KV method**: after the prefill, each layer's cache is replaced by what the method keeps of it (scores
-  from the same queries and keys), and decoding continues at the logical positions.
+- **KV method**: :func:`~mmrag.kernels.reference.hf_forward.compact_prefill_cache` after the prefill, and
+  decoding continues past the largest position.
 
 One prompt at a time, greedy.
 """
@@ -23,7 +23,6 @@ One prompt at a time, greedy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,9 +30,10 @@ from torch import nn
 
 from mmrag.kernels.methods.aim import AIMMerge
 from mmrag.kernels.methods.base import KVMethod
+from mmrag.kernels.reference import hf_forward
 from mmrag.kernels.token_merge import spread_positions
 
-__all__ = ["QwenReference", "QwenReferenceOutput", "contiguous_grid"]
+__all__ = ["QwenReference", "contiguous_grid"]
 
 _ATTENTION = "mmrag_reference_capture"
 
@@ -42,15 +42,6 @@ def contiguous_grid(height: int, width: int, kept: int) -> tuple[int, int]:
     """The smaller grid of the image's aspect ratio that ``kept`` merged tokens fill row by row."""
     used_w = min(width, math.ceil(width * math.sqrt(kept / (height * width)) - 1e-9))
     return math.ceil(kept / used_w), used_w
-
-
-def _capture_attention(module: nn.Module, query, key, value, attention_mask, scaling: float, **kwargs):
-    """transformers' eager attention; a prefill's post-RoPE queries, keys and values are kept on the module."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
-
-    if query.shape[2] > 1:
-        module.mmrag_prefill = (query, key, value)
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, **kwargs)
 
 
 def _continue_text_past_the_largest(positions: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -77,18 +68,6 @@ def _continue_text_past_the_largest(positions: torch.Tensor, visual: torch.Tenso
     return out
 
 
-@dataclass
-class QwenReferenceOutput:
-    """Attributes: token_ids: the greedy tokens. logprobs: ``(len(token_ids),)`` each chosen token's
-    log-probability. prompt_len: tokens the LLM read. kept: prompt KV entries per layer and head after
-    the KV method (``prompt_len`` without one)."""
-
-    token_ids: list[int]
-    logprobs: torch.Tensor
-    prompt_len: int
-    kept: int
-
-
 class QwenReference:
     """Qwen2.5-VL with AIM's merge at ``merge_passes`` halvings (0: none), merged tokens at the ``layout``
     positions, and an optional KV method compacting the cache after the prefill."""
@@ -96,16 +75,12 @@ class QwenReference:
     def __init__(
         self, model: nn.Module, merge_passes: int = 0, layout: str = "contiguous", kv: KVMethod | None = None
     ) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
         if layout not in ("contiguous", "spread"):
             raise ValueError(f"layout must be 'contiguous' or 'spread', not {layout!r}")
-        AttentionInterface.register(_ATTENTION, _capture_attention)
-        # Its mask is eager attention's (an unregistered name gets none: attention would not be causal).
-        ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, eager_mask)
         self.model = model.eval()
-        self.model.model.language_model.config._attn_implementation = _ATTENTION
+        hf_forward.capture_prefill_attention(self.model.model.language_model, _ATTENTION, eager_attention_forward)
         self.merge = AIMMerge(num_passes=merge_passes) if merge_passes else None
         self.layout = layout
         self.kv = kv
@@ -128,17 +103,12 @@ class QwenReference:
         source."""
         if self.merge is None:
             return list(features)
-        merged = []
-        for item, (frames, _, _) in zip(features, grid_thw.tolist(), strict=True):
-            result = self.merge.apply(item.view(frames, -1, item.shape[-1]))
-            kept = result.tokens.shape[1]
-            first = torch.full((frames, kept), item.shape[0], dtype=torch.long)
-            sources = torch.arange(result.source_index.shape[1]).expand(frames, -1)
-            first = first.scatter_reduce(1, result.source_index, sources, "amin")
-            order = first.argsort(dim=1)
-            tokens = result.tokens.gather(1, order[..., None].expand_as(result.tokens))
-            merged.append(tokens.reshape(-1, item.shape[-1]))
-        return merged
+        return [
+            hf_forward.merge_in_reading_order(self.merge, item.view(frames, -1, item.shape[-1])).reshape(
+                -1, item.shape[-1]
+            )
+            for item, (frames, _, _) in zip(features, grid_thw.tolist(), strict=True)
+        ]
 
     def _layout(
         self,
@@ -210,7 +180,7 @@ class QwenReference:
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
-    ) -> QwenReferenceOutput:
+    ) -> hf_forward.ReferenceOutput:
         """Greedy decoding of the ``(L0,)`` prompt (unmerged placeholders, as the HF processor writes them)."""
         from transformers import DynamicCache
 
@@ -229,32 +199,11 @@ class QwenReference:
         cache = DynamicCache(config=self.config)
         out = self.model(inputs_embeds=embeds, position_ids=positions[:, None], past_key_values=cache, use_cache=True)
         visual = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
-        kept = self._compact(cache, visual) if self.kv is not None and visual.any() else ids.numel()
-        next_position = int(positions.max()) + 1
-        logits, tokens, logprobs = out.logits[0, -1], [], []
-        for step in range(max_new_tokens):
-            token = int(logits.argmax())
-            tokens.append(token)
-            logprobs.append(torch.log_softmax(logits.float(), dim=-1)[token])
-            if step + 1 == max_new_tokens:
-                break
-            position = torch.full((3, 1, 1), next_position + step)
-            out = self.model(
-                input_ids=torch.tensor([[token]]), position_ids=position, past_key_values=cache, use_cache=True
-            )
-            logits = out.logits[0, -1]
-        return QwenReferenceOutput(tokens, torch.stack(logprobs), ids.numel(), kept)
-
-    def _compact(self, cache, is_image: torch.Tensor) -> int:
-        """Replace every layer's prompt cache by what the KV method keeps of it (same count in each layer);
-        ``is_image``: the visual entries (images and video frames)."""
-        kept = None
-        for index, layer in enumerate(self.model.model.language_model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.mmrag_prefill
-            del attn.mmrag_prefill
-            scores = self.kv.scores(None, q[0], k[0], attn.scaling)
-            keys, values, _ = self.kv.compress(k[0], v[0], scores, is_image)
-            cache.layers[index].keys, cache.layers[index].values = keys[None], values[None]
-            kept = keys.shape[1]
-        return int(kept)
+        kept = ids.numel()
+        if self.kv is not None and visual.any():  # video frames are image entries to the KV method
+            kept = hf_forward.compact_prefill_cache(model.language_model.layers, cache, self.kv, visual)
+        next_position = int(positions.max()) + 1  # M-RoPE: the text goes on past the largest position
+        tokens, logprobs = hf_forward.greedy_decode(
+            self.model, cache, out.logits[0, -1], max_new_tokens, next_position, (3, 1, 1)
+        )
+        return hf_forward.ReferenceOutput(tokens, logprobs, ids.numel(), kept)
