@@ -31,12 +31,14 @@ family (OneVision: of its packed tokens, newlines included). Stock is vLLM's own
 ``LlavaOnevisionForConditionalGeneration``).
 
 Every engine has the same KV pool, ``--kv-budget-tokens`` in blocks of 32, and runs its engine core in
-this process, so the scheduler can be read. Families are measured one after the other: a family's three
-engines are alive at once and are shut down before the next family's start (one family's engines are about
-1.5 GB RSS on the quick configuration; ``memory`` in each family's figures has the process RSS with its
-engines alive and after their shutdown). Rows are compared only within their family (each against its own
-stock), so the families need not share rounds; keeping nine engines alive in one 2-core process would buy
-nothing but memory and contention.
+this process, so the scheduler can be read. Families are measured one after the other, each in its own
+shuffled rounds: a family's three engines are alive at once and are shut down before the next family's
+start. Rows are compared only within their family (each against its own stock), so sharing rounds across
+families would buy no ratio, only nine engines' threads contending in one process on a 2-core machine.
+Memory was not the reason: on the quick configuration the process peaks at 1.4 GiB RSS with the three
+families in turn, each family's engines adding 0.2-0.4 GiB (``memory`` in each family's figures: the
+process RSS before its engines, with them started, after the rounds and after their shutdown; the
+allocator keeps what was freed, so RSS does not fall after a shutdown).
 
 Method, so that no row gains from its place in the run: within a family, each row is first warmed with
 ``--warmup`` time-to-first-token and decode requests and one throughput batch; then ``--rounds`` rounds
@@ -530,7 +532,17 @@ def _plot(families: dict[str, dict[str, Any]], path: Path, rounds: int) -> None:
     plt = pyplot()
     keys = _FIGURES
     fig, grid = plt.subplots(len(families), len(keys), figsize=(18, 3.8 * len(families)), squeeze=False)
-    colours = ["black", "tab:gray", "tab:purple", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:brown"]
+    colours = [
+        "black",
+        "tab:gray",
+        "tab:purple",
+        "tab:blue",
+        "tab:orange",
+        "tab:red",
+        "tab:green",
+        "tab:brown",
+        "tab:pink",
+    ]
     for axes, (family_name, figures) in zip(grid, families.items(), strict=True):
         rows = figures["rows"]
         names = list(rows)
