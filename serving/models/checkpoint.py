@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = [
+    "TinySpec",
     "byte_level_tokenizer",
+    "chatml_template",
     "chatml_tokenizer",
     "qwen2_text_config",
     "redraw_weights",
@@ -23,6 +25,25 @@ __all__ = [
 ]
 
 SPEC_FILE = "mmrag_tiny.json"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """The sizes every tiny family has; each family's spec adds its own (and may change a default). The
+    defaults are the fixtures the tests use; the spec is written (keys sorted) as ``mmrag_tiny.json``."""
+
+    seed: int = 0
+    patch_size: int = 14
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    # Text attention heads of head_dim (vLLM's CPU attention rejects 16), one KV head.
+    head_dim: int = 64
+    text_kv_heads: int = 1
+    # Room above the real tokens (specials and 256 bytes): spare ids for placeholders added later (xRAG).
+    vocab_size: int = 320
+    max_position_embeddings: int = 4096
 
 
 def byte_level_tokenizer(special_tokens: Iterable[str]):
@@ -41,6 +62,24 @@ def byte_level_tokenizer(special_tokens: Iterable[str]):
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(special)
     return core
+
+
+def chatml_template(image: str, video: str) -> str:
+    """A chat template of Qwen2's ChatML turns (no default system prompt: prompts stay short), each image part
+    written as ``image`` and each video part as ``video`` (literal text for the template)."""
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+        f"{{%- elif part['type'] in ('image', 'image_url') -%}}{{{{ '{image}' }}}}"
+        f"{{%- elif part['type'] in ('video', 'video_url') -%}}{{{{ '{video}' }}}}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
 
 
 def chatml_tokenizer(special_tokens: Iterable[str], media_tokens: dict[str, str], template: str, max_length: int):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmrag.serving.models.checkpoint import byte_level_tokenizer, save_checkpoint, save_weights
+from mmrag.serving.models.checkpoint import TinySpec, byte_level_tokenizer, save_checkpoint, save_weights
 
 # Literal text is emitted through {{ '...' }} so that the whitespace-trimming tags keep it intact.
 # GENERATION_PROMPT is substituted last: the trained model ends it with a space (see chat_template).
@@ -43,23 +43,12 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
 
 
 @dataclass(frozen=True)
-class TinyLlavaSpec:
+class TinyLlavaSpec(TinySpec):
     """Shape of the generated model. Defaults are the fixture the tests and the default server use."""
 
-    seed: int = 0
     image_size: int = 56
-    patch_size: int = 14
-    vision_hidden: int = 128
-    vision_layers: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    head_dim: int = 64
-    text_kv_heads: int = 1
     # CLIP hidden state the projector reads: -2 as in LLaVA-1.5; -1 wastes no layer in a tower this small.
     vision_feature_layer: int = -2
-    # Room above the 260 real tokens: spare ids for placeholders added later (xRAG, prompt embeds).
-    vocab_size: int = 320
-    max_position_embeddings: int = 4096
 
     @property
     def visual_tokens_per_image(self) -> int:

@@ -23,47 +23,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmrag.serving.models.checkpoint import chatml_tokenizer, qwen2_text_config, redraw_weights, save_checkpoint
+from mmrag.serving.models import checkpoint
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TinyOnevisionSpec", "locate_tiny_onevision", "make_tiny_onevision"]
 
 # ChatML as LLaVA-OneVision writes it, each image or video placeholder on its own line before the text.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- elif part['type'] in ('image', 'image_url') -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] in ('video', 'video_url') -%}{{ '<video>\\n' }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+CHAT_TEMPLATE = checkpoint.chatml_template(image="<image>\\n", video="<video>\\n")
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
 
 @dataclass(frozen=True)
-class TinyOnevisionSpec:
+class TinyOnevisionSpec(checkpoint.TinySpec):
     """Shape of the generated model. Defaults are the fixture the tests use."""
 
-    seed: int = 0
     image_size: int = 56
-    patch_size: int = 14
     # Tiles of image_size pixels: (height, width) resolutions anyres chooses among (1x1 .. 2x2 tiles).
     pinpoints: tuple[tuple[int, int], ...] = ((56, 56), (56, 112), (112, 56), (112, 112))
     vision_hidden: int = 64
-    vision_layers: int = 2
     vision_heads: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    head_dim: int = 64
-    text_kv_heads: int = 1
-    # Room above the 261 real tokens: spare ids for placeholders added later (xRAG).
-    vocab_size: int = 320
-    max_position_embeddings: int = 4096
     # Standard deviation of every weight matrix and of image_newline (see build_model).
     init_std: float = 0.1
 
@@ -88,12 +66,13 @@ def make_tiny_onevision(out_dir: str | Path, spec: TinyOnevisionSpec | None = No
     """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
     spec = spec or TinyOnevisionSpec()
     tokenizer = _build_tokenizer(spec)
-    return save_checkpoint(out_dir, build_processor(tokenizer, spec), build_model(spec, tokenizer), spec, _hub_name)
+    processor, model = build_processor(tokenizer, spec), build_model(spec, tokenizer)
+    return checkpoint.save_checkpoint(out_dir, processor, model, spec, _hub_name)
 
 
 def _build_tokenizer(spec: TinyOnevisionSpec):
     media = {"image_token": "<image>", "video_token": "<video>"}
-    return chatml_tokenizer(SPECIAL_TOKENS, media, CHAT_TEMPLATE, spec.max_position_embeddings)
+    return checkpoint.chatml_tokenizer(SPECIAL_TOKENS, media, CHAT_TEMPLATE, spec.max_position_embeddings)
 
 
 def build_processor(tokenizer, spec: TinyOnevisionSpec):
@@ -127,7 +106,7 @@ def build_model(spec: TinyOnevisionSpec, tokenizer):
     }
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=qwen2_text_config(spec, tokenizer, model_type="qwen2", tie_word_embeddings=False),
+        text_config=checkpoint.qwen2_text_config(spec, tokenizer, model_type="qwen2", tie_word_embeddings=False),
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
         projector_hidden_act="gelu",
@@ -140,7 +119,7 @@ def build_model(spec: TinyOnevisionSpec, tokenizer):
     torch.manual_seed(spec.seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     # image_newline (1-D) is drawn too, so that a newline differs from the content tokens around it.
-    redraw_weights(model, spec.init_std, vectors=("image_newline",))
+    checkpoint.redraw_weights(model, spec.init_std, vectors=("image_newline",))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -18,23 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmrag.serving.models.checkpoint import chatml_tokenizer, qwen2_text_config, redraw_weights, save_checkpoint
+from mmrag.serving.models import checkpoint
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TinyQwenVLSpec", "locate_tiny_qwen_vl", "make_tiny_qwen_vl"]
 
-# ChatML, as Qwen2.5-VL's own template writes it (no default system prompt: prompts stay short).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- elif part['type'] in ('image', 'image_url') -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] in ('video', 'video_url') -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+# ChatML, as Qwen2.5-VL's own template writes it.
+CHAT_TEMPLATE = checkpoint.chatml_template(
+    image="<|vision_start|><|image_pad|><|vision_end|>", video="<|vision_start|><|video_pad|><|vision_end|>"
 )
 
 # Qwen's special tokens (the names its processor and vLLM look up), then the 256 bytes.
@@ -50,26 +40,15 @@ SPECIAL_TOKENS = (
 
 
 @dataclass(frozen=True)
-class TinyQwenVLSpec:
+class TinyQwenVLSpec(checkpoint.TinySpec):
     """Shape of the generated model. Defaults are the fixture the tests use."""
 
-    seed: int = 0
-    patch_size: int = 14
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
-    vision_hidden: int = 128
-    vision_layers: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    head_dim: int = 64
-    text_kv_heads: int = 1
     mrope_section: tuple[int, int, int] = (16, 8, 8)
     # Images are resized to 56x56 .. 224x224 pixels (4 .. 64 visual tokens): small prompts for tests.
     min_pixels: int = 56 * 56
     max_pixels: int = 224 * 224
-    # Room above the 263 real tokens: spare ids for placeholders added later (xRAG).
-    vocab_size: int = 320
-    max_position_embeddings: int = 4096
     # Standard deviation of every weight matrix (see build_model).
     init_std: float = 0.1
 
@@ -87,7 +66,8 @@ def make_tiny_qwen_vl(out_dir: str | Path, spec: TinyQwenVLSpec | None = None) -
     """Write the checkpoint to ``out_dir`` and return it. Safe to call again: files are rewritten."""
     spec = spec or TinyQwenVLSpec()
     tokenizer = _build_tokenizer(spec)
-    return save_checkpoint(out_dir, build_processor(tokenizer, spec), build_model(spec, tokenizer), spec)
+    processor, model = build_processor(tokenizer, spec), build_model(spec, tokenizer)
+    return checkpoint.save_checkpoint(out_dir, processor, model, spec)
 
 
 def _build_tokenizer(spec: TinyQwenVLSpec):
@@ -97,7 +77,7 @@ def _build_tokenizer(spec: TinyQwenVLSpec):
         "vision_bos_token": "<|vision_start|>",
         "vision_eos_token": "<|vision_end|>",
     }
-    return chatml_tokenizer(SPECIAL_TOKENS, media, CHAT_TEMPLATE, spec.max_position_embeddings)
+    return checkpoint.chatml_tokenizer(SPECIAL_TOKENS, media, CHAT_TEMPLATE, spec.max_position_embeddings)
 
 
 def build_processor(tokenizer, spec: TinyQwenVLSpec):
@@ -139,7 +119,7 @@ def build_model(spec: TinyQwenVLSpec, tokenizer):
         "tokens_per_second": 2,
     }
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)}
-    text = qwen2_text_config(spec, tokenizer, rope_parameters=rope)
+    text = checkpoint.qwen2_text_config(spec, tokenizer, rope_parameters=rope)
     config = Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,
@@ -151,7 +131,7 @@ def build_model(spec: TinyQwenVLSpec, tokenizer):
     )
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    redraw_weights(model, spec.init_std)
+    checkpoint.redraw_weights(model, spec.init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
