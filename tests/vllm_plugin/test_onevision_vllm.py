@@ -17,19 +17,19 @@ so that the tests can read its scheduler; few prompts and few tokens (CI time).
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import pytest
 import torch
 
 from mmrag.kernels.methods.lookm import LookM
-from tests.vllm_plugin.conftest import noise_picture
+from tests.vllm_plugin import parity
+from tests.vllm_plugin.parity import BLOCK_SIZE, LOGPROB_ATOL
 
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-BLOCK_SIZE = 32  # the CPU attention backend takes multiples of 32
 IMAGE = 3  # <image> in the tiny LLaVA-OneVision's vocabulary
 LOOKM = LookM(image_budget=0.25, score_from="chunked")
 # (text, image sizes (height, width)): 112x112 is the base view's 16 tokens + an 8x8 tile grid + 8 newlines (88);
@@ -40,8 +40,6 @@ PROMPTS = [
     ("and this one, wide", [(56, 112)]),
 ]
 STOCK_TOKENS = [[88], [70, 36], [52]]
-# fp32 on both sides; the measured max |difference| is printed by the parity tests.
-LOGPROB_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +53,6 @@ def _messages(text: str, sizes: list[tuple[int, int]]) -> list[dict]:
     return [{"role": "user", "content": [*({"type": "image"} for _ in sizes), {"type": "text", "text": text}]}]
 
 
-def _images(sizes: list[tuple[int, int]], seed: int):
-    return [noise_picture(seed + i, h, w) for i, (h, w) in enumerate(sizes)]
-
-
 def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
     from transformers import AutoProcessor
 
@@ -67,7 +61,7 @@ def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
     for i, (text, sizes) in enumerate(PROMPTS):
         prompt = {
             "prompt": processor.apply_chat_template(_messages(text, sizes), add_generation_prompt=True),
-            "multi_modal_data": {"image": _images(sizes, 10 * i)},
+            "multi_modal_data": {"image": parity.noise_pictures(sizes, 10 * i)},
         }
         if mm_kwargs:
             prompt["mm_processor_kwargs"] = mm_kwargs
@@ -76,90 +70,39 @@ def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
 
 
 def _params(extra_args: dict | None = None):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0, extra_args=extra_args)
-
-
-def _chosen_logprobs(choice) -> torch.Tensor:
-    return torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+    return parity.greedy_params(STEPS, extra_args)
 
 
 def _engine_kwargs(path, **compression) -> dict:
-    from mmrag.serving.config import MmragConfig
-    from mmrag.serving.engine.args import engine_kwargs
-
-    config = MmragConfig.model_validate(
-        {
-            "engine": {
-                "max_model_len": 1024,
-                "dtype": "float32",
-                "engine_kwargs": {"block_size": BLOCK_SIZE, "limit_mm_per_prompt": {"image": 2, "video": 0}},
-            },
-            "compression": compression,
-        }
-    )
-    return engine_kwargs(config, str(path))
-
-
-def _in_process(cls, **kwargs):
-    """An engine whose core runs in this process (as the plugin's, whose scheduler the tests read)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        return cls(**kwargs)
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    return parity.parity_engine_kwargs(path, compression, limit_mm_per_prompt={"image": 2, "video": 0})
 
 
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_onevision_path):
     """Stock vLLM (its own LLaVA-OneVision class) on PROMPTS; shut down before the plugin starts."""
-    from vllm import LLM
-
-    # The plugin engine's arguments without the plugin (its class, scheduler, worker): the same batching.
-    kwargs = _engine_kwargs(tiny_onevision_path, lookm={"enabled": True})
-    for name in ("hf_overrides", "scheduler_cls", "worker_cls", "additional_config"):
-        kwargs.pop(name)
-    llm = _in_process(LLM, **kwargs)
-    try:
+    kwargs = parity.without_plugin(_engine_kwargs(tiny_onevision_path, lookm={"enabled": True}))
+    with parity.in_process_llm(kwargs) as llm:
         outputs = llm.generate(_prompts(tiny_onevision_path), _params(), use_tqdm=False)
-        architecture = llm.llm_engine.model_config.architectures
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    return outputs, architecture
+        return outputs, llm.llm_engine.model_config.architectures
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_onevision_path, stock_outputs):
-    """The plugin: AIM at deployment ratio 1, the KV worker with no default method (requests choose)."""
-    from vllm import LLM
-
-    kwargs = _engine_kwargs(tiny_onevision_path, lookm={"enabled": True, "image_budget": 0.25})
-    kwargs["additional_config"] = {}  # no deployment method: each test's requests name theirs
-    llm = _in_process(LLM, **kwargs)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    """The plugin, AIM at deployment ratio 1 (requests choose theirs)."""
+    yield from parity.plugin_engine(_engine_kwargs(tiny_onevision_path, lookm={"enabled": True, "image_budget": 0.25}))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_onevision_path):
     """``reference(index, **settings)``: the reference's greedy decoding of ``PROMPTS[index]``."""
-    from transformers import AutoProcessor
-
     from mmrag.kernels.reference.onevision import OnevisionReference
 
-    processor = AutoProcessor.from_pretrained(tiny_onevision_path)
-    model = OnevisionReference.from_pretrained(tiny_onevision_path).model
+    processor, model = parity.processor_and_model(OnevisionReference, tiny_onevision_path)
 
     def run(index: int, **settings):
         text, sizes = PROMPTS[index]
         prompt = processor.apply_chat_template(_messages(text, sizes), add_generation_prompt=True)
-        pixels = processor.image_processor(_images(sizes, 10 * index), return_tensors="pt")
+        pixels = processor.image_processor(parity.noise_pictures(sizes, 10 * index), return_tensors="pt")
         ids = torch.tensor(processor.tokenizer(prompt)["input_ids"])  # one <image> per image, unexpanded
         engine = OnevisionReference(model, **settings)
         return engine.generate(ids, pixels["pixel_values"], pixels["image_sizes"], STEPS)
@@ -177,7 +120,7 @@ def test_stock_vllm_serves_the_checkpoint_natively(stock_outputs, reference) -> 
         expected = reference(index)
         assert expected.image_tokens == tokens and expected.prompt_len == len(out.prompt_token_ids)
         assert list(out.outputs[0].token_ids) == expected.token_ids
-        assert float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()) < LOGPROB_ATOL
+        assert float((parity.chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()) < LOGPROB_ATOL
 
 
 def test_plugin_at_ratio_one_is_stock_vllm(engine, stock_outputs, tiny_onevision_path) -> None:
@@ -190,7 +133,7 @@ def test_plugin_at_ratio_one_is_stock_vllm(engine, stock_outputs, tiny_onevision
     for want, have in zip(stock, got, strict=True):
         assert have.prompt_token_ids == want.prompt_token_ids
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
-        diff = (_chosen_logprobs(have.outputs[0]) - _chosen_logprobs(want.outputs[0])).abs().max()
+        diff = (parity.chosen_logprobs(have.outputs[0]) - parity.chosen_logprobs(want.outputs[0])).abs().max()
         assert diff == 0, f"log-probabilities differ by {diff:.3g}"
 
 
@@ -200,7 +143,7 @@ def test_aim_shrinks_each_image_and_decodes_as_the_reference(engine, stock_outpu
     merged prompts decode otherwise than the unmerged ones)."""
     stock, _ = stock_outputs
     info = engine.llm_engine.renderer.get_mm_processor().info  # the server's "visual_tokens_before"
-    same, changed, diff, mismatched = 0, 0, 0.0, []
+    agreement, changed = parity.Agreement(), 0
     for ratio, passes in ((0.5, 1), (0.25, 2)):
         outs = engine.generate(_prompts(tiny_onevision_path, {"aim_keep_ratio": ratio}), _params(), use_tqdm=False)
         for index, ((_, sizes), tokens, want, out) in enumerate(zip(PROMPTS, STOCK_TOKENS, stock, outs, strict=True)):
@@ -212,20 +155,13 @@ def test_aim_shrinks_each_image_and_decodes_as_the_reference(engine, stock_outpu
             assert len(out.prompt_token_ids) == len(want.prompt_token_ids) - sum(tokens) + sum(kept)
             expected = reference(index, merge_passes=passes)
             assert expected.image_tokens == kept and expected.prompt_len == len(out.prompt_token_ids)
-            if list(out.outputs[0].token_ids) == expected.token_ids:
-                same += 1
-                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
-            else:
-                mismatched.append((ratio, index, list(out.outputs[0].token_ids), expected.token_ids))
+            agreement.add((ratio, index), out.outputs[0], expected)
             changed += list(out.outputs[0].token_ids) != list(want.outputs[0].token_ids)
-    print(f"AIM: same tokens {same} of {2 * len(PROMPTS)}; max |dlogprob| {diff:.3g}; differs from stock {changed}")
-    print(f"AIM: (ratio, prompt, vLLM, reference) where the tokens differ: {mismatched}")
+    same, diff = agreement.same, agreement.max_diff
+    print(f"AIM: same tokens {same} of {agreement.total}; max |dlogprob| {diff:.3g}; differs from stock {changed}")
+    print(f"AIM: (ratio, prompt, vLLM, reference) where the tokens differ: {agreement.mismatched}")
     assert same == 2 * len(PROMPTS) and diff < LOGPROB_ATOL
     assert changed >= len(PROMPTS)
-
-
-def _scheduler(engine):
-    return engine.llm_engine.engine_core.engine_core.scheduler
 
 
 def test_lookm_decodes_as_the_reference(engine, reference, tiny_onevision_path) -> None:
@@ -233,22 +169,9 @@ def test_lookm_decodes_as_the_reference(engine, reference, tiny_onevision_path) 
     own cache; the kept count is the plan's, and the uncompacted reference decodes otherwise."""
     from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
 
-    same, differs, diff, total = 0, 0, 0.0, 0
-    for ratio, passes in ((1.0, 0), (0.5, 1)):
-        prompts = _prompts(tiny_onevision_path, {"aim_keep_ratio": ratio})
-        outs = engine.generate(prompts, _params(request_extra_args(LOOKM)), use_tqdm=False)
-        for index, out in enumerate(outs):
-            total += 1
-            expected = reference(index, merge_passes=passes, kv=LOOKM)
-            images = out.prompt_token_ids.count(IMAGE)
-            assert expected.kept == expected.prompt_len - images + math.ceil(images * LOOKM.image_budget)
-            if list(out.outputs[0].token_ids) == expected.token_ids:
-                same += 1
-                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
-            full = reference(index, merge_passes=passes)
-            differs += full.token_ids != expected.token_ids
-    print(f"LOOK-M: same tokens {same} of {total}; max |dlogprob| {diff:.3g}; uncompacted differs {differs}")
-    assert same == total and diff < LOGPROB_ATOL
+    prompts, params = functools.partial(_prompts, tiny_onevision_path), _params(request_extra_args(LOOKM))
+    agreement, differs = parity.lookm_against_reference(engine, prompts, params, reference, LOOKM, (IMAGE,))
+    assert agreement.same == agreement.total and agreement.max_diff < LOGPROB_ATOL
     assert differs > 0
 
 
@@ -259,12 +182,12 @@ def test_lookm_keeps_the_planned_blocks(engine, tiny_onevision_path) -> None:
 
     from mmrag.serving.vllm_plugin.kv.plan import image_mask, image_spans, request_extra_args
 
-    pool = _scheduler(engine).kv_cache_manager.block_pool
+    pool = parity.scheduler(engine).kv_cache_manager.block_pool
     before = pool.get_num_free_blocks()
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, extra_args=request_extra_args(LOOKM))
     engine.llm_engine.add_request("two-images", _prompts(tiny_onevision_path)[1], params)
     engine.llm_engine.step()
-    (state,) = _scheduler(engine).requests.values()
+    (state,) = parity.scheduler(engine).requests.values()
     spans = image_spans(state.mm_features)
     assert [length for _, length in spans] == STOCK_TOKENS[1]
     assert all(state.prompt_token_ids[o : o + n] == [IMAGE] * n for o, n in spans)

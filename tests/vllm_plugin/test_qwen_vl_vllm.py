@@ -15,19 +15,19 @@ so that the tests can read its scheduler.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import pytest
-import torch
 
 from mmrag.kernels.methods.lookm import LookM
+from tests.vllm_plugin import parity
 from tests.vllm_plugin.conftest import noise_picture
+from tests.vllm_plugin.parity import BLOCK_SIZE, LOGPROB_ATOL
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12
-BLOCK_SIZE = 32  # the CPU attention backend takes multiples of 32
 LOOKM = LookM(image_budget=0.25, score_from="chunked")
 # (text, image sizes, video): 112x112 is a 4x4 grid of 16 visual tokens, 112x168 4x6 (24), 56x56 2x2 (4); the
 # video is 4 frames of 56x84, 2 temporal patches of 2x3 = 6 tokens each (12), at 2 frames a second.
@@ -40,18 +40,11 @@ PROMPTS = [
     ("the picture, then the clip", [(56, 112)], True),
 ]
 TEXT_ONLY = "no image here, just text"
-# fp32 on both sides; measured max |difference| of the chosen tokens' log-probabilities vs the reference:
-# see test_aim_decodes_as_the_reference and test_lookm_decodes_as_the_reference (printed).
-LOGPROB_ATOL = 1e-4
 
 
 def _messages(text: str, sizes: list[tuple[int, int]], video: bool) -> list[dict]:
     parts = [{"type": "image"} for _ in sizes] + ([{"type": "video"}] if video else [])
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-
-
-def _images(sizes: list[tuple[int, int]], seed: int):
-    return [noise_picture(seed + i, h, w) for i, (h, w) in enumerate(sizes)]
 
 
 def _video(seed: int):
@@ -70,7 +63,10 @@ def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
     for i, (text, sizes, video) in enumerate(PROMPTS):
         prompt = {
             "prompt": processor.apply_chat_template(_messages(text, sizes, video), add_generation_prompt=True),
-            "multi_modal_data": {"image": _images(sizes, 10 * i), **({"video": [_video(i)]} if video else {})},
+            "multi_modal_data": {
+                "image": parity.noise_pictures(sizes, 10 * i),
+                **({"video": [_video(i)]} if video else {}),
+            },
         }
         if mm_kwargs:
             prompt["mm_processor_kwargs"] = mm_kwargs
@@ -79,96 +75,44 @@ def _prompts(path, mm_kwargs: dict | None = None) -> list[dict]:
 
 
 def _params(extra_args: dict | None = None):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0, extra_args=extra_args)
-
-
-def _chosen_logprobs(choice) -> torch.Tensor:
-    return torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
+    return parity.greedy_params(STEPS, extra_args)
 
 
 def _engine_kwargs(path, **compression) -> dict:
-    from mmrag.serving.config import MmragConfig
-    from mmrag.serving.engine.args import engine_kwargs
-
-    config = MmragConfig.model_validate(
-        {
-            "engine": {
-                "max_model_len": 1024,
-                "dtype": "float32",
-                "engine_kwargs": {
-                    "block_size": BLOCK_SIZE,
-                    "limit_mm_per_prompt": {"image": 4, "video": 1},
-                    "mm_processor_kwargs": {"do_sample_frames": False},  # every frame given is a frame
-                },
-            },
-            "compression": compression,
-        }
+    return parity.parity_engine_kwargs(
+        path,
+        compression,
+        limit_mm_per_prompt={"image": 4, "video": 1},
+        mm_processor_kwargs={"do_sample_frames": False},  # every frame given is a frame
     )
-    return engine_kwargs(config, str(path))
-
-
-def _in_process(cls, **kwargs):
-    """An engine whose core runs in this process (as the plugin's, whose scheduler the tests read): both
-    engines then run their kernels on the same threads."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        return cls(**kwargs)
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
 
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_qwen_vl_path):
     """Stock vLLM (its own Qwen2.5-VL class) on PROMPTS and an image chat; shut down before the plugin starts."""
-    from vllm import LLM
-
-    # The plugin engine's arguments without the plugin (its class, scheduler, worker): the same batching, so
-    # that the same kernels run on the same shapes.
-    kwargs = _engine_kwargs(tiny_qwen_vl_path, lookm={"enabled": True})
-    for name in ("hf_overrides", "scheduler_cls", "worker_cls", "additional_config"):
-        kwargs.pop(name)
-    llm = _in_process(LLM, **kwargs)
-    try:
+    kwargs = parity.without_plugin(_engine_kwargs(tiny_qwen_vl_path, lookm={"enabled": True}))
+    with parity.in_process_llm(kwargs) as llm:
         outputs = llm.generate(_prompts(tiny_qwen_vl_path), _params(), use_tqdm=False)
         image = noise_picture(99, 112, 112)
         chat = [
             {"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "hi"}]}
         ]
         (answer,) = llm.chat(chat, _params(), use_tqdm=False)
-        architecture = llm.llm_engine.model_config.architectures
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    return outputs, answer, architecture
+        return outputs, answer, llm.llm_engine.model_config.architectures
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen_vl_path, stock_outputs):
-    """The plugin: AIM at deployment ratio 1, the KV worker with no default method (requests choose)."""
-    from vllm import LLM
-
-    kwargs = _engine_kwargs(tiny_qwen_vl_path, lookm={"enabled": True, "image_budget": 0.25})
-    kwargs["additional_config"] = {}  # no deployment method: each test's requests name theirs
-    llm = _in_process(LLM, **kwargs)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    """The plugin, AIM at deployment ratio 1 (requests choose theirs)."""
+    yield from parity.plugin_engine(_engine_kwargs(tiny_qwen_vl_path, lookm={"enabled": True, "image_budget": 0.25}))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_qwen_vl_path):
     """``reference(index, **settings)``: the reference's greedy decoding of ``PROMPTS[index]``."""
-    from transformers import AutoProcessor
-
     from mmrag.kernels.reference.qwen_vl import QwenReference
 
-    processor = AutoProcessor.from_pretrained(tiny_qwen_vl_path)
-    model = QwenReference.from_pretrained(tiny_qwen_vl_path).model
+    processor, model = parity.processor_and_model(QwenReference, tiny_qwen_vl_path)
 
     def run(index: int, **settings):
         from transformers.video_utils import VideoMetadata
@@ -181,7 +125,11 @@ def reference(tiny_qwen_vl_path):
             fields = ("fps", "duration", "total_num_frames", "frames_indices")
             videos = {"videos": [frames], "video_metadata": [VideoMetadata(**{k: metadata[k] for k in fields})]}
         inputs = processor(
-            text=[prompt], images=_images(sizes, 10 * index), return_tensors="pt", do_sample_frames=False, **videos
+            text=[prompt],
+            images=parity.noise_pictures(sizes, 10 * index),
+            return_tensors="pt",
+            do_sample_frames=False,
+            **videos,
         )
         engine = QwenReference(model, **settings)
         return engine.generate(
@@ -215,7 +163,7 @@ def test_plugin_at_ratio_one_is_stock_vllm(engine, stock_outputs, tiny_qwen_vl_p
         for want, have in zip(stock, got, strict=True):
             assert have.prompt_token_ids == want.prompt_token_ids
             assert have.outputs[0].token_ids == want.outputs[0].token_ids
-            diff = (_chosen_logprobs(have.outputs[0]) - _chosen_logprobs(want.outputs[0])).abs().max()
+            diff = (parity.chosen_logprobs(have.outputs[0]) - parity.chosen_logprobs(want.outputs[0])).abs().max()
             assert diff == 0, f"log-probabilities differ by {diff:.3g}"
 
 
@@ -245,28 +193,21 @@ def test_aim_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path, layo
     """Ratios 1/2 and 1/4 (one and two halving passes), every prompt: same tokens, log-probabilities within
     fp32 noise. The other layout's reference decodes otherwise on most prompts: the positions are seen."""
     other = "spread" if layout == "contiguous" else "contiguous"
-    same, differs, diff, mismatched = 0, 0, 0.0, []
+    agreement, differs = parity.Agreement(), 0
     for ratio, passes in ((0.5, 1), (0.25, 2)):
         mm_kwargs = {"aim_keep_ratio": ratio, "aim_positions": layout}
         outs = engine.generate(_prompts(tiny_qwen_vl_path, mm_kwargs), _params(), use_tqdm=False)
         for index, out in enumerate(outs):
             expected = reference(index, merge_passes=passes, layout=layout)
             assert len(out.prompt_token_ids) == expected.prompt_len
-            if list(out.outputs[0].token_ids) == expected.token_ids:
-                same += 1
-                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
-            else:
-                mismatched.append((ratio, index, list(out.outputs[0].token_ids), expected.token_ids))
+            agreement.add((ratio, index), out.outputs[0], expected)
             alternative = reference(index, merge_passes=passes, layout=other)
             differs += alternative.token_ids != expected.token_ids
+    same, diff = agreement.same, agreement.max_diff
     print(f"{layout}: same tokens {same} of {2 * len(PROMPTS)}; max |dlogprob| {diff:.3g}; {other} differs {differs}")
-    print(f"{layout}: (ratio, prompt, vLLM, reference) where the tokens differ: {mismatched}")
+    print(f"{layout}: (ratio, prompt, vLLM, reference) where the tokens differ: {agreement.mismatched}")
     assert same >= 2 * len(PROMPTS) - 1 and diff < LOGPROB_ATOL
     assert differs >= len(PROMPTS)
-
-
-def _scheduler(engine):
-    return engine.llm_engine.engine_core.engine_core.scheduler
 
 
 def test_lookm_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path) -> None:
@@ -274,22 +215,10 @@ def test_lookm_decodes_as_the_reference(engine, reference, tiny_qwen_vl_path) ->
     own cache; the kept count is the plan's, and the uncompacted reference decodes otherwise."""
     from mmrag.serving.vllm_plugin.kv.plan import request_extra_args
 
-    same, differs, diff, total = 0, 0, 0.0, 0
-    for ratio, passes in ((1.0, 0), (0.5, 1)):
-        prompts = _prompts(tiny_qwen_vl_path, {"aim_keep_ratio": ratio})
-        outs = engine.generate(prompts, _params(request_extra_args(LOOKM)), use_tqdm=False)
-        for index, out in enumerate(outs):
-            total += 1
-            expected = reference(index, merge_passes=passes, kv=LOOKM)
-            images = out.prompt_token_ids.count(5) + out.prompt_token_ids.count(6)
-            assert expected.kept == expected.prompt_len - images + math.ceil(images * LOOKM.image_budget)
-            if list(out.outputs[0].token_ids) == expected.token_ids:
-                same += 1
-                diff = max(diff, float((_chosen_logprobs(out.outputs[0]) - expected.logprobs).abs().max()))
-            full = reference(index, merge_passes=passes)
-            differs += full.token_ids != expected.token_ids
-    print(f"LOOK-M: same tokens {same} of {total}; max |dlogprob| {diff:.3g}; uncompacted differs {differs}")
-    assert same >= total - 1 and diff < LOGPROB_ATOL
+    prompts, params = functools.partial(_prompts, tiny_qwen_vl_path), _params(request_extra_args(LOOKM))
+    # Video frames are image entries to LOOK-M: <|image_pad|> (5) and <|video_pad|> (6).
+    agreement, differs = parity.lookm_against_reference(engine, prompts, params, reference, LOOKM, (5, 6))
+    assert agreement.same >= agreement.total - 1 and agreement.max_diff < LOGPROB_ATOL
     assert differs > 0
 
 
@@ -299,7 +228,7 @@ def test_lookm_frees_the_tail_blocks(engine, tiny_qwen_vl_path) -> None:
 
     from mmrag.serving.vllm_plugin.kv.plan import image_mask, image_spans, request_extra_args
 
-    pool = _scheduler(engine).kv_cache_manager.block_pool
+    pool = parity.scheduler(engine).kv_cache_manager.block_pool
     prompt = _prompts(tiny_qwen_vl_path)[3]
     text = {"prompt": f"<|im_start|>user\n{TEXT_ONLY * 4}<|im_end|>\n<|im_start|>assistant\n"}
     for name, request, compacted in (("image", prompt, True), ("text", text, False)):
@@ -307,7 +236,7 @@ def test_lookm_frees_the_tail_blocks(engine, tiny_qwen_vl_path) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, extra_args=request_extra_args(LOOKM))
         engine.llm_engine.add_request(name, request, params)
         engine.llm_engine.step()
-        (state,) = _scheduler(engine).requests.values()
+        (state,) = parity.scheduler(engine).requests.values()
         length = state.num_prompt_tokens
         kept = LOOKM.kept_count(image_mask(length, image_spans(state.mm_features))) if compacted else length
         assert before - pool.get_num_free_blocks() == math.ceil(kept / BLOCK_SIZE)
