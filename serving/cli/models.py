@@ -17,12 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmrag.serving.models.registry import MANIFEST, MODELS, prepare, verify
+    from mmrag.serving.video import VIDEO_MODELS
 
     if args.action == "list":
         width = max(map(len, MODELS))
         for entry in MODELS.values():
-            modality = "text+image" if entry.multimodal else "text"
-            print(f"{entry.name:<{width}}  {entry.served_name:<16}  {modality:<10}  {entry.summary}")
+            modality = "text" + "+image" * entry.multimodal + "+video" * (entry.name in VIDEO_MODELS)
+            print(f"{entry.name:<{width}}  {entry.served_name:<16}  {modality:<16}  {entry.summary}")
         return 0
     if args.name not in MODELS:
         print(f"unknown model {args.name!r}; registered: {', '.join(MODELS)}")

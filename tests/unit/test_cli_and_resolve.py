@@ -82,3 +82,12 @@ def test_resolve_takes_a_checkpoint_path_and_rejects_a_non_checkpoint(tmp_path, 
     assert model_path(ModelConfig(path=generated)) == generated
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         model_path(ModelConfig(path=str(tmp_path)))
+
+
+def test_models_list_names_each_models_inputs(capsys):
+    from mmrag.serving.cli import main
+
+    assert main(["models", "list"]) == 0
+    modalities = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()}
+    assert modalities["tiny-qwen2.5-vl"] == "text+image+video"
+    assert modalities["smol"] == "text+image" and modalities["smol-lm"] == "text"
