@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,15 @@ def check_keep_ratio(ratio: float) -> float:
     if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
         raise ValueError(f"aim_keep_ratio must be in (0, 1], got {ratio}")
     return ratio
+
+
+def request_keep_ratio(mm_kwargs: Mapping[str, object], hf_config: object) -> float:
+    """A request's keep ratio (its processor kwargs), else the served default that :func:`aim_overrides` wrote
+    into the model's config, else 1; checked. Every family's processor reads it this way."""
+    ratio = mm_kwargs.get(KEEP_RATIO_KEY)
+    if ratio is None:
+        ratio = getattr(hf_config, KEEP_RATIO_KEY, DEFAULT_KEEP_RATIO)
+    return check_keep_ratio(ratio)  # type: ignore[arg-type]
 
 
 def aim_kept_tokens(num_tokens: int, ratio: float) -> int:

@@ -38,12 +38,11 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from mmrag.serving.vllm_plugin.aim import (
-    DEFAULT_KEEP_RATIO,
     KEEP_RATIO_KEY,
     aim_kept_tokens,
-    check_keep_ratio,
     merge_to_count,
     prompt_positions,
+    request_keep_ratio,
 )
 
 __all__ = ["FULL_TOKENS_FIELD", "KEPT_TOKENS_FIELD", "AimLlava"]
@@ -55,11 +54,10 @@ FULL_TOKENS_FIELD = "aim_full_tokens"
 
 class AimLlavaProcessingInfo(LlavaProcessingInfo):
     def default_keep_ratio(self) -> float:
-        return check_keep_ratio(getattr(self.get_hf_config(), KEEP_RATIO_KEY, DEFAULT_KEEP_RATIO))
+        return request_keep_ratio({}, self.get_hf_config())
 
     def keep_ratio(self, mm_kwargs: Mapping[str, object]) -> float:
-        ratio = mm_kwargs.get(KEEP_RATIO_KEY)
-        return self.default_keep_ratio() if ratio is None else check_keep_ratio(ratio)  # type: ignore[arg-type]
+        return request_keep_ratio(mm_kwargs, self.get_hf_config())
 
     def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """The stock count: projector output tokens before any merge."""

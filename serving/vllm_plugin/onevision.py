@@ -45,11 +45,10 @@ from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from mmrag.serving.vllm_plugin.aim import (
-    DEFAULT_KEEP_RATIO,
     KEEP_RATIO_KEY,
     aim_kept_tokens,
-    check_keep_ratio,
     merge_in_reading_order,
+    request_keep_ratio,
 )
 
 __all__ = ["KEPT_TOKENS_FIELD", "AimLlavaOnevision"]
@@ -60,10 +59,7 @@ KEPT_TOKENS_FIELD = "aim_kept_tokens"
 
 class AimLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
     def keep_ratio(self, mm_kwargs: Mapping[str, object]) -> float:
-        ratio = mm_kwargs.get(KEEP_RATIO_KEY)
-        if ratio is None:
-            ratio = getattr(self.get_hf_config(), KEEP_RATIO_KEY, DEFAULT_KEEP_RATIO)
-        return check_keep_ratio(ratio)  # type: ignore[arg-type]
+        return request_keep_ratio(mm_kwargs, self.get_hf_config())
 
     def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """The stock count (base view, unpadded tile grid, one newline per row): the server's

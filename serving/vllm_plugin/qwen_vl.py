@@ -43,12 +43,11 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from mmrag.serving.vllm_plugin.aim import (
-    DEFAULT_KEEP_RATIO,
     KEEP_RATIO_KEY,
     aim_kept_tokens,
-    check_keep_ratio,
     merge_in_reading_order,
     mrope_prompt_positions,
+    request_keep_ratio,
 )
 
 __all__ = ["KEPT_FIELDS", "LAYOUTS", "LAYOUT_FIELDS", "POSITIONS_KEY", "AimQwen2_5_VL"]
@@ -70,10 +69,7 @@ def _frame_tokens(grid: Sequence[int], merge_size: int) -> int:
 
 class AimQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
     def keep_ratio(self, mm_kwargs: Mapping[str, object]) -> float:
-        ratio = mm_kwargs.get(KEEP_RATIO_KEY)
-        if ratio is None:
-            ratio = getattr(self.get_hf_config(), KEEP_RATIO_KEY, DEFAULT_KEEP_RATIO)
-        return check_keep_ratio(ratio)  # type: ignore[arg-type]
+        return request_keep_ratio(mm_kwargs, self.get_hf_config())
 
     def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """The stock count of an image (after the patch merger, before AIM): what the server reports as
