@@ -6,13 +6,14 @@ A result file holds ``figures`` (the measurements, ratios against a baseline mea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,40 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def client_cpus(spec: str) -> tuple[int, ...] | None:
+    """The load generator's cores from ``--client-cpus``: ``auto`` (the last usable core, when there are at
+    least two), ``none``, or a comma-separated list."""
+    if spec == "none" or not hasattr(os, "sched_getaffinity"):
+        return None
+    usable = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        return (usable[-1],) if len(usable) >= 2 else None
+    return tuple(int(c) for c in spec.split(","))
+
+
+def other_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The usable cores outside ``cpus`` (for a server kept off the load generator's cores), or ``None``."""
+    if not cpus or not hasattr(os, "sched_getaffinity"):
+        return None
+    rest = tuple(sorted(set(os.sched_getaffinity(0)) - set(cpus)))
+    return rest or None
+
+
+@contextlib.contextmanager
+def pinned(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """This process on ``cpus`` for the block; children started inside inherit them, those started before keep
+    their own affinity."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def plot_path(json_path: Path) -> Path:

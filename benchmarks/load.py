@@ -62,21 +62,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-s", type=float, default=None, help="Unloaded latency seconds (10; quick 5).")
     parser.add_argument("--hostile", action="store_true", help="Hostile clients beside the load (see hostile.py).")
     parser.add_argument("--hostile-connections", type=int, default=8, help="Slow sockets per slow kind.")
+    parser.add_argument(
+        "--client-cpus",
+        default="auto",
+        help="Cores of the load generator (auto: the last; none); a server the benchmark starts gets the others.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmrag.benchmarks.common import plot_path, write_result
+    from mmrag.benchmarks.common import client_cpus, other_cpus, pinned, plot_path, write_result
 
+    client = client_cpus(args.client_cpus)
+    server = None if args.url else other_cpus(client)
     probe_s = args.probe_s or (8.0 if args.quick else 20.0)
     load_s = args.load_s or (15.0 if args.quick else 60.0)
     args.baseline_s = args.baseline_s or (5.0 if args.quick else 10.0)
     if args.url:
-        result = asyncio.run(measure(args.url, None, args, probe_s, load_s))
+        with pinned(client):
+            result = asyncio.run(measure(args.url, None, args, probe_s, load_s))
     else:
         from mmrag.serving.server_process import running_server
 
-        with running_server(overrides=SERVER_OVERRIDES) as server:
-            result = asyncio.run(measure(server.url, server.pid, args, probe_s, load_s))
+        # The server (Ray, replicas, vLLM's engine: every process it starts inherits the mask) stays off the
+        # client's core: sharing the cores, a client that falls behind sends late and reads late, and its own
+        # delays would be counted as the server's latency.
+        with contextlib.ExitStack() as stack:
+            with pinned(server):
+                running = stack.enter_context(running_server(overrides=SERVER_OVERRIDES))
+            with pinned(client):
+                result = asyncio.run(measure(running.url, running.pid, args, probe_s, load_s))
     config = {
         "quick": args.quick,
         "url": args.url or "started by the benchmark",
@@ -92,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         "baseline_s": args.baseline_s,
         "hostile": args.hostile,
         "hostile_connections": args.hostile_connections if args.hostile else None,
+        "client_cpus": client,
+        "server_cpus": server,
     }
     path = write_result("load", result, config, args.out)
     _plot(result, plot_path(path))

@@ -49,10 +49,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmrag.benchmarks.common import client_cpus, pinned
 
 HELP = "Streaming TTFT/TBT/latency of mmrag serve vs vllm serve vs in-process AsyncLLM on the same engine args."
 
@@ -144,15 +146,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         client_cpus=client_cpus(args.client_cpus),
         seed=args.seed,
     )
-
-
-def client_cpus(spec: str) -> tuple[int, ...] | None:
-    if spec == "none" or not hasattr(os, "sched_getaffinity"):
-        return None
-    usable = sorted(os.sched_getaffinity(0))
-    if spec == "auto":
-        return (usable[-1],) if len(usable) >= 2 else None
-    return tuple(int(c) for c in spec.split(","))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -637,20 +630,6 @@ async def measure_system(
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
-@contextlib.contextmanager
-def pinned(cpus: tuple[int, ...] | None) -> Iterator[None]:
-    """This process on ``cpus`` while measuring (children started before keep their own affinity)."""
-    if not cpus:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def mmrag_stage_metrics(text: str) -> dict[str, float]:
