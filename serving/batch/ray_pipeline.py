@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,6 +22,7 @@ import numpy as np
 
 from mmrag.serving.batch.records import BatchLine
 from mmrag.serving.config import DeploymentConfig, MmragConfig
+from mmrag.serving.ray_start import local_start_environment
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ def run_on_ray(
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        os.environ.update(local_start_environment(config.server.ray_address))
         ray.init(
             address=config.server.ray_address,
             num_cpus=config.server.ray_num_cpus,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mmrag.serving.cli.common import add_config_arguments, load_config
+from mmrag.serving.ray_start import local_start_environment
 
 if TYPE_CHECKING:
     from mmrag.serving.retrieval.lite_server import LiteServer
@@ -136,7 +137,11 @@ def start_lite_server(config) -> LiteServer | None:
 
 def start_serving(config, phases: StartupPhases) -> None:
     """Start (or join) Ray, then deploy the app and wait until every replica is up."""
-    environment = local_ray_environment(config.server) | serve_transport_environment(config.server)
+    environment = (
+        local_ray_environment(config.server)
+        | serve_transport_environment(config.server)
+        | local_start_environment(config.server.ray_address)
+    )
     if environment and "ray" in sys.modules:  # Ray reads it once, on import
         logger.warning("Ray was imported before its listeners could be kept on loopback")
     os.environ.update(environment)

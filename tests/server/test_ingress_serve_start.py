@@ -86,3 +86,13 @@ def test_startup_phases_are_timed_in_order_even_when_one_fails():
     assert all(seconds >= 0 for seconds in phases.seconds.values())
     assert str(phases).startswith("ray:") and ",deploy:" in str(phases)
     assert phases.total() >= sum(phases.seconds.values())
+
+
+def test_a_local_ray_start_waits_longer_for_its_gcs_unless_the_user_set_the_wait(monkeypatch):
+    from mmrag.serving.ray_start import GCS_PORT_WAIT_ENV, GCS_PORT_WAIT_S, local_start_environment
+
+    monkeypatch.delenv(GCS_PORT_WAIT_ENV, raising=False)
+    assert local_start_environment(None) == {GCS_PORT_WAIT_ENV: str(GCS_PORT_WAIT_S)}
+    assert local_start_environment("ray://head:10001") == {}  # joining: the cluster's GCS is already up
+    monkeypatch.setenv(GCS_PORT_WAIT_ENV, "45")
+    assert local_start_environment(None) == {}
