@@ -159,8 +159,9 @@ def test_client_disconnect_aborts_generation(client, server_url):
         return value
 
     messages = [{"role": "user", "content": "Tell me a long story."}]
-    # Control: greedy decoding of this prompt runs the full 900 tokens (no early EOS).
-    control = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=900, temperature=0)
+    # Control: greedy decoding of this prompt runs the full 900 tokens (no early EOS). 7 s alone, but it passed
+    # the client's 120 s beside a second vLLM engine on 2 cores: its own bound is the server's request timeout.
+    control = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=900, temperature=0, timeout=600)
     assert control.usage.completion_tokens == 900
 
     before = settled("vllm:generation_tokens_total")
