@@ -98,21 +98,21 @@ def aim_enabled(config: MmragConfig, model_path: str) -> bool:
 def xrag_overrides(config: MmragConfig, model_path: str) -> dict[str, Any]:
     """``hf_overrides`` that make the checkpoint the plugin's xRAG model with the configured projector.
 
-    Fails at start, naming what to fix, when the projector was trained for another LLM, the checkpoint
-    is not a LLaVA the plugin serves, or its tokenizer has no ``<xrag>`` token.
+    The xRAG class is the checkpoint's family's (LLaVA, Qwen2.5-VL, LLaVA-OneVision), which extends that
+    family's AIM class. Fails at start, naming what to fix, when the projector was trained for another LLM,
+    the checkpoint is of no family the plugin serves, or its tokenizer has no ``<xrag>`` token.
     """
     from tokenizers import Tokenizer
 
-    from mmrag.serving.vllm_plugin import XRAG_ARCHITECTURE
+    from mmrag.serving.vllm_plugin import XRAG_ARCHITECTURES
     from mmrag.serving.xrag.projector import XRAG_TOKEN, llm_identity, read_card
 
     projector = Path(config.retrieval.xrag.projector).resolve()
     read_card(projector).check(llm=llm_identity(model_path))
     architectures = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
-    if not any(a in AIM_BASE_ARCHITECTURES for a in architectures):
-        raise ValueError(
-            f"retrieval.xrag: the plugin serves xRAG for {list(AIM_BASE_ARCHITECTURES)}, not {architectures}"
-        )
+    served = [XRAG_ARCHITECTURES[a] for a in architectures if a in XRAG_ARCHITECTURES]
+    if not served:
+        raise ValueError(f"retrieval.xrag: the plugin serves xRAG for {list(XRAG_ARCHITECTURES)}, not {architectures}")
     token_id = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json")).token_to_id(XRAG_TOKEN)
     if token_id is None:
         raise ValueError(
@@ -120,7 +120,7 @@ def xrag_overrides(config: MmragConfig, model_path: str) -> dict[str, Any]:
         )
     ratio = config.compression.aim_keep_ratio if config.compression.aim_plugin else 1.0
     return {
-        "architectures": [XRAG_ARCHITECTURE],
+        "architectures": served[:1],
         "xrag_projector": str(projector),
         "xrag_token_index": token_id,
         KEEP_RATIO_KEY: ratio,

@@ -46,12 +46,13 @@ class TinySpec:
     max_position_embeddings: int = 4096
 
 
-def byte_level_tokenizer(special_tokens: Iterable[str]):
-    """A ``tokenizers.Tokenizer``: ``special_tokens`` first, then the 256 bytes, and no merges.
+def byte_level_tokenizer(special_tokens: Iterable[str], placeholders: Iterable[str] = ()):
+    """A ``tokenizers.Tokenizer``: ``special_tokens`` first, then the 256 bytes, and no merges; then
+    ``placeholders`` (special tokens in the spare rows above the bytes, e.g. xRAG's ``<xrag>``).
 
     Every byte is a token, so any text round-trips with no training (the ids follow the order given).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     special = list(special_tokens)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -61,6 +62,7 @@ def byte_level_tokenizer(special_tokens: Iterable[str]):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(special)
+    core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in placeholders])
     return core
 
 
@@ -85,11 +87,15 @@ def chatml_template(image: str, video: str) -> str:
 def chatml_tokenizer(special_tokens: Iterable[str], media_tokens: dict[str, str], template: str, max_length: int):
     """The fast tokenizer of a Qwen2 language model over :func:`byte_level_tokenizer`: ``<|endoftext|>`` pads
     and ``<|im_end|>`` ends a turn, as in Qwen2's ChatML; ``media_tokens`` name the processor's placeholders
-    (``image_token``, ``video_token``, ...)."""
+    (``image_token``, ``video_token``, ...). xRAG's ``<xrag>`` comes after the bytes (the first spare row), so
+    the checkpoint serves a projector with no change to its files
+    (:func:`~mmrag.serving.xrag.projector.add_placeholder_token` finds it there)."""
     from transformers import PreTrainedTokenizerFast
 
+    from mmrag.serving.xrag.projector import XRAG_TOKEN
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_tokenizer(special_tokens),
+        tokenizer_object=byte_level_tokenizer(special_tokens, placeholders=(XRAG_TOKEN,)),
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
         extra_special_tokens=media_tokens,

@@ -57,7 +57,7 @@ def locate_tiny_onevision(seed: int = 0) -> Path:
 
     return prepared(
         "tiny-llava-onevision",
-        f"llava-onevision|seed:{seed}",
+        f"llava-onevision|xrag-token|seed:{seed}",
         lambda out: make_tiny_onevision(out, TinyOnevisionSpec(seed=seed)),
     )
 

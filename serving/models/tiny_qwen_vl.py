@@ -58,7 +58,9 @@ def locate_tiny_qwen_vl(seed: int = 0) -> Path:
     from mmrag.serving.models.registry import prepared
 
     return prepared(
-        "tiny-qwen2.5-vl", f"qwen2.5-vl|seed:{seed}", lambda out: make_tiny_qwen_vl(out, TinyQwenVLSpec(seed=seed))
+        "tiny-qwen2.5-vl",
+        f"qwen2.5-vl|xrag-token|seed:{seed}",
+        lambda out: make_tiny_qwen_vl(out, TinyQwenVLSpec(seed=seed)),
     )
 
 

@@ -17,10 +17,14 @@ Registered (pinned to vLLM 0.32):
 - ``AimLlavaOnevisionForConditionalGeneration`` ->
   :class:`mmrag.serving.vllm_plugin.onevision.AimLlavaOnevision`: LLaVA-OneVision with the same merge per
   image (base view, anyres tiles and their newlines as one sequence), positions consecutive.
-- ``XragLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragLlava`: the AIM model
-  plus xRAG's ``retrieval`` modality (one ``<xrag>`` token per retrieved document, embedded as
-  ``projector(vector)`` inside the model), configured by ``hf_overrides["xrag_projector"]`` (a projector
-  directory) and ``hf_overrides["xrag_token_index"]``.
+- ``XragLlavaForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragLlava`,
+  ``XragQwen2_5_VLForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragQwen2_5_VL` and
+  ``XragLlavaOnevisionForConditionalGeneration`` -> :class:`mmrag.serving.vllm_plugin.xrag.XragLlavaOnevision`:
+  each family's AIM model plus xRAG's ``retrieval`` modality (one ``<xrag>`` token per retrieved document,
+  embedded as ``projector(vector)`` inside the model; on Qwen2.5-VL a text token for M-RoPE), from one set of
+  mixins (:class:`mmrag.serving.vllm_plugin.xrag.XragModelMixin` and its processor-side three), configured by
+  ``hf_overrides["xrag_projector"]`` (a projector directory) and ``hf_overrides["xrag_token_index"]``.
+  :data:`XRAG_ARCHITECTURES` maps a checkpoint's architecture to its xRAG class.
 
 KV compaction (LOOK-M and the other KV methods) is not a model class but a scheduler and a worker
 (:mod:`mmrag.serving.vllm_plugin.kv`), which vLLM takes by qualified name; they serve any class above.
@@ -34,6 +38,9 @@ __all__ = [
     "AIM_QWEN_ARCHITECTURE",
     "MODELS",
     "XRAG_ARCHITECTURE",
+    "XRAG_ARCHITECTURES",
+    "XRAG_ONEVISION_ARCHITECTURE",
+    "XRAG_QWEN_ARCHITECTURE",
     "register",
 ]
 
@@ -41,10 +48,20 @@ AIM_ARCHITECTURE = "AimLlavaForConditionalGeneration"
 AIM_QWEN_ARCHITECTURE = "AimQwen2_5_VLForConditionalGeneration"
 AIM_ONEVISION_ARCHITECTURE = "AimLlavaOnevisionForConditionalGeneration"
 XRAG_ARCHITECTURE = "XragLlavaForConditionalGeneration"
+XRAG_QWEN_ARCHITECTURE = "XragQwen2_5_VLForConditionalGeneration"
+XRAG_ONEVISION_ARCHITECTURE = "XragLlavaOnevisionForConditionalGeneration"
+# A checkpoint's (stock) architecture -> the plugin's xRAG architecture serving it.
+XRAG_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": XRAG_ARCHITECTURE,
+    "Qwen2_5_VLForConditionalGeneration": XRAG_QWEN_ARCHITECTURE,
+    "LlavaOnevisionForConditionalGeneration": XRAG_ONEVISION_ARCHITECTURE,
+}
 # Architecture name -> "module:Class", imported lazily by vLLM's model registry.
 MODELS = {
     AIM_ARCHITECTURE: "mmrag.serving.vllm_plugin.model:AimLlava",
     XRAG_ARCHITECTURE: "mmrag.serving.vllm_plugin.xrag:XragLlava",
+    XRAG_QWEN_ARCHITECTURE: "mmrag.serving.vllm_plugin.xrag:XragQwen2_5_VL",
+    XRAG_ONEVISION_ARCHITECTURE: "mmrag.serving.vllm_plugin.xrag:XragLlavaOnevision",
     AIM_QWEN_ARCHITECTURE: "mmrag.serving.vllm_plugin.qwen_vl:AimQwen2_5_VL",
     AIM_ONEVISION_ARCHITECTURE: "mmrag.serving.vllm_plugin.onevision:AimLlavaOnevision",
 }

@@ -27,7 +27,7 @@ Why the projector runs inside the model rather than in the retrieval chain:
   The full identity check (checkpoint name, retriever) is the engine's, with
   :func:`~mmrag.serving.xrag.projector.load_projector`.
 - **Cache identity is the raw vector.** The vectors are routed as *processor data* (``retrieval_vecs``, added
-  to the processor output by ``_call_hf_processor``), not passthrough data: passthrough data disables the
+  to the processor output by ``_apply_hf_processor_main``), not passthrough data: passthrough data disables the
   processor cache for the whole request, images included. vLLM hashes each item's fp32 bytes, and that hash
   keys the processor cache, the encoder cache and the prefix-cache blocks from the document on. A different
   document is never served a stale projection (avoid ``multi_modal_uuids`` unless they encode the index
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +52,25 @@ from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_onevision import LlavaOnevisionDummyInputsBuilder
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLDummyInputsBuilder
 from vllm.model_executor.models.utils import StageMissingLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from mmrag.serving.vllm_plugin.model import AimLlava, AimLlavaMultiModalProcessor, AimLlavaProcessingInfo
+from mmrag.serving.vllm_plugin.onevision import (
+    AimLlavaOnevision,
+    AimLlavaOnevisionMultiModalProcessor,
+    AimLlavaOnevisionProcessingInfo,
+)
+from mmrag.serving.vllm_plugin.qwen_vl import (
+    AimQwen2_5_VL,
+    AimQwen2_5_VLMultiModalProcessor,
+    AimQwen2_5_VLProcessingInfo,
+)
 from mmrag.serving.xrag.projector import (
     WEIGHTS_FILE,
     XRAG_TOKEN,
@@ -73,9 +85,12 @@ __all__ = [
     "RETRIEVAL_MODALITY",
     "TOKEN_INDEX_KEY",
     "RetrievalItems",
-    "XragDataParser",
     "XragLlava",
+    "XragLlavaOnevision",
+    "XragModelMixin",
+    "XragQwen2_5_VL",
     "retrieval_vectors",
+    "xrag_processing",
 ]
 
 RETRIEVAL_MODALITY = "retrieval"
@@ -159,12 +174,36 @@ class RetrievalItems(ProcessorBatchItems[torch.Tensor]):
         return {RETRIEVAL_FIELD: self.get_all()}
 
 
-class XragDataParser(MultiModalDataParser):
-    """The stock parser plus the ``retrieval`` modality, checked against the projector's input dimension."""
+class XragProcessingInfoMixin:
+    """Before a family's ProcessingInfo: the ``retrieval`` modality, its parser and its one token per item."""
 
-    def __init__(self, *, retrieval_dim: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.retrieval_dim = retrieval_dim
+    def xrag_token_id(self) -> int:
+        return xrag_token_id(self.get_hf_config())
+
+    def retrieval_dim(self) -> int:
+        return _encoder_dim(projector_dir(self.get_hf_config()))
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {**super().get_supported_mm_limits(), RETRIEVAL_MODALITY: None}
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        """The family's own parser (built with its own arguments) plus the ``retrieval`` subparser."""
+        parser = super().get_data_parser()
+        parser.__class__ = _with_retrieval(type(parser))
+        parser.retrieval_dim = self.retrieval_dim()
+        return parser
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
+        stock = super().get_mm_max_tokens_per_item(seq_len, mm_counts)
+        # None: vLLM counts every modality's placeholders in the dummy inputs, one per document.
+        return None if stock is None else {**stock, RETRIEVAL_MODALITY: 1}
+
+
+class _RetrievalSubparser:
+    """Before a family's data parser class: the ``retrieval`` modality, checked against the projector's input
+    dimension (``retrieval_dim``, set on the instance)."""
+
+    retrieval_dim: int
 
     def _get_subparsers(self):
         return {**super()._get_subparsers(), RETRIEVAL_MODALITY: self._parse_retrieval_data}
@@ -176,29 +215,14 @@ class XragDataParser(MultiModalDataParser):
         return RetrievalItems(vectors) if vectors else None
 
 
-class XragLlavaProcessingInfo(AimLlavaProcessingInfo):
-    def xrag_token_id(self) -> int:
-        return xrag_token_id(self.get_hf_config())
-
-    def retrieval_dim(self) -> int:
-        return _encoder_dim(projector_dir(self.get_hf_config()))
-
-    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {**super().get_supported_mm_limits(), RETRIEVAL_MODALITY: None}
-
-    def get_data_parser(self) -> MultiModalDataParser:
-        return XragDataParser(
-            retrieval_dim=self.retrieval_dim(),
-            expected_hidden_size=self._get_expected_hidden_size(),
-            allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
-        )
-
-    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        # Images: what the dummy inputs give (AIM's deployment ratio), as before this override.
-        return {"image": self.get_max_image_tokens(), RETRIEVAL_MODALITY: 1}
+@cache
+def _with_retrieval(parser_cls: type[MultiModalDataParser]) -> type[MultiModalDataParser]:
+    return type(f"Xrag{parser_cls.__name__}", (_RetrievalSubparser, parser_cls), {"__module__": __name__})
 
 
-class XragDummyInputsBuilder(LlavaDummyInputsBuilder[XragLlavaProcessingInfo]):
+class XragDummyInputsMixin:
+    """Before a family's dummy-inputs builder: one ``<xrag>`` and one zero vector per profiled document."""
+
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return super().get_dummy_text(mm_counts) + XRAG_TOKEN * mm_counts.get(RETRIEVAL_MODALITY, 0)
 
@@ -210,16 +234,18 @@ class XragDummyInputsBuilder(LlavaDummyInputsBuilder[XragLlavaProcessingInfo]):
         return data
 
 
-class XragLlavaMultiModalProcessor(AimLlavaMultiModalProcessor):
-    info: XragLlavaProcessingInfo
+class XragProcessorMixin:
+    """Before a family's multimodal processor: the vectors bypass the HF processor and each keeps its token."""
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        """HF sees the images only (when there are any); the vectors join its output as one (n, dim) tensor."""
-        data = dict(hf_data)
-        vectors = data.pop(RETRIEVAL_FIELD, None)
-        outputs = super()._call_hf_processor(data, hf_kwargs) if data else BatchFeature()
-        if vectors:
-            outputs[RETRIEVAL_FIELD] = torch.stack(list(vectors))
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        """The family's own processing of the images and videos (HF never sees the documents: some families
+        call the HF processor directly, with a dummy text counting every item); the vectors join its output
+        as one ``(n, dim)`` tensor."""
+        documents = mm_items.get(RETRIEVAL_MODALITY)
+        visual = MultiModalDataItems({m: items for m, items in mm_items.items() if m != RETRIEVAL_MODALITY})
+        outputs = super()._apply_hf_processor_main(visual, hf_kwargs)
+        if documents:
+            outputs[RETRIEVAL_FIELD] = torch.stack(list(documents.get_all()))
         return outputs
 
     def _get_mm_fields_config(
@@ -242,11 +268,23 @@ class XragLlavaMultiModalProcessor(AimLlavaMultiModalProcessor):
         return updates
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    XragLlavaMultiModalProcessor, info=XragLlavaProcessingInfo, dummy_inputs=XragDummyInputsBuilder
-)
-class XragLlava(AimLlava):
-    """AimLlava whose ``retrieval`` items are projected to one input embedding each by the xRAG projector."""
+def xrag_processing(info_cls: type, processor_cls: type, dummy_inputs_cls: type):
+    """Register a family's processor with the three mixins above as the processor of the decorated model."""
+    mixed = [
+        type(f"Xrag{base.__name__}", (mixin, base), {"__module__": __name__})
+        for mixin, base in (
+            (XragProcessingInfoMixin, info_cls),
+            (XragProcessorMixin, processor_cls),
+            (XragDummyInputsMixin, dummy_inputs_cls),
+        )
+    ]
+    info, processor, dummy_inputs = mixed
+    return MULTIMODAL_REGISTRY.register_processor(processor, info=info, dummy_inputs=dummy_inputs)
+
+
+class XragModelMixin:
+    """Before a family's AIM model class: the projector, loaded from its own file, and ``embed_multimodal``
+    for the ``retrieval`` group."""
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -256,9 +294,8 @@ class XragLlava(AimLlava):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        text = config.text_config
-        self.xrag_projector_dir = projector_dir(config)
+        text = self.config.get_text_config()
+        self.xrag_projector_dir = projector_dir(self.config)
         card = read_card(self.xrag_projector_dir)
         if (card.llm.hidden_size, card.llm.vocab_size) != (text.hidden_size, text.vocab_size):
             raise ProjectorMismatchError(
@@ -266,7 +303,8 @@ class XragLlava(AimLlava):
                 f"{card.llm.hidden_size}, vocabulary {card.llm.vocab_size}), this model has hidden size "
                 f"{text.hidden_size} and vocabulary {text.vocab_size}"
             )
-        token_id = xrag_token_id(config)
+        token_id = xrag_token_id(self.config)
+        # In the vocabulary, so vLLM embeds it as text (and overwrites the row): no out-of-vocabulary masking.
         if not 0 <= token_id < text.vocab_size:
             raise ValueError(f"{TOKEN_INDEX_KEY}={token_id} is outside the vocabulary ({text.vocab_size} rows)")
 
@@ -278,7 +316,13 @@ class XragLlava(AimLlava):
                 dtype=vllm_config.model_config.dtype
             )
         self._tower_model_names = [*vision_towers, *self._tower_model_names]
-        self.configure_mm_token_handling(vocab_size=text.vocab_size, mm_token_ids=[config.image_token_index, token_id])
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]):
+        """On M-RoPE models (Qwen2.5-VL, LLaVA with ``aim_positions: spread``): each ``<xrag>`` is a text token,
+        one position on all three axes after what precedes it, so the family's positions are computed
+        without the documents (Qwen's own code refuses a modality it does not know)."""
+        visual = [feature for feature in mm_features if feature.modality != RETRIEVAL_MODALITY]
+        return super().get_mrope_input_positions(input_tokens, visual)
 
     def embed_multimodal(self, **kwargs: object):
         vectors = kwargs.pop(RETRIEVAL_FIELD, None)
@@ -310,3 +354,20 @@ class XragLlava(AimLlava):
         self.xrag_projector.load_state_dict(state)  # strict; casts to the model dtype and device
         loaded.update(f"xrag_projector.{name}" for name, _ in self.xrag_projector.named_parameters())
         return loaded
+
+
+@xrag_processing(AimLlavaProcessingInfo, AimLlavaMultiModalProcessor, LlavaDummyInputsBuilder)
+class XragLlava(XragModelMixin, AimLlava):
+    """AimLlava whose ``retrieval`` items are projected to one input embedding each by the xRAG projector."""
+
+
+@xrag_processing(AimQwen2_5_VLProcessingInfo, AimQwen2_5_VLMultiModalProcessor, Qwen2_5_VLDummyInputsBuilder)
+class XragQwen2_5_VL(XragModelMixin, AimQwen2_5_VL):
+    """AimQwen2_5_VL (M-RoPE) whose ``retrieval`` items are projected to one input embedding each."""
+
+
+@xrag_processing(
+    AimLlavaOnevisionProcessingInfo, AimLlavaOnevisionMultiModalProcessor, LlavaOnevisionDummyInputsBuilder
+)
+class XragLlavaOnevision(XragModelMixin, AimLlavaOnevision):
+    """AimLlavaOnevision whose ``retrieval`` items are projected to one input embedding each."""

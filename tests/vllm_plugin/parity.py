@@ -37,9 +37,9 @@ def chosen_logprobs(choice) -> torch.Tensor:
     return torch.tensor([choice.logprobs[i][t].logprob for i, t in enumerate(choice.token_ids)])
 
 
-def parity_engine_kwargs(path, compression: dict, **engine: object) -> dict:
-    """The server's engine arguments for the checkpoint ``path`` in fp32, with ``compression`` and the extra
-    vLLM ``engine`` arguments (multimodal limits, processor arguments)."""
+def parity_engine_kwargs(path, compression: dict, retrieval: dict | None = None, **engine: object) -> dict:
+    """The server's engine arguments for the checkpoint ``path`` in fp32, with ``compression``, ``retrieval``
+    (e.g. an xRAG projector) and the extra vLLM ``engine`` arguments (multimodal limits, processor arguments)."""
     from mmrag.serving.config import MmragConfig
     from mmrag.serving.engine.args import engine_kwargs
 
@@ -51,6 +51,7 @@ def parity_engine_kwargs(path, compression: dict, **engine: object) -> dict:
                 "engine_kwargs": {"block_size": BLOCK_SIZE, **engine},
             },
             "compression": compression,
+            "retrieval": retrieval or {},
         }
     )
     return engine_kwargs(config, str(path))

@@ -70,6 +70,35 @@ def test_xrag_selects_the_xrag_class_with_its_projector_and_token() -> None:
     assert args.limit_mm_per_prompt["retrieval"] == 8
 
 
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [
+        ("qwen2.5-vl", "XragQwen2_5_VLForConditionalGeneration"),
+        ("onevision", "XragLlavaOnevisionForConditionalGeneration"),
+    ],
+)
+def test_xrag_picks_the_class_of_the_checkpoint_family(tmp_path, family: str, architecture: str) -> None:
+    """The architecture follows the checkpoint's; the AIM settings of the family stay (Qwen's layout)."""
+    from mmrag.serving.models.tiny_onevision import make_tiny_onevision
+    from mmrag.serving.models.tiny_qwen_vl import make_tiny_qwen_vl
+    from mmrag.serving.xrag.projector import ProjectorCard, XragProjector, llm_identity, save_projector
+
+    model = (make_tiny_qwen_vl if family == "qwen2.5-vl" else make_tiny_onevision)(tmp_path / family)
+    identity = llm_identity(model)
+    projector = save_projector(
+        XragProjector(384, identity.hidden_size), ProjectorCard("minilm", 384, identity), tmp_path / "p"
+    )
+    config = MmragConfig.model_validate(
+        {"retrieval": {"xrag": {"projector": str(projector)}}, "compression": {"aim_keep_ratio": 0.5}}
+    )
+    overrides = build_engine_args(config, str(model)).hf_overrides
+    assert overrides["architectures"] == [architecture]
+    # The first spare row: after the specials (7 on Qwen2.5-VL, 5 on OneVision) and the 256 bytes.
+    assert overrides["xrag_token_index"] == (263 if family == "qwen2.5-vl" else 261)
+    assert overrides["aim_keep_ratio"] == 0.5
+    assert ("aim_positions" in overrides) == (family == "qwen2.5-vl")
+
+
 def test_xrag_refuses_a_projector_trained_for_another_llm(tiny_llava_path) -> None:
     from mmrag.serving.models.trained import trained_projector_path
     from mmrag.serving.xrag.projector import ProjectorMismatchError

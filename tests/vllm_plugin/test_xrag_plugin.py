@@ -169,13 +169,15 @@ def test_served_by_the_plugin_with_the_projector_loaded(engine: XragEngine) -> N
 def test_profiling_inputs(engine: XragEngine) -> None:
     """The dummy inputs vLLM profiles with (skipped on CPU with enforce_eager, so checked here)."""
     from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.encoder_budget import get_mm_max_toks_per_item
 
     processor = MULTIMODAL_REGISTRY.create_processor(engine.llm.llm_engine.model_config)
     dummy = processor.get_dummy_mm_inputs({"image": 1, "retrieval": 3})
     placeholders = dummy["mm_placeholders"]
     assert [(p.offset, p.length) for p in placeholders["image"]] == [(0, IMAGE_TOKENS)]
     assert [(p.offset, p.length) for p in placeholders["retrieval"]] == [(16, 1), (17, 1), (18, 1)]
-    assert processor.info.get_mm_max_tokens_per_item(512, {"image": 1, "retrieval": 1}) == {
+    # What vLLM budgets the encoder cache with (LLaVA declares no maximum: vLLM counts the dummy inputs).
+    assert get_mm_max_toks_per_item(processor, {"image": 1, "retrieval": 1}, None) == {
         "image": IMAGE_TOKENS,
         "retrieval": 1,
     }
