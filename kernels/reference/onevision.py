@@ -13,7 +13,9 @@ for op, plus a capture). Each part is derived independently of the vLLM plugin's
 - **merge**: :class:`~mmrag.kernels.methods.aim.AIMMerge` (``num_passes`` halvings) on each image's packed
   tokens, newlines included, the merged tokens sorted by the first input token each stands for (its
   ``source_index``);
-- **positions**: one per token, consecutive (the merged image is a shorter run);
+- **positions**: one per token, consecutive (``"contiguous"``: the merged image is a shorter run), or with
+  ``"spread"`` each merged image's tokens at :func:`~mmrag.kernels.token_merge.spread_positions` of its packed
+  span and the text after it at its unmerged positions;
 - **KV method**: after the prefill, each layer's cache is replaced by what the method keeps of it (scores
   from the same queries and keys), and decoding continues at the logical positions.
 
@@ -31,6 +33,7 @@ from torch import nn
 from mmrag.kernels.methods.aim import AIMMerge
 from mmrag.kernels.methods.base import KVMethod
 from mmrag.kernels.reference import hf_forward
+from mmrag.kernels.token_merge import spread_positions
 
 __all__ = ["OnevisionReference", "OnevisionReferenceOutput"]
 
@@ -46,16 +49,21 @@ class OnevisionReferenceOutput(hf_forward.ReferenceOutput):
 
 
 class OnevisionReference:
-    """LLaVA-OneVision with AIM's merge at ``merge_passes`` halvings (0: none) and an optional KV method
-    compacting the cache after the prefill."""
+    """LLaVA-OneVision with AIM's merge at ``merge_passes`` halvings (0: none), its tokens at ``positions``
+    (``"contiguous"`` or ``"spread"``), and an optional KV method compacting the cache after the prefill."""
 
-    def __init__(self, model: nn.Module, merge_passes: int = 0, kv: KVMethod | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, merge_passes: int = 0, kv: KVMethod | None = None, positions: str = "contiguous"
+    ) -> None:
         from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward  # its LM is Qwen2
 
         self.model = model.eval()
         hf_forward.capture_prefill_attention(self.model.model.language_model, _ATTENTION, eager_attention_forward)
         self.merge = AIMMerge(num_passes=merge_passes) if merge_passes else None
         self.kv = kv
+        if positions not in ("contiguous", "spread"):
+            raise ValueError(f"positions must be 'contiguous' or 'spread', not {positions!r}")
+        self.positions = positions
         self.config = model.config
 
     @classmethod
@@ -68,7 +76,7 @@ class OnevisionReference:
         return cls(model, **kwargs)
 
     def image_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """Per image: ``(T, C)`` packed tokens, or ``(kept, C)`` merged, in reading order of their first source."""
+        """Per image: ``(T, C)`` packed tokens (base view, unpadded tile grid, one newline per row)."""
         packed = self.model.model.get_image_features(
             pixel_values,
             image_sizes,
@@ -77,9 +85,29 @@ class OnevisionReference:
             vision_aspect_ratio=self.config.vision_aspect_ratio,
             batch_num_images=None,  # every image tiled, as vLLM does
         ).pooler_output
+        return list(packed)
+
+    def merged(self, image: torch.Tensor) -> torch.Tensor:
+        """One image's packed tokens, or ``(kept, C)`` merged, in reading order of their first source."""
         if self.merge is None:
-            return list(packed)
-        return [hf_forward.merge_in_reading_order(self.merge, item[None])[0] for item in packed]
+            return image
+        return hf_forward.merge_in_reading_order(self.merge, image[None])[0]
+
+    def _positions(self, input_ids: torch.Tensor, kept: list[int], full: list[int]) -> torch.Tensor:
+        """Positions of the expanded prompt: ``input_ids`` has one ``<image>`` per image, image ``i`` takes
+        ``kept[i]`` placeholders standing for ``full[i]`` packed tokens."""
+        positions, cursor = [], 0
+        images = iter(zip(kept, full, strict=True))
+        for t in input_ids.tolist():
+            if t != self.config.image_token_index:
+                positions.append(cursor)
+                cursor += 1
+                continue
+            k, n = next(images)
+            offsets = spread_positions(n, k) if self.positions == "spread" else range(k)
+            positions += [cursor + o for o in offsets]
+            cursor += n if self.positions == "spread" else k
+        return torch.tensor(positions)
 
     @torch.no_grad()
     def generate(
@@ -93,7 +121,8 @@ class OnevisionReference:
         from transformers import DynamicCache
 
         token = self.config.image_token_index
-        images = self.image_tokens(pixel_values, image_sizes) if pixel_values is not None else []
+        packed = self.image_tokens(pixel_values, image_sizes) if pixel_values is not None else []
+        images = [self.merged(image) for image in packed]
         pieces, index = [], 0
         for t in input_ids.tolist():
             if t == token:
@@ -110,14 +139,15 @@ class OnevisionReference:
             embeds = embeds.masked_scatter((ids == token)[None, :, None].expand_as(embeds), features)
         cache = DynamicCache(config=self.config)
         length = ids.numel()
-        out = self.model(
-            inputs_embeds=embeds, position_ids=torch.arange(length)[None], past_key_values=cache, use_cache=True
-        )
+        positions = self._positions(input_ids, [i.shape[0] for i in images], [p.shape[0] for p in packed])
+        out = self.model(inputs_embeds=embeds, position_ids=positions[None], past_key_values=cache, use_cache=True)
         is_image = ids == token
         kept = length
         if self.kv is not None and is_image.any():
             kept = hf_forward.compact_prefill_cache(self.model.model.language_model.layers, cache, self.kv, is_image)
+        # Spread positions leave gaps: decoding continues after the last prompt position, not at the length.
+        next_position = int(positions[-1]) + 1
         tokens, logprobs = hf_forward.greedy_decode(
-            self.model, cache, out.logits[0, -1], max_new_tokens, length, (1, 1)
+            self.model, cache, out.logits[0, -1], max_new_tokens, next_position, (1, 1)
         )
         return OnevisionReferenceOutput(tokens, logprobs, length, kept, [i.shape[0] for i in images])

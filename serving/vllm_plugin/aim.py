@@ -28,7 +28,9 @@ from mmrag.kernels.token_merge import merge_tokens, spread_positions
 
 __all__ = [
     "DEFAULT_KEEP_RATIO",
+    "FULL_TOKENS_FIELD",
     "KEEP_RATIO_KEY",
+    "KEPT_TOKENS_FIELD",
     "ONEVISION_ARCHITECTURE",
     "QWEN_VL_ARCHITECTURE",
     "aim_kept_tokens",
@@ -42,6 +44,7 @@ __all__ = [
     "mrope_prompt_positions",
     "prompt_positions",
     "rope_overrides",
+    "spread_input_positions",
 ]
 
 DEFAULT_KEEP_RATIO = 1.0
@@ -51,6 +54,9 @@ QWEN_VL_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 ONEVISION_ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 # The per-request ``mm_processor_kwargs`` key and the ``hf_config`` attribute (deployment default).
 KEEP_RATIO_KEY = "aim_keep_ratio"
+# Per-image processor outputs carrying the kept and the stock count to the model (ints: never cast to bf16).
+KEPT_TOKENS_FIELD = "aim_kept_tokens"
+FULL_TOKENS_FIELD = "aim_full_tokens"
 # Slack for ratios such as 0.3 whose product with T lands a rounding error above an integer.
 _EPS = 1e-9
 
@@ -155,6 +161,23 @@ def prompt_positions(num_tokens: int, images: Sequence[tuple[int, int, int]]) ->
     return positions, shift
 
 
+def spread_input_positions(num_tokens: int, mm_features: Sequence[Any]) -> tuple[torch.Tensor, int]:
+    """A plain-RoPE LM's ``(3, L)`` positions on vLLM's M-RoPE path (the three rows equal), and the decode shift.
+
+    ``mm_features`` are vLLM's per-item ``MultiModalFeatureSpec``s: each merged image spreads over its stock
+    count (``FULL_TOKENS_FIELD``, travelling with the image); items without one (embeddings, videos, xRAG
+    documents) are laid out unmerged."""
+    items = []
+    for feature in mm_features:
+        span = feature.mm_position
+        full = span.length
+        if feature.data is not None and FULL_TOKENS_FIELD in feature.data:
+            full = int(feature.data[FULL_TOKENS_FIELD].data)
+        items.append((span.offset, span.length, full))
+    positions, delta = prompt_positions(num_tokens, items)
+    return torch.tensor(positions, dtype=torch.int64).expand(3, -1).clone(), delta
+
+
 def mrope_image_positions(
     grid: tuple[int, int, int], kept: int, layout: str = "contiguous", t_factor: float = 1.0
 ) -> tuple[torch.Tensor, int]:
@@ -240,16 +263,18 @@ def rope_overrides(text_config: dict[str, Any]) -> dict[str, Any]:
 
 def aim_overrides(model_path: str | Path, keep_ratio: float, positions: str = "contiguous") -> dict[str, Any]:
     """``hf_overrides`` serving a checkpoint as the plugin's AIM model: the class, the deployment's keep ratio,
-    and the positions: for LLaVA with ``positions="spread"`` the M-RoPE section (:func:`rope_overrides`), for
+    and the positions: for LLaVA and LLaVA-OneVision with ``positions="spread"`` the M-RoPE section
+    (:func:`rope_overrides`), for
     Qwen2.5-VL the layout by name. Every vLLM process sees them: the frontend's processor and the workers'
     model."""
     from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE, AIM_ONEVISION_ARCHITECTURE, AIM_QWEN_ARCHITECTURE
 
     hf_config = json.loads((Path(model_path) / "config.json").read_text())
     if ONEVISION_ARCHITECTURE in (hf_config.get("architectures") or []):
-        if positions != "contiguous":
-            raise ValueError("compression.aim_positions: LLaVA-OneVision takes 'contiguous' only")
-        return {"architectures": [AIM_ONEVISION_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio}
+        overrides = {"architectures": [AIM_ONEVISION_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio}
+        if positions == "spread":  # its Qwen2 LM reads plain RoPE, as LLaVA's does
+            overrides.update(rope_overrides(hf_config.get("text_config") or {}))
+        return overrides
     if QWEN_VL_ARCHITECTURE in (hf_config.get("architectures") or []):
         # M-RoPE natively: the layout is the model's own setting (AimQwen2_5_VL.get_mrope_input_positions).
         return {"architectures": [AIM_QWEN_ARCHITECTURE], KEEP_RATIO_KEY: keep_ratio, "aim_positions": positions}

@@ -38,18 +38,16 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from mmrag.serving.vllm_plugin.aim import (
+    FULL_TOKENS_FIELD,
     KEEP_RATIO_KEY,
+    KEPT_TOKENS_FIELD,
     aim_kept_tokens,
     merge_to_count,
-    prompt_positions,
     request_keep_ratio,
+    spread_input_positions,
 )
 
-__all__ = ["FULL_TOKENS_FIELD", "KEPT_TOKENS_FIELD", "AimLlava"]
-
-# Per-image processor outputs carrying the kept and the stock count to the model (ints: never cast to bf16).
-KEPT_TOKENS_FIELD = "aim_kept_tokens"
-FULL_TOKENS_FIELD = "aim_full_tokens"
+__all__ = ["AimLlava"]
 
 
 class AimLlavaProcessingInfo(LlavaProcessingInfo):
@@ -128,15 +126,7 @@ class AimLlava(LlavaForConditionalGeneration, SupportsMRoPE):
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[torch.Tensor, int]:
         """``(3, L)`` positions, the three rows equal (plain RoPE), and the decode shift."""
-        images = []
-        for feature in mm_features:
-            span = feature.mm_position
-            full = span.length
-            if feature.data is not None and FULL_TOKENS_FIELD in feature.data:
-                full = int(feature.data[FULL_TOKENS_FIELD].data)
-            images.append((span.offset, span.length, full))  # no stock count (embeddings, xRAG): unmerged
-        positions, delta = prompt_positions(len(input_tokens), images)
-        return torch.tensor(positions, dtype=torch.int64).expand(3, -1).clone(), delta
+        return spread_input_positions(len(input_tokens), mm_features)
 
     def embed_multimodal(self, **kwargs: object):
         kwargs.pop(FULL_TOKENS_FIELD, None)

@@ -20,8 +20,11 @@ Pinned to vLLM 0.32 (``model_executor/models/llava_onevision.py``, ``llava_next.
   merges to exactly what was reserved. Images given as ``image_embeds`` carry no count and pass unmerged.
 - **Ratio.** As for LLaVA (:mod:`mmrag.serving.vllm_plugin.model`): ``hf_config.aim_keep_ratio`` per
   deployment, ``mm_processor_kwargs={"aim_keep_ratio": r}`` per request, part of every cache key.
-- **Positions.** Consecutive (stock vLLM's): the merged image is a shorter run and the text after it moves
-  closer, AIM's contiguous layout.
+- **Positions.** Consecutive by default (stock vLLM's): the merged image is a shorter run and the text after
+  it moves closer, AIM's contiguous layout. With ``compression.aim_positions: spread`` the Qwen2 LM's text
+  config carries an M-RoPE section (:func:`~mmrag.serving.vllm_plugin.aim.rope_overrides`, as for LLaVA), and
+  :meth:`AimLlavaOnevision.get_mrope_input_positions` spreads each merged image over its original span (the
+  stock count travels with each image as ``aim_full_tokens``).
 - **Videos** pass unmerged (their stock count: pooled frames and one newline).
 
 At ratio 1 nothing is merged and no tensor is touched: stock vLLM bit for bit.
@@ -33,6 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
+from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
     LlavaOnevisionForConditionalGeneration,
@@ -40,21 +44,21 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from mmrag.serving.vllm_plugin.aim import (
+    FULL_TOKENS_FIELD,
     KEEP_RATIO_KEY,
+    KEPT_TOKENS_FIELD,
     aim_kept_tokens,
     merge_in_reading_order,
     request_keep_ratio,
+    spread_input_positions,
 )
 
-__all__ = ["KEPT_TOKENS_FIELD", "AimLlavaOnevision"]
-
-# Per-image processor output: the kept count (an int: never cast to the model's dtype).
-KEPT_TOKENS_FIELD = "aim_kept_tokens"
+__all__ = ["AimLlavaOnevision"]
 
 
 class AimLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
@@ -78,18 +82,16 @@ class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
     info: AimLlavaOnevisionProcessingInfo
 
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        """Stock processing (the ratio is ours, HF never sees it) plus each image's kept count."""
+        """Stock processing (the ratio is ours, HF never sees it) plus each image's kept and stock count."""
         ratio = self.info.keep_ratio(hf_kwargs)
         stock_kwargs = {k: v for k, v in hf_kwargs.items() if k != KEEP_RATIO_KEY}
         outputs = super()._apply_hf_processor_main(mm_items, stock_kwargs)
         images = mm_items.get("image")
         if isinstance(images, ImageProcessorItems) and len(images) > 0:
             sizes = [images.get_image_size(i) for i in range(len(images))]
-            kept = [
-                self.info.get_num_image_tokens(image_width=s.width, image_height=s.height, keep_ratio=ratio)
-                for s in sizes
-            ]
-            outputs[KEPT_TOKENS_FIELD] = torch.tensor(kept, dtype=torch.int64)
+            full = [self.info.get_full_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
+            outputs[KEPT_TOKENS_FIELD] = torch.tensor([aim_kept_tokens(t, ratio) for t in full], dtype=torch.int64)
+            outputs[FULL_TOKENS_FIELD] = torch.tensor(full, dtype=torch.int64)
         return outputs
 
     def _get_mm_fields_config(
@@ -97,6 +99,7 @@ class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
     ) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[KEPT_TOKENS_FIELD] = MultiModalFieldConfig.batched("image")
+        fields[FULL_TOKENS_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(
@@ -129,10 +132,21 @@ class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
     info=AimLlavaOnevisionProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
-class AimLlavaOnevision(LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OneVision whose image embeddings are merged per image to the count the processor reserved."""
+class AimLlavaOnevision(LlavaOnevisionForConditionalGeneration, SupportsMRoPE):
+    """LLaVA-OneVision whose image embeddings are merged per image to the count the processor reserved.
+
+    vLLM asks for :meth:`get_mrope_input_positions` only when the text config declares an M-RoPE section
+    (``aim_positions: spread``); otherwise positions are vLLM's usual consecutive ones.
+    """
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """``(3, L)`` positions, the three rows equal (plain RoPE), and the decode shift."""
+        return spread_input_positions(len(input_tokens), mm_features)
 
     def embed_multimodal(self, **kwargs: object):
+        kwargs.pop(FULL_TOKENS_FIELD, None)
         kept = kwargs.pop(KEPT_TOKENS_FIELD, None)
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not inputs:

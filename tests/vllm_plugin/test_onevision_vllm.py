@@ -8,11 +8,14 @@ LLaVA-OneVision, fp32.
   merge of the same packed tokens);
 - LOOK-M (per request) keeps the planned count of the image spans vLLM's multimodal features give, frees
   the tail blocks, and decodes as the reference over the kept entries;
+- with ``aim_positions: spread`` (the Qwen2 LM on vLLM's M-RoPE path, three equal rows) ratio 1 decodes as
+  stock, and each merged image laid over its packed span decodes as the reference with the same layout;
 - ``mmrag models`` names the checkpoint, every file a pure function of the seed, and the engine arguments put
-  it on the plugin's class (contiguous positions only).
+  it on the plugin's class.
 
-One stock engine (started, used and shut down first) and one plugin engine, whose core runs in this process
-so that the tests can read its scheduler; few prompts and few tokens (CI time).
+One stock engine (started, used and shut down first), one plugin engine, whose core runs in this process so
+that the tests can read its scheduler, and one plugin engine with spread positions (started last); few
+prompts and few tokens (CI time).
 """
 
 from __future__ import annotations
@@ -200,6 +203,35 @@ def test_lookm_keeps_the_planned_blocks(engine, tiny_onevision_path) -> None:
     assert pool.get_num_free_blocks() == before
 
 
+@pytest.fixture(scope="module")
+def spread_engine(tiny_onevision_path, engine):
+    """The plugin with spread positions (a deployment setting: the LM's RoPE section); AIM per request."""
+    yield from parity.plugin_engine(_engine_kwargs(tiny_onevision_path, aim_positions="spread"))
+
+
+def test_spread_positions_decode_as_the_reference(spread_engine, stock_outputs, reference, tiny_onevision_path):
+    """Ratio 1 on the M-RoPE path is plain RoPE (stock's tokens); at 1/2 and 1/4 every prompt decodes as the
+    reference laying each merged image over its packed span, and the layout is seen (some decoding differs from
+    the contiguous reference's)."""
+    stock, _ = stock_outputs
+    outs = spread_engine.generate(_prompts(tiny_onevision_path, {"aim_keep_ratio": 1.0}), _params(), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [list(w.outputs[0].token_ids) for w in stock]
+    agreement, differs = parity.Agreement(), 0
+    for ratio, passes in ((0.5, 1), (0.25, 2)):
+        outs = spread_engine.generate(
+            _prompts(tiny_onevision_path, {"aim_keep_ratio": ratio}), _params(), use_tqdm=False
+        )
+        for index, out in enumerate(outs):
+            expected = reference(index, merge_passes=passes, positions="spread")
+            assert expected.prompt_len == len(out.prompt_token_ids)
+            agreement.add((ratio, index), out.outputs[0], expected)
+            differs += expected.token_ids != reference(index, merge_passes=passes).token_ids
+    print(f"spread: same tokens {agreement.same} of {agreement.total}; max |dlogprob| {agreement.max_diff:.3g}")
+    print(f"spread: (ratio, prompt, vLLM, reference) where the tokens differ: {agreement.mismatched}")
+    assert agreement.same == agreement.total and agreement.max_diff < LOGPROB_ATOL
+    assert differs > 0
+
+
 def test_registered_and_served_by_the_plugin(tiny_onevision_path) -> None:
     import json
 
@@ -220,8 +252,8 @@ def test_registered_and_served_by_the_plugin(tiny_onevision_path) -> None:
         "architectures": ["AimLlavaOnevisionForConditionalGeneration"],
         "aim_keep_ratio": 0.5,
     }
-    with pytest.raises(ValueError, match="contiguous"):
-        aim_overrides(tiny_onevision_path, 0.5, "spread")
+    spread = aim_overrides(tiny_onevision_path, 0.5, "spread")
+    assert spread["text_config"]["rope_parameters"]["mrope_section"]  # the LM's RoPE, on vLLM's M-RoPE path
 
 
 def test_checkpoint_is_a_pure_function_of_the_seed(tmp_path, tiny_onevision_path) -> None:
