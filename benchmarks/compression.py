@@ -50,17 +50,28 @@ rows again in a shuffled order.
 
 - ``ttft_ms``: one request at a time with ``max_tokens=1`` (preprocessing, vision tower, merge, prefill,
   and LOOK-M's scoring and compaction);
-- ``decode_tokens_per_s``: per round, ``(D - 1) / (t(D tokens) - t(1 token))`` with ``D = --decode-tokens``
-  forced (``ignore_eos``), the two requests one after the other in the same round (a round where the
-  difference is not positive gives no sample);
-- ``throughput_tokens_per_s``: per round, ``--concurrent`` requests of ``D`` tokens submitted at once,
-  generated tokens over wall time;
+- ``decode_tokens_per_s``: one request of ``D = --decode-tokens`` forced tokens (``ignore_eos``), the engine
+  stepped by hand: one over the median time of its decode steps (steps that ran no prefill). Until
+  2026-12-08 it was ``(D - 1) / (t(D tokens) - t(1 token))`` of two whole requests, which at long contexts
+  is the difference of two noisy prefills;
+- ``batch_decode_tokens_per_s``, ``finish_s``, ``throughput_tokens_per_s``: ``--concurrent`` requests of
+  ``D`` tokens added at once, the engine stepped by hand: the requests over the median time of the steps in
+  which all of them decoded and none was prefilled; the seconds from the first request added to the last
+  one finished (the whole set); generated tokens over those seconds;
 - ``requests_in_kv_budget``: observed in the scheduler: ``--capacity-requests`` requests of
   ``--capacity-decode-tokens`` tokens each submitted at once into the pool; the most that were decoding at
   the same time (past their prefill, so each holding its whole prompt's cache, compacted or not; requests
   still in a chunked prefill hold part of it and are not counted);
 - ``kv_tokens_per_request``: observed in the same run: the physical cache entries per layer a request
   holds at its last step (prompt entries kept + generated tokens), median over requests.
+  ``--capacity-requests 0`` skips these two counts.
+
+Context lengths (``--context-tokens 2048,8192``): the family is measured once per length, each with its own
+engines, ``round(tokens / T)`` images per request (``T`` the family's visual tokens per image, at least one),
+``max_model_len`` to match and a KV pool of at least ``--concurrent`` whole prompts (so that stock's
+throughput batch fits uncompacted); ``--methods`` limits the rows (stock is always measured) and so the
+engines started. The sweep is written to ``compression-lengths.json`` (+ png: each timed figure against
+the length), leaving the one-length ``compression.json`` alone.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import math
 import os
 import statistics
 import tempfile
@@ -162,10 +174,51 @@ def _families(value: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _names(value: str) -> list[str]:
+    names = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated row names")
+    return names
+
+
+def _positive_ints(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return sorted(set(numbers))
+
+
+def row_groups(fam: Family, methods: list[str] | None) -> dict[str, dict[str, tuple[float | None, Any]]]:
+    """Engine kind -> row name -> (AIM ratio, KV method): every row of the family, or ``stock`` and ``methods``;
+    an engine none of whose rows is asked for is left out."""
+    groups: dict[str, dict[str, tuple[float | None, Any]]] = {
+        "stock": {"stock": (None, None)},
+        "plugin": {name: (ratio, None) for name, ratio in AIM_RATIOS.items()},
+        "kv": kv_rows(fam.kv_methods),
+    }
+    if methods is None:
+        return groups
+    known = [name for group in groups.values() for name in group]
+    unknown = [name for name in methods if name not in known]
+    if unknown:
+        raise ValueError(f"--methods: unknown rows {unknown} for {fam.name}, known: {', '.join(known)}")
+    wanted = {"stock", *methods}
+    chosen = {kind: {n: row for n, row in group.items() if n in wanted} for kind, group in groups.items()}
+    return {kind: group for kind, group in chosen.items() if group}
+
+
+def images_for(tokens: int, fam: Family) -> int:
+    """Images per request for a context of ``tokens`` visual tokens (at least one)."""
+    return max(1, round(tokens / fam.visual_tokens_bound))
+
+
 BLOCK_SIZE = 32  # the CPU attention kernel's block sizes are multiples of 32
 
 # Timed per round (median, min, max across rounds); the rest are scheduler counts, observed once per row.
-TIMED = ("ttft_ms", "decode_tokens_per_s", "throughput_tokens_per_s")
+TIMED = ("ttft_ms", "decode_tokens_per_s", "batch_decode_tokens_per_s", "finish_s", "throughput_tokens_per_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +229,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Comma-separated model families, measured one after the other (default {','.join(FAMILIES)}).",
     )
     parser.add_argument("--images", type=int, default=None, help="Images per request (default 8; quick 4).")
+    parser.add_argument(
+        "--context-tokens",
+        type=_positive_ints,
+        default=None,
+        help="Comma-separated context lengths in visual tokens (e.g. 2048,8192,16384): a sweep, each length's "
+        "images per request its tokens over the family's tokens per image, the pool sized to --concurrent "
+        "whole prompts; written to compression-lengths.json unless --out (default: one length, --images).",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        help="Comma-separated rows to measure (stock always; e.g. lookm,aim@1/4+lookm); only their engines start "
+        "(default every row of the family).",
+    )
     parser.add_argument(
         "--rounds", type=int, default=None, help="Rounds; each visits every row once (default 8; quick 3)."
     )
@@ -250,25 +318,59 @@ def _params(max_tokens: int, kv: Any, **kwargs: Any):
 
 def _warm(row: _Row, args: argparse.Namespace) -> None:
     """First-call allocations and shapes: ``--warmup`` requests of each timed kind and one throughput batch."""
-    first, longer = _params(1, row.kv), _params(args.decode_tokens, row.kv, ignore_eos=True)
     for _ in range(args.warmup):
-        row.timed(first)
-        row.timed(longer)
-    row.timed(longer, args.concurrent)
+        row.timed(_params(1, row.kv))
+        _stepped(row, 1, args.decode_tokens)
+    _stepped(row, args.concurrent, args.decode_tokens)
+
+
+def _stepped(row: _Row, requests: int, decode: int) -> dict[str, Any]:
+    """``requests`` fresh prompts of ``decode`` forced tokens added at once and the engine stepped by hand.
+
+    Returns the wall time to finish them all (from the first ``add_request``: input processing, prefills
+    and decodes), the tokens generated, and the seconds of every *decode step*: a step before which no
+    request was waiting and every running one had its first token, so that it ran no prefill and every
+    request decoded in it. A step's batch is how many requests it decoded.
+    """
+    engine = row.llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    params = _params(decode, row.kv, ignore_eos=True)
+    prompts = [row.images.prompt(row.ratio) for _ in range(requests)]  # images made before the clock
+    base = row.images.seed  # unique per engine: the seed counter only grows
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"stepped-{base}-{i}", prompt, params)
+    steps: dict[int, list[float]] = {}
+    generated = 0
+    while engine.has_unfinished_requests():
+        running = list(scheduler.running)
+        decoding_only = not scheduler.waiting and all(request.num_output_tokens > 0 for request in running)
+        step_started = time.perf_counter()
+        outputs = engine.step()
+        if decoding_only and running:
+            steps.setdefault(len(running), []).append(time.perf_counter() - step_started)
+        generated += sum(len(out.outputs[0].token_ids) for out in outputs if out.finished)
+    return {"seconds": time.perf_counter() - started, "generated": generated, "decode_steps": steps}
+
+
+def _decode_rate(steps: dict[int, list[float]], batch: int) -> float | None:
+    """Tokens per second of ``batch`` requests decoding together: ``batch`` over the median decode step."""
+    seconds = steps.get(batch)
+    return batch / statistics.median(seconds) if seconds else None
 
 
 def _sample(row: _Row, args: argparse.Namespace) -> dict[str, Any]:
     """One round's timed samples of one row."""
-    decode = args.decode_tokens
-    longer = _params(decode, row.kv, ignore_eos=True)
     ttft, (out,) = row.timed(_params(1, row.kv))
-    whole, _ = row.timed(longer)
-    wall, outs = row.timed(longer, args.concurrent)
+    alone = _stepped(row, 1, args.decode_tokens)
+    together = _stepped(row, args.concurrent, args.decode_tokens)
     return {
         "prompt_tokens": len(out.prompt_token_ids),
         "ttft_ms": 1000 * ttft,
-        "decode_tokens_per_s": (decode - 1) / (whole - ttft) if whole > ttft else None,
-        "throughput_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
+        "decode_tokens_per_s": _decode_rate(alone["decode_steps"], 1),
+        "batch_decode_tokens_per_s": _decode_rate(together["decode_steps"], args.concurrent),
+        "finish_s": together["seconds"],
+        "throughput_tokens_per_s": together["generated"] / together["seconds"],
     }
 
 
@@ -351,11 +453,13 @@ def measure(rows: dict[str, _Row], args: argparse.Namespace) -> dict[str, Any]:
             samples[name].append(_sample(rows[name], args))
         print(f"round {index + 1}/{args.rounds} done at {time.perf_counter() - started:.0f} s: {order}", flush=True)
     figures = {name: _summary(samples[name]) for name in rows}
-    for name in counting_order:
+    for name in counting_order if args.capacity_requests else ():
         figures[name].update(_observe_capacity(rows[name], args.capacity_requests, args.capacity_decode_tokens))
     stock = figures["stock"]
     for row in figures.values():
-        row["vs_stock"] = {key: row[key] / stock[key] for key in _FIGURES if row[key] is not None and stock[key]}
+        row["vs_stock"] = {
+            key: row[key] / stock[key] for key in _FIGURES if row.get(key) is not None and stock.get(key)
+        }
     return {"rows": {name: figures[name] for name in rows}, "orders": orders}
 
 
@@ -364,13 +468,10 @@ def measure_family(fam: Family, args: argparse.Namespace, tmp: Path) -> dict[str
     engines shut down; its figures with the measured visual tokens per image and the process RSS."""
     from transformers import AutoTokenizer
 
-    decode = max(args.decode_tokens, args.capacity_decode_tokens)
-    max_model_len = 256 + decode + args.images * fam.visual_tokens_bound
-    groups: dict[str, dict[str, tuple[float | None, Any]]] = {
-        "stock": {"stock": (None, None)},
-        "plugin": {name: (ratio, None) for name, ratio in AIM_RATIOS.items()},
-        "kv": kv_rows(fam.kv_methods),
-    }
+    max_model_len = _max_model_len(args, fam)
+    if fam.spec.max_position_embeddings < max_model_len:  # long sweeps: a checkpoint that takes the length
+        fam = dataclasses.replace(fam, spec=dataclasses.replace(fam.spec, max_position_embeddings=max_model_len))
+    groups = row_groups(fam, args.methods)
     path = fam.make(tmp / fam.name)
     text = fam.text(path, args.images)
     images = _Images(args.images, fam.image_hw, text)
@@ -407,6 +508,21 @@ def measure_family(fam: Family, args: argparse.Namespace, tmp: Path) -> dict[str
     return figures
 
 
+def _max_model_len(args: argparse.Namespace, fam: Family) -> int:
+    """The prompt's images, 256 tokens of text and the longest decode."""
+    return 256 + max(args.decode_tokens, args.capacity_decode_tokens) + args.images * fam.visual_tokens_bound
+
+
+def at_length(args: argparse.Namespace, fam: Family, tokens: int) -> argparse.Namespace:
+    """The arguments of one length of a sweep: its images per request, and a pool of at least
+    ``--concurrent`` whole prompts (so that every row's throughput batch fits uncompacted, as stock's must)."""
+    images = images_for(tokens, fam)
+    whole = _max_model_len(argparse.Namespace(**{**vars(args), "images": images}), fam)
+    # vLLM holds one block of the pool back (its null block).
+    pool = max(args.kv_budget_tokens, (args.concurrent * math.ceil(whole / BLOCK_SIZE) + 1) * BLOCK_SIZE)
+    return argparse.Namespace(**{**vars(args), "images": images, "kv_budget_tokens": pool})
+
+
 def _peak_rss_gib() -> float | None:
     try:
         import resource
@@ -430,10 +546,24 @@ def run(args: argparse.Namespace) -> int:
     with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), tempfile.TemporaryDirectory() as tmp:
         for fam in families:
             print(f"family {fam.name}", flush=True)
-            results[fam.name] = measure_family(fam, args, Path(tmp))
+            if not args.context_tokens:
+                results[fam.name] = measure_family(fam, args, Path(tmp))
+                continue
+            lengths = {}
+            for tokens in args.context_tokens:
+                at = at_length(args, fam, tokens)
+                print(f"{fam.name}: {tokens} tokens, {at.images} images, pool {at.kv_budget_tokens}", flush=True)
+                lengths[str(tokens)] = {
+                    **measure_family(fam, at, Path(tmp)),
+                    "images_per_request": at.images,
+                    "kv_budget_tokens": at.kv_budget_tokens,
+                }
+            results[fam.name] = {"lengths": lengths}
     config = {
         "families": [fam.name for fam in families],
         "images_per_request": args.images,
+        "context_tokens": args.context_tokens,
+        "methods": args.methods,
         "rounds": args.rounds,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -460,11 +590,19 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "quick": bool(args.quick),
     }
-    out = write_result("compression", {"families": results}, config, args.out)
-    _plot(results, plot_path(out), args.rounds)
-    for name, figures in results.items():
-        print(f"{name} ({figures['visual_tokens_per_image']:g} visual tokens per image)")
-        print(_table(figures["rows"]))
+    name = "compression-lengths" if args.context_tokens else "compression"
+    out = write_result(name, {"families": results}, config, args.out)
+    if args.context_tokens:
+        _plot_lengths(results, plot_path(out), args)
+        for family_name, sweep in results.items():
+            for tokens, figures in sweep["lengths"].items():
+                print(f"{family_name} at {tokens} tokens ({figures['images_per_request']} images)")
+                print(_table(figures["rows"]))
+    else:
+        _plot(results, plot_path(out), args.rounds)
+        for family_name, figures in results.items():
+            print(f"{family_name} ({figures['visual_tokens_per_image']:g} visual tokens per image)")
+            print(_table(figures["rows"]))
     print(f"wrote {out} and {plot_path(out)}")
     return 0
 
@@ -472,6 +610,8 @@ def run(args: argparse.Namespace) -> int:
 _FIGURES = (
     "ttft_ms",
     "decode_tokens_per_s",
+    "batch_decode_tokens_per_s",
+    "finish_s",
     "kv_tokens_per_request",
     "requests_in_kv_budget",
     "throughput_tokens_per_s",
@@ -509,13 +649,13 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> str:
-    keys = ("prompt_tokens", "ttft_ms", "decode_tokens_per_s", "requests_in_kv_budget", "throughput_tokens_per_s")
+    keys = ("prompt_tokens", *TIMED, "requests_in_kv_budget")
     lines = [f"{'row':14s} " + " ".join(f"{k:>34s}" for k in keys)]
     for name, row in rows.items():
         cells = []
         for key in keys:
             ratio = row["vs_stock"].get(key) if key != "prompt_tokens" else None
-            value = row[key] if row[key] is not None else float("nan")
+            value = row[key] if row.get(key) is not None else float("nan")
             cell = f"{value:.1f}" + (f" (x{ratio:.2f})" if ratio is not None else "")
             spread = row["spread"].get(key)
             if spread and spread["min"] is not None:
@@ -568,6 +708,45 @@ def _plot(families: dict[str, dict[str, Any]], path: Path, rounds: int) -> None:
     fig.suptitle(
         f"AIM and LOOK-M in vLLM vs stock vLLM, per family: ratios of medians over {rounds} interleaved rounds "
         "against the family's stock (bars: min-max), counts observed once"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_lengths(families: dict[str, dict[str, Any]], path: Path, args: argparse.Namespace) -> None:
+    """One line of panels per family, one panel per timed figure against the context length, a line per
+    row with the rounds' min-max as error bars."""
+    from mmrag.benchmarks.common import pyplot
+
+    plt = pyplot()
+    labels = {
+        "ttft_ms": "time to first token, ms",
+        "decode_tokens_per_s": "decode tokens/s, 1 request",
+        "batch_decode_tokens_per_s": f"decode tokens/s, {args.concurrent} decoding together",
+        "finish_s": f"seconds to finish {args.concurrent} requests",
+        "throughput_tokens_per_s": f"throughput tokens/s, {args.concurrent} at once",
+    }
+    fig, grid = plt.subplots(len(families), len(TIMED), figsize=(4 * len(TIMED), 3.6 * len(families)), squeeze=False)
+    for axes, (family_name, sweep) in zip(grid, families.items(), strict=True):
+        lengths = [int(tokens) for tokens in sweep["lengths"]]
+        names = list(next(iter(sweep["lengths"].values()))["rows"])
+        for ax, key in zip(axes, TIMED, strict=True):
+            for name in names:
+                points = [sweep["lengths"][str(t)]["rows"][name] for t in lengths]
+                xs = [t for t, row in zip(lengths, points, strict=True) if row[key] is not None]
+                ys = [row[key] for row in points if row[key] is not None]
+                spreads = [row["spread"][key] for row in points if row[key] is not None]
+                low = [y - s["min"] for y, s in zip(ys, spreads, strict=True)]
+                high = [s["max"] - y for y, s in zip(ys, spreads, strict=True)]
+                ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=2, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [str(t) for t in lengths])
+            ax.set_xlabel("visual tokens per request")
+            ax.set_title(f"{family_name}: {labels[key]}", fontsize=9)
+        axes[0].legend(fontsize=7)
+    fig.suptitle(
+        f"Stock vLLM vs compression by context length: medians over {args.rounds} interleaved rounds (bars: min-max)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

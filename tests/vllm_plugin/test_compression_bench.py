@@ -85,3 +85,43 @@ def test_families_option_validates_names() -> None:
     assert args.families == ["qwen2.5-vl", "llava"]
     with pytest.raises(SystemExit):
         parse_benchmark_args("compression", ["--families", "llava,gemma"])
+
+
+def test_context_tokens_and_methods_options() -> None:
+    args = parse_benchmark_args("compression", ["--context-tokens", "8192, 2048,8192", "--methods", "lookm,lookm"])
+    assert args.context_tokens == [2048, 8192]  # sorted, deduplicated
+    assert args.methods == ["lookm"]
+    assert parse_benchmark_args("compression", []).context_tokens is None
+    for bad in ("0,2048", "2k", ","):
+        with pytest.raises(SystemExit):
+            parse_benchmark_args("compression", ["--context-tokens", bad])
+
+
+def test_methods_pick_rows_and_engines() -> None:
+    llava = compression.family("llava", quick=True)
+    every = compression.row_groups(llava, None)
+    assert set(every) == {"stock", "plugin", "kv"}
+    chosen = compression.row_groups(llava, ["lookm", "aim@1/4+lookm"])
+    # No AIM-only row asked for: the plugin engine is not started; stock always is.
+    assert {kind: set(rows) for kind, rows in chosen.items()} == {
+        "stock": {"stock"},
+        "kv": {"lookm", "aim@1/4+lookm"},
+    }
+    assert set(compression.row_groups(llava, ["aim@1/2"])) == {"stock", "plugin"}
+    onevision = compression.family("llava-onevision", quick=True)
+    with pytest.raises(ValueError, match="random"):  # LLaVA-OneVision has lookm rows only
+        compression.row_groups(onevision, ["random"])
+
+
+def test_a_length_sets_images_and_a_pool_of_whole_prompts() -> None:
+    args = parse_benchmark_args("compression", ["--context-tokens", "2048,8192"])
+    compression._fill_defaults(args)
+    llava = compression.family("llava", quick=False)  # 256 visual tokens per image
+    at = compression.at_length(args, llava, 8192)
+    assert at.images == 32 and args.images == 8  # a copy: the sweep's own arguments are left alone
+    whole = 256 + 64 + 32 * 256  # text allowance, the longest decode (capacity's 64), the images
+    assert at.kv_budget_tokens == (args.concurrent * math.ceil(whole / 32) + 1) * 32
+    assert compression.at_length(args, llava, 100).images == 1
+    # A pool larger than the lengths need stays.
+    args.kv_budget_tokens = 10**6
+    assert compression.at_length(args, llava, 2048).kv_budget_tokens == 10**6
