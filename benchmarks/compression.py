@@ -598,6 +598,7 @@ def run(args: argparse.Namespace) -> int:
             for tokens, figures in sweep["lengths"].items():
                 print(f"{family_name} at {tokens} tokens ({figures['images_per_request']} images)")
                 print(_table(figures["rows"]))
+            print(lengths_markdown(sweep, args.concurrent))
     else:
         _plot(results, plot_path(out), args.rounds)
         for family_name, figures in results.items():
@@ -662,6 +663,35 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
                 cell += f" [{spread['min']:.1f}-{spread['max']:.1f}]"
             cells.append(cell)
         lines.append(f"{name:14s} " + " ".join(f"{c:>34s}" for c in cells))
+    return "\n".join(lines)
+
+
+def lengths_markdown(sweep: dict[str, Any], concurrent: int) -> str:
+    """One family's sweep as a markdown table (docs/results.md takes it as printed): per length and row the
+    medians, the ratio to stock at that length, and the rounds' range of the ratios' basis."""
+    columns = {
+        "ttft_ms": ("TTFT ms", "{:.0f}"),
+        "decode_tokens_per_s": ("decode tok/s, 1 request", "{:.1f}"),
+        "batch_decode_tokens_per_s": (f"decode tok/s, {concurrent} together", "{:.1f}"),
+        "finish_s": (f"s to finish {concurrent}", "{:.1f}"),
+    }
+    lines = [
+        "| tokens (images) | row | prompt tokens | " + " | ".join(label for label, _ in columns.values()) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for tokens in sorted(sweep["lengths"], key=int):  # the JSON's keys are sorted as text
+        figures = sweep["lengths"][tokens]
+        for name in sorted(figures["rows"], key=lambda name: name != "stock"):
+            row, cells = figures["rows"][name], []
+            for key, (_, form) in columns.items():
+                if row.get(key) is None:
+                    cells.append("no sample")
+                    continue
+                spread, ratio = row["spread"][key], row["vs_stock"].get(key)
+                cell = f"{form.format(row[key])} [{form.format(spread['min'])}-{form.format(spread['max'])}]"
+                cells.append(cell + (f" ({ratio:.2f}x)" if name != "stock" and ratio is not None else ""))
+            where = f"{tokens} ({figures['images_per_request']})"
+            lines.append(f"| {where} | {name} | {row['prompt_tokens']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

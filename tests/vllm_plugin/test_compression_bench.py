@@ -125,3 +125,24 @@ def test_a_length_sets_images_and_a_pool_of_whole_prompts() -> None:
     # A pool larger than the lengths need stays.
     args.kv_budget_tokens = 10**6
     assert compression.at_length(args, llava, 2048).kv_budget_tokens == 10**6
+
+
+def test_lengths_markdown_orders_lengths_numerically_and_stock_first() -> None:
+    def row(ttft: float, ratio: float | None) -> dict:
+        figures = {key: None for key in compression.TIMED}
+        spread = {key: {"median": None, "min": None, "max": None} for key in compression.TIMED}
+        figures["ttft_ms"], spread["ttft_ms"] = ttft, {"median": ttft, "min": ttft - 1, "max": ttft + 1}
+        return {"prompt_tokens": 10, **figures, "spread": spread, "vs_stock": {"ttft_ms": ratio}}
+
+    lengths = {
+        tokens: {"images_per_request": images, "rows": {"lookm": row(30.0, 1.5), "stock": row(20.0, 1.0)}}
+        for tokens, images in (("8192", 32), ("2048", 8))
+    }
+    lines = compression.lengths_markdown({"lengths": lengths}, 4).splitlines()
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [
+        ["| 2048 (8)", "stock"],
+        ["| 2048 (8)", "lookm"],
+        ["| 8192 (32)", "stock"],
+        ["| 8192 (32)", "lookm"],
+    ]
+    assert "| 30 [29-31] (1.50x) | no sample |" in lines[3]
