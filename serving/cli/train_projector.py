@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="tiny-mllm",
-        help="A registered model with training settings (tiny-mllm, smol) or a checkpoint directory "
-        "(trained with tiny-mllm's settings). Default: tiny-mllm.",
+        help="A registered model with training settings (tiny-mllm, smol, tiny-qwen2.5-vl, tiny-llava-onevision) or "
+        "a checkpoint directory (trained with tiny-mllm's settings). Default: tiny-mllm.",
     )
     parser.add_argument("--out", default=None, help="Projector directory (default: the model's shipped projector).")
     parser.add_argument("--seed", type=int, default=None)
