@@ -33,6 +33,7 @@ __all__ = [
     "KEPT_TOKENS_FIELD",
     "ONEVISION_ARCHITECTURE",
     "QWEN_VL_ARCHITECTURE",
+    "SpreadPositions",
     "aim_kept_tokens",
     "aim_merge",
     "aim_overrides",
@@ -176,6 +177,16 @@ def spread_input_positions(num_tokens: int, mm_features: Sequence[Any]) -> tuple
         items.append((span.offset, span.length, full))
     positions, delta = prompt_positions(num_tokens, items)
     return torch.tensor(positions, dtype=torch.int64).expand(3, -1).clone(), delta
+
+
+class SpreadPositions:
+    """Mixin of the plain-RoPE model classes (LLaVA, LLaVA-OneVision; with vLLM's ``SupportsMRoPE``): vLLM asks for
+    :meth:`get_mrope_input_positions` only when the text config declares an M-RoPE section (``aim_positions:
+    spread``, :func:`rope_overrides`); otherwise positions are vLLM's usual consecutive ones."""
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """``(3, L)`` positions, the three rows equal (plain RoPE), and the decode shift."""
+        return spread_input_positions(len(input_tokens), mm_features)
 
 
 def mrope_image_positions(

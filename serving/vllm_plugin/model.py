@@ -33,7 +33,7 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -41,10 +41,10 @@ from mmrag.serving.vllm_plugin.aim import (
     FULL_TOKENS_FIELD,
     KEEP_RATIO_KEY,
     KEPT_TOKENS_FIELD,
+    SpreadPositions,
     aim_kept_tokens,
     merge_to_count,
     request_keep_ratio,
-    spread_input_positions,
 )
 
 __all__ = ["AimLlava"]
@@ -115,18 +115,8 @@ class AimLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 @MULTIMODAL_REGISTRY.register_processor(
     AimLlavaMultiModalProcessor, info=AimLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class AimLlava(LlavaForConditionalGeneration, SupportsMRoPE):
-    """LLaVA whose image embeddings are merged per image to the count the processor reserved.
-
-    vLLM asks for :meth:`get_mrope_input_positions` only when the text config declares an M-RoPE section
-    (``aim_positions: spread``); otherwise positions are vLLM's usual consecutive ones.
-    """
-
-    def get_mrope_input_positions(
-        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
-    ) -> tuple[torch.Tensor, int]:
-        """``(3, L)`` positions, the three rows equal (plain RoPE), and the decode shift."""
-        return spread_input_positions(len(input_tokens), mm_features)
+class AimLlava(SpreadPositions, LlavaForConditionalGeneration, SupportsMRoPE):
+    """LLaVA whose image embeddings are merged per image to the count the processor reserved."""
 
     def embed_multimodal(self, **kwargs: object):
         kwargs.pop(FULL_TOKENS_FIELD, None)

@@ -44,7 +44,7 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -52,10 +52,10 @@ from mmrag.serving.vllm_plugin.aim import (
     FULL_TOKENS_FIELD,
     KEEP_RATIO_KEY,
     KEPT_TOKENS_FIELD,
+    SpreadPositions,
     aim_kept_tokens,
     merge_in_reading_order,
     request_keep_ratio,
-    spread_input_positions,
 )
 
 __all__ = ["AimLlavaOnevision"]
@@ -132,18 +132,8 @@ class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
     info=AimLlavaOnevisionProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
-class AimLlavaOnevision(LlavaOnevisionForConditionalGeneration, SupportsMRoPE):
-    """LLaVA-OneVision whose image embeddings are merged per image to the count the processor reserved.
-
-    vLLM asks for :meth:`get_mrope_input_positions` only when the text config declares an M-RoPE section
-    (``aim_positions: spread``); otherwise positions are vLLM's usual consecutive ones.
-    """
-
-    def get_mrope_input_positions(
-        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
-    ) -> tuple[torch.Tensor, int]:
-        """``(3, L)`` positions, the three rows equal (plain RoPE), and the decode shift."""
-        return spread_input_positions(len(input_tokens), mm_features)
+class AimLlavaOnevision(SpreadPositions, LlavaOnevisionForConditionalGeneration, SupportsMRoPE):
+    """LLaVA-OneVision whose image embeddings are merged per image to the count the processor reserved."""
 
     def embed_multimodal(self, **kwargs: object):
         kwargs.pop(FULL_TOKENS_FIELD, None)
