@@ -1,4 +1,5 @@
-"""``XragLlava``: :class:`~mmrag.serving.vllm_plugin.model.AimLlava` plus xRAG's ``retrieval`` modality.
+"""xRAG's ``retrieval`` modality on every family the plugin serves: ``XragLlava`` (LLaVA), ``XragQwen2_5_VL``
+(Qwen2.5-VL) and ``XragLlavaOnevision`` (LLaVA-OneVision), each the family's AIM class with the same mixins.
 
 xRAG puts each retrieved document into the LLM as ONE token: the placeholder :data:`XRAG_TOKEN` whose input
 embedding is ``projector(retrieval_vector)``. Here a document is a multimodal item of its own modality,
@@ -7,10 +8,19 @@ embedding is ``projector(retrieval_vector)``. Here a document is a multimodal it
     llm.generate({"prompt": "USER: <image>\\nBackground: <xrag> and <xrag>\\n...",
                   "multi_modal_data": {"image": [img], "retrieval": vectors}})   # vectors: (2, encoder_dim)
 
-Pinned to vLLM 0.32 (``model_executor/models/llava.py``, ``multimodal/parse.py``,
-``multimodal/processing/``); ``tests/vllm_plugin/test_xrag_plugin.py`` verifies the recipe.
+Pinned to vLLM 0.32 (``model_executor/models/llava.py``, ``qwen2_5_vl.py``, ``llava_onevision.py``,
+``multimodal/parse.py``, ``multimodal/processing/``); ``tests/vllm_plugin/test_xrag_plugin.py`` (LLaVA) and
+``test_xrag_families.py`` (the other two, against transformers' forward) verify the recipe.
 
-Configuration (``hf_overrides``, seen by every process): ``architectures=["XragLlavaForConditionalGeneration"]``,
+One implementation, four mixins, each put before the family's own class so that the family's behaviour stays
+its own: :class:`XragModelMixin` (the projector, ``embed_multimodal`` for the documents' group, M-RoPE
+positions), and on the frontend side the ProcessingInfo (limits, one token per item, the family's own data
+parser with a ``retrieval`` subparser), the processor (documents bypass the HF processor) and the dummy
+inputs; :func:`xrag_processing` registers a family's three. On M-RoPE (Qwen2.5-VL) a ``<xrag>`` is a text
+token: one position on all three axes, after what precedes it.
+
+Configuration (``hf_overrides``, seen by every process): ``architectures`` (the family's xRAG class,
+:data:`~mmrag.serving.vllm_plugin.XRAG_ARCHITECTURES`),
 ``xrag_projector`` (a directory written by :func:`~mmrag.serving.xrag.projector.save_projector`; its card gives
 the retriever dimension) and ``xrag_token_index`` (the id :func:`~mmrag.serving.xrag.projector.add_placeholder_token`
 gave :data:`XRAG_TOKEN`, a spare row of the padded vocabulary). AIM keeps working unchanged in the same class.
@@ -165,13 +175,11 @@ def retrieval_vectors(data: object, dim: int) -> list[torch.Tensor]:
 
 
 class RetrievalItems(ProcessorBatchItems[torch.Tensor]):
-    """A request's documents: one ``(dim,)`` fp32 vector each, routed as processor data (see module doc)."""
+    """A request's documents: one ``(dim,)`` fp32 vector each, processor items with no passthrough data (see
+    module doc); :class:`XragProcessorMixin` puts them in the processor output itself."""
 
     def __init__(self, data: Sequence[torch.Tensor]) -> None:
         super().__init__(data, RETRIEVAL_MODALITY)
-
-    def get_processor_data(self) -> Mapping[str, object]:
-        return {RETRIEVAL_FIELD: self.get_all()}
 
 
 class XragProcessingInfoMixin:
@@ -187,7 +195,8 @@ class XragProcessingInfoMixin:
         return {**super().get_supported_mm_limits(), RETRIEVAL_MODALITY: None}
 
     def get_data_parser(self) -> MultiModalDataParser:
-        """The family's own parser (built with its own arguments) plus the ``retrieval`` subparser."""
+        """The family's own parser plus the ``retrieval`` subparser: the instance's class becomes a subclass of
+        its own with the subparser, so no family's constructor arguments are restated here."""
         parser = super().get_data_parser()
         parser.__class__ = _with_retrieval(type(parser))
         parser.retrieval_dim = self.retrieval_dim()
