@@ -78,12 +78,25 @@ def _compression_rows(rows: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _lookm_by_length(lengths: dict[str, Any]) -> str:
+    parts = []
+    for length, point in lengths.items():
+        vs = point["rows"].get("lookm", {}).get("vs_stock", {})
+        parts.append(
+            f"{length} tokens: TTFT {_x(vs.get('ttft_ms'))}, decode {_x(vs.get('decode_tokens_per_s'))} "
+            f"(together {_x(vs.get('batch_decode_tokens_per_s'))})"
+        )
+    return "LOOK-M vs stock by context length: " + "; ".join(parts)
+
+
 def _compression(f: dict[str, Any]) -> str:
-    if "families" in f:
-        return " | ".join(f"{family}: {_compression_rows(v['rows'])}" for family, v in f["families"].items())
-    if "lengths" in f:
-        return " | ".join(f"{length} tokens: {_compression_rows(v['rows'])}" for length, v in f["lengths"].items())
-    return "vs stock vLLM: " + _compression_rows(f["rows"])
+    families = f.get("families")
+    if families is None:
+        return "vs stock vLLM: " + _compression_rows(f["rows"])
+    return " | ".join(
+        f"{family}: " + (_lookm_by_length(v["lengths"]) if "lengths" in v else _compression_rows(v["rows"]))
+        for family, v in families.items()
+    )
 
 
 def _retrieval(f: dict[str, Any]) -> str:
