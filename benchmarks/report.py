@@ -170,6 +170,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "serving": _serving,
     "load": _load,
     "compression": _compression,
+    "compression-lengths": _compression,
     "retrieval": _retrieval,
     "autoscaling": _autoscaling,
     "lookm-scores": _lookm_scores,
