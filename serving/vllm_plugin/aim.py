@@ -166,8 +166,8 @@ def spread_input_positions(num_tokens: int, mm_features: Sequence[Any]) -> tuple
     """A plain-RoPE LM's ``(3, L)`` positions on vLLM's M-RoPE path (the three rows equal), and the decode shift.
 
     ``mm_features`` are vLLM's per-item ``MultiModalFeatureSpec``s: each merged image spreads over its stock
-    count (``FULL_TOKENS_FIELD``, travelling with the image); items without one (embeddings, videos, xRAG
-    documents) are laid out unmerged."""
+    count (``FULL_TOKENS_FIELD``, travelling with the image); items without one (embeddings, videos) are laid
+    out unmerged."""
     items = []
     for feature in mm_features:
         span = feature.mm_position
@@ -275,9 +275,8 @@ def rope_overrides(text_config: dict[str, Any]) -> dict[str, Any]:
 def aim_overrides(model_path: str | Path, keep_ratio: float, positions: str = "contiguous") -> dict[str, Any]:
     """``hf_overrides`` serving a checkpoint as the plugin's AIM model: the class, the deployment's keep ratio,
     and the positions: for LLaVA and LLaVA-OneVision with ``positions="spread"`` the M-RoPE section
-    (:func:`rope_overrides`), for
-    Qwen2.5-VL the layout by name. Every vLLM process sees them: the frontend's processor and the workers'
-    model."""
+    (:func:`rope_overrides`), for Qwen2.5-VL the layout by name. Every vLLM process sees them: the frontend's
+    processor and the workers' model."""
     from mmrag.serving.vllm_plugin import AIM_ARCHITECTURE, AIM_ONEVISION_ARCHITECTURE, AIM_QWEN_ARCHITECTURE
 
     hf_config = json.loads((Path(model_path) / "config.json").read_text())

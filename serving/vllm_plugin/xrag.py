@@ -114,14 +114,14 @@ TOKEN_INDEX_KEY = "xrag_token_index"
 def projector_dir(hf_config: object) -> str:
     directory = getattr(hf_config, PROJECTOR_KEY, None)
     if not directory:
-        raise ValueError(f"XragLlava needs hf_overrides[{PROJECTOR_KEY!r}]: the xRAG projector's directory")
+        raise ValueError(f"the xRAG model needs hf_overrides[{PROJECTOR_KEY!r}]: the xRAG projector's directory")
     return str(directory)
 
 
 def xrag_token_id(hf_config: object) -> int:
     token_id = getattr(hf_config, TOKEN_INDEX_KEY, None)
     if token_id is None:
-        raise ValueError(f"XragLlava needs hf_overrides[{TOKEN_INDEX_KEY!r}]: the id of {XRAG_TOKEN}")
+        raise ValueError(f"the xRAG model needs hf_overrides[{TOKEN_INDEX_KEY!r}]: the id of {XRAG_TOKEN}")
     return int(token_id)
 
 
